@@ -1,0 +1,261 @@
+"""The Ananke wire protocol: one place for every request, response, stream event and error.
+
+Data flows client -> service as a :class:`GenerateRequest` (or :class:`ChatRequest`), and back as a
+:class:`GenerateResponse` (one prompt), a :class:`BatchGenerateResponse` (a list of prompts), or a
+stream of :class:`StreamEvent` frames over Server-Sent Events whose last frame carries the folded
+response. Every non-2xx answer carries an :class:`ErrorBody`.
+
+This module imports only pydantic, so the client, the service and third-party tools can share it.
+The field names of the original service (``prompt``, ``constraints``, ``max_tokens``,
+``temperature`` -> ``generated_text``, ``tokens_generated``, ``generation_time_ms``, ``metadata``,
+``constraint_satisfied``) are kept unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+#: The structural constraint kinds; a request carries at most one of them.
+CONSTRAINT_KINDS: tuple[str, ...] = (
+    "json_schema",
+    "json_object",
+    "regex",
+    "regex_patterns",
+    "grammar",
+    "choice",
+    "token_mask",
+)
+
+FinishReason = Literal["stop", "length", "abort", "tool_calls", "timeout"]
+
+
+class _Strict(BaseModel):
+    """Base for request models: unknown fields are an error, never silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TokenMask(_Strict):
+    """Token-level constraint: ids the model may (or may not) emit."""
+
+    allowed_tokens: list[int] | None = None
+    """Only these token ids may be generated (end-of-sequence is always allowed)."""
+    forbidden_tokens: list[int] | None = None
+    """These token ids are never generated."""
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> TokenMask:
+        if not self.allowed_tokens and not self.forbidden_tokens:
+            raise ValueError("token_mask needs allowed_tokens and/or forbidden_tokens")
+        return self
+
+
+class Constraints(_Strict):
+    """Exactly one structural constraint, in the original service's format plus new kinds."""
+
+    json_schema: dict[str, Any] | None = None
+    """A JSON Schema (Draft 2020-12 as far as llguidance supports it)."""
+    json_object: bool | None = None
+    """Any JSON object (``json_mode``)."""
+    regex: str | None = None
+    """The output must fully match this pattern (llguidance/Rust regex syntax)."""
+    regex_patterns: list[str] | None = None
+    """The original list form: the output must fully match one of these patterns."""
+    grammar: str | None = None
+    """A Lark grammar in llguidance's dialect (``%json`` allowed), or a GBNF/EBNF ``::=`` grammar."""
+    choice: list[str] | None = None
+    """The output is exactly one of these strings."""
+    token_mask: TokenMask | None = None
+    """Allowed and/or forbidden token ids."""
+    whitespace: Literal["compact", "flexible"] = "compact"
+    """JSON whitespace: ``compact`` (default, no runaway whitespace) or ``flexible``."""
+
+    @field_validator("regex_patterns", "choice")
+    @classmethod
+    def _non_empty_list(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("must be a non-empty list")
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Constraints:
+        given = self.kinds()
+        if len(given) > 1:
+            raise ValueError(
+                f"exactly one constraint per request, got {len(given)}: {', '.join(given)}"
+            )
+        if not given:
+            raise ValueError(f"constraints is empty; give one of: {', '.join(CONSTRAINT_KINDS)}")
+        return self
+
+    def kinds(self) -> list[str]:
+        """The constraint kinds set on this object."""
+        return [
+            kind
+            for kind in CONSTRAINT_KINDS
+            if getattr(self, kind) is not None and getattr(self, kind) is not False
+        ]
+
+    @property
+    def kind(self) -> str:
+        """The one constraint kind set."""
+        return self.kinds()[0]
+
+
+class FunctionSpec(_Strict):
+    """A callable tool, described by a JSON Schema for its arguments."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class ToolSpec(_Strict):
+    """An OpenAI-style tool entry."""
+
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+class ToolCall(BaseModel):
+    """A tool call the model made; ``arguments`` validated against the tool's schema."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+class ChatMessage(_Strict):
+    """One chat turn."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    tool_calls: list[ToolCall] | None = None
+    """Tool calls an earlier assistant turn made."""
+    tool_call_id: str | None = None
+    """For ``tool`` messages: the call this is the result of."""
+    name: str | None = None
+
+
+class GenerateRequest(_Strict):
+    """``POST /generate_api``: one prompt, a list of prompts, or a chat."""
+
+    prompt: str | list[str] | None = None
+    """Raw prompt text (no chat template), or a list of them batched together."""
+    messages: list[ChatMessage] | None = None
+    """A chat; the model's chat template is applied server-side."""
+    constraints: Constraints | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: str = "auto"
+    """``auto``, ``required``, ``none`` or the name of one tool."""
+    parallel_tool_calls: bool = True
+    max_tokens: int = Field(default=256, gt=0)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] | None = None
+    stream: bool = False
+    timeout_s: float | None = Field(default=None, gt=0)
+    """Server-side deadline; the request is aborted in the engine when it passes."""
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt list is empty")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages is empty")
+        if self.tools:
+            if self.messages is None:
+                raise ValueError("tools need 'messages' (a chat request)")
+            if self.constraints is not None:
+                raise ValueError("give either 'tools' or 'constraints', not both")
+            names = [tool.function.name for tool in self.tools]
+            if len(set(names)) != len(names):
+                raise ValueError("tool names must be unique")
+            if self.tool_choice not in ("auto", "required", "none", *names):
+                raise ValueError(
+                    f"tool_choice must be auto, required, none or a tool name ({', '.join(names)})"
+                )
+        elif self.tool_choice not in ("auto", "none"):
+            raise ValueError("tool_choice names a tool but no tools were given")
+        if self.stream and isinstance(self.prompt, list):
+            raise ValueError("streaming takes a single prompt")
+        return self
+
+
+class Usage(BaseModel):
+    """Token counts."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class GenerateResponse(BaseModel):
+    """The result for one prompt or chat."""
+
+    generated_text: str
+    tokens_generated: int
+    generation_time_ms: float
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    """``tokens_per_sec``, ``model``, ``constraint_type``, ``compile_time_ms``, ``cache_hit``, ..."""
+    constraint_satisfied: bool | None
+    """Independent re-check of the output; ``None`` when the request had no constraint."""
+    constraint_error: str | None = None
+    """Why the constraint is not satisfied (e.g. truncated by ``max_tokens``)."""
+    finish_reason: FinishReason
+    usage: Usage = Field(default_factory=Usage)
+    tool_calls: list[ToolCall] | None = None
+
+
+class BatchGenerateResponse(BaseModel):
+    """The result for a list of prompts, in input order."""
+
+    results: list[GenerateResponse]
+    generation_time_ms: float
+    usage: Usage
+
+
+class StreamEvent(BaseModel):
+    """One SSE frame: ``token`` deltas, then one ``done`` with the folded response, or ``error``."""
+
+    event: Literal["token", "done", "error"]
+    text: str = ""
+    token_ids: list[int] = Field(default_factory=list)
+    response: GenerateResponse | None = None
+    error: ErrorDetail | None = None
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong."""
+
+    code: str
+    """Machine-readable: ``invalid_request``, ``invalid_constraint``, ``unauthorized``, ..."""
+    message: str
+    detail: Any = None
+
+
+class ErrorBody(BaseModel):
+    """The one error body shape of every non-2xx answer."""
+
+    error: ErrorDetail
+
+
+class HealthResponse(BaseModel):
+    """``GET /health``."""
+
+    status: Literal["loading", "ok", "error"]
+    model: str | None = None
+    detail: str | None = None
+
+
+StreamEvent.model_rebuild()

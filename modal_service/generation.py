@@ -1,0 +1,255 @@
+"""Request execution: one protocol request -> engine calls -> verified protocol responses.
+
+Data flow for one prompt (:meth:`Generator.events`): resolve the prompt (chat template, tools) and
+the constraint (compiled, cached) -> stream :class:`~modal_service.engine.Delta` from the engine ->
+yield ``token`` events -> re-check the whole output (:meth:`ConstraintCompiler.verify`) -> yield one
+``done`` event with the folded :class:`GenerateResponse`. Non-streaming answers fold that same
+stream (:meth:`Generator.complete`), and a prompt list runs its prompts concurrently so the engine
+batches them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from langchain_ananke.protocol import (
+    BatchGenerateResponse,
+    GenerateRequest,
+    GenerateResponse,
+    StreamEvent,
+    ToolCall,
+    Usage,
+)
+from modal_service.chat import parse_tool_calls, to_template_messages, tool_grammar
+from modal_service.constraints import CompiledConstraint, ConstraintError, Verdict, json_validator
+from modal_service.engine import Engine
+
+
+class ApiError(Exception):
+    """An error answered with one JSON error body."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        detail: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.detail, self.headers = detail, headers
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request bounds; each breach is a clear 4xx."""
+
+    max_tokens: int = 2048
+    max_batch_prompts: int = 64
+    max_inflight: int = 256
+    max_body_bytes: int = 2 * 1024 * 1024
+    default_timeout_s: float = 600.0
+
+
+@dataclass
+class _Plan:
+    prompt: str
+    prompt_tokens: int
+    constraint: CompiledConstraint | None
+    cache_hit: bool
+    tools: dict[str, dict[str, Any]] | None
+
+
+class Generator:
+    """Runs protocol requests on an :class:`Engine`."""
+
+    def __init__(self, engine: Engine, limits: Limits) -> None:
+        self.engine = engine
+        self.limits = limits
+
+    # ------------------------------------------------------------------------- planning
+    def _constraint(self, req: GenerateRequest) -> tuple[CompiledConstraint | None, bool]:
+        compiler = self.engine.ready()
+        try:
+            if req.tools:
+                lark = tool_grammar(req.tools, req.tool_choice, req.parallel_tool_calls)
+                return compiler.compile_lark(lark, "tools") if lark else (None, False)
+            if req.constraints is not None:
+                return compiler.compile(req.constraints)
+        except ConstraintError as exc:
+            raise ApiError(422, "invalid_constraint", exc.message, exc.detail) from exc
+        return None, False
+
+    def plan(self, req: GenerateRequest) -> list[_Plan]:
+        """Validate limits, render prompts and compile the constraint (once for all prompts)."""
+        if req.max_tokens > self.limits.max_tokens:
+            raise ApiError(
+                422, "invalid_request", f"max_tokens {req.max_tokens} exceeds the cap {self.limits.max_tokens}"
+            )
+        if req.messages is not None:
+            messages = to_template_messages(req.messages, req.tools, req.tool_choice)
+            prompts = [self.engine.apply_chat_template(messages)]
+        elif isinstance(req.prompt, list):
+            prompts = req.prompt
+        else:
+            prompts = [req.prompt or ""]
+        if len(prompts) > self.limits.max_batch_prompts:
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"{len(prompts)} prompts in one batch; the limit is {self.limits.max_batch_prompts}",
+            )
+        context = self.engine.config.max_model_len
+        counts = [self.engine.count_tokens(p) for p in prompts]
+        for i, n in enumerate(counts):
+            if n + req.max_tokens > context:
+                raise ApiError(
+                    422,
+                    "context_length_exceeded",
+                    f"prompt {i} has {n} tokens; with max_tokens {req.max_tokens} it exceeds the "
+                    f"model's context of {context} tokens",
+                )
+        constraint, hit = self._constraint(req)
+        tools = (
+            {t.function.name: t.function.parameters for t in req.tools} if req.tools else None
+        )
+        return [_Plan(p, n, constraint, hit, tools) for p, n in zip(prompts, counts, strict=True)]
+
+    # ------------------------------------------------------------------------ execution
+    async def events(self, req: GenerateRequest, plan: _Plan) -> AsyncIterator[StreamEvent]:
+        """Token events, then one ``done`` event with the verified, folded response."""
+        request_id = uuid.uuid4().hex
+        started = time.perf_counter()
+        text_parts: list[str] = []
+        token_ids: list[int] = []
+        finish: str | None = None
+        first_token_ms: float | None = None
+        timeout = req.timeout_s or self.limits.default_timeout_s
+        stream = self.engine.stream(
+            plan.prompt,
+            request_id=request_id,
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            stop=req.stop,
+            constraint=plan.constraint,
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                async for delta in stream:
+                    if delta.token_ids and first_token_ms is None:
+                        first_token_ms = (time.perf_counter() - started) * 1000
+                    text_parts.append(delta.text)
+                    token_ids.extend(delta.token_ids)
+                    finish = delta.finish_reason or finish
+                    if delta.text or delta.token_ids:
+                        yield StreamEvent(event="token", text=delta.text, token_ids=delta.token_ids)
+        except TimeoutError:
+            finish = "timeout"
+        finally:
+            await stream.aclose()  # aborts the engine request if it is still running
+        yield StreamEvent(
+            event="done",
+            response=self._fold(req, plan, "".join(text_parts), token_ids, finish or "abort",
+                                started, first_token_ms),
+        )
+
+    def _fold(
+        self,
+        req: GenerateRequest,
+        plan: _Plan,
+        text: str,
+        token_ids: list[int],
+        finish: str,
+        started: float,
+        first_token_ms: float | None,
+    ) -> GenerateResponse:
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        n_out = len(token_ids)
+        verdict: Verdict | None = None
+        tool_calls: list[ToolCall] | None = None
+        if plan.constraint is not None:
+            assert self.engine.compiler is not None  # noqa: S101 - plan() checked readiness
+            verdict = self.engine.compiler.verify(plan.constraint, text, token_ids, finish)
+            if plan.tools is not None and verdict.satisfied:
+                verdict, tool_calls = _check_tool_calls(text, plan.tools)
+        metadata: dict[str, Any] = {
+            "model": self.engine.model_name,
+            "tokens_per_sec": round(n_out / (elapsed_ms / 1000), 2) if elapsed_ms > 0 else 0.0,
+            "time_to_first_token_ms": round(first_token_ms, 2) if first_token_ms else None,
+            "request_finish_reason": finish,
+        }
+        if plan.constraint is not None:
+            metadata |= {
+                "constraint_type": plan.constraint.kind,
+                "compile_time_ms": plan.constraint.compile_ms,
+                "cache_hit": plan.cache_hit,
+            }
+        reason = "tool_calls" if tool_calls else _finish_reason(finish)
+        return GenerateResponse(
+            generated_text=text,
+            tokens_generated=n_out,
+            generation_time_ms=round(elapsed_ms, 2),
+            metadata=metadata,
+            constraint_satisfied=None if verdict is None else verdict.satisfied,
+            constraint_error=None if verdict is None else verdict.error,
+            finish_reason=reason,
+            usage=Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=n_out,
+                        total_tokens=plan.prompt_tokens + n_out),
+            tool_calls=tool_calls,
+        )
+
+    async def complete(self, req: GenerateRequest, plan: _Plan) -> GenerateResponse:
+        """The stream folded up: the ``done`` event's response."""
+        final: GenerateResponse | None = None
+        async for event in self.events(req, plan):
+            if event.event == "done":
+                final = event.response
+        assert final is not None  # noqa: S101 - events() always ends with done
+        return final
+
+    async def run(self, req: GenerateRequest) -> GenerateResponse | BatchGenerateResponse:
+        """Non-streaming: one response, or a batch response for a prompt list."""
+        plans = self.plan(req)
+        if not isinstance(req.prompt, list):
+            return await self.complete(req, plans[0])
+        started = time.perf_counter()
+        results = await asyncio.gather(*(self.complete(req, p) for p in plans))
+        usage = Usage(
+            prompt_tokens=sum(r.usage.prompt_tokens for r in results),
+            completion_tokens=sum(r.usage.completion_tokens for r in results),
+        )
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        return BatchGenerateResponse(
+            results=list(results),
+            generation_time_ms=round((time.perf_counter() - started) * 1000, 2),
+            usage=usage,
+        )
+
+
+def _finish_reason(engine_reason: str) -> Any:
+    return engine_reason if engine_reason in ("stop", "length", "timeout") else "abort"
+
+
+def _check_tool_calls(
+    text: str, tools: dict[str, dict[str, Any]]
+) -> tuple[Verdict, list[ToolCall] | None]:
+    """Independent check of tool calls: they parse, name a tool, and validate its schema."""
+    try:
+        calls = parse_tool_calls(text)
+    except ValueError as exc:
+        return Verdict(False, f"tool call does not parse: {exc}"), None
+    for call in calls:
+        if call.name not in tools:
+            return Verdict(False, f"tool call names an unknown tool: {call.name}"), None
+        errors = list(json_validator(tools[call.name]).iter_errors(call.arguments))
+        if errors:
+            return Verdict(False, f"arguments of {call.name} do not validate: {errors[0].message}"), None
+    return Verdict(True), calls or None

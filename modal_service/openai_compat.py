@@ -1,0 +1,234 @@
+"""OpenAI-compatible routes: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``.
+
+Data flow: an OpenAI body -> :func:`chat_to_request` / :func:`completion_to_request` (a protocol
+:class:`GenerateRequest`; ``response_format`` and ``tools`` become the same constraints
+``/generate_api`` uses) -> the shared :class:`~modal_service.generation.Generator` -> OpenAI-shaped
+JSON or SSE chunks. So ``ChatOpenAI(base_url=.../v1)`` and the OpenAI SDK work unchanged. Each answer
+also carries an ``ananke`` field with ``constraint_satisfied`` from the independent re-check.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Body, Depends, FastAPI
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+
+from langchain_ananke.protocol import GenerateRequest, GenerateResponse
+from modal_service.generation import ApiError, Generator
+
+_PASSTHROUGH = ("temperature", "top_p", "seed", "stop")
+
+
+def _text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    raise ApiError(422, "invalid_request", "message content must be a string or a list of parts")
+
+
+def _message(raw: dict[str, Any]) -> dict[str, Any]:
+    msg: dict[str, Any] = {"role": raw.get("role"), "content": _text(raw.get("content"))}
+    if msg["role"] == "developer":
+        msg["role"] = "system"
+    if raw.get("tool_calls"):
+        msg["tool_calls"] = [
+            {
+                "id": c.get("id", ""),
+                "name": c["function"]["name"],
+                "arguments": json.loads(c["function"].get("arguments") or "{}"),
+            }
+            for c in raw["tool_calls"]
+        ]
+    if raw.get("tool_call_id"):
+        msg["tool_call_id"] = raw["tool_call_id"]
+    return msg
+
+
+def _response_format(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not fmt or fmt.get("type") == "text":
+        return None
+    if fmt.get("type") == "json_object":
+        return {"json_object": True}
+    if fmt.get("type") == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise ApiError(422, "invalid_request", "response_format.json_schema.schema must be an object")
+        return {"json_schema": schema}
+    raise ApiError(422, "invalid_request", f"unsupported response_format type: {fmt.get('type')}")
+
+
+def _tool_choice(choice: Any) -> str:
+    if choice is None:
+        return "auto"
+    if isinstance(choice, str):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        return str(choice["function"]["name"])
+    raise ApiError(422, "invalid_request", f"unsupported tool_choice: {choice!r}")
+
+
+def _common(body: dict[str, Any]) -> dict[str, Any]:
+    if body.get("n", 1) != 1:
+        raise ApiError(422, "invalid_request", "only n=1 is supported")
+    out = {k: body[k] for k in _PASSTHROUGH if body.get(k) is not None}
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    if max_tokens is not None:
+        out["max_tokens"] = max_tokens
+    return out
+
+
+def _build(fields: dict[str, Any]) -> GenerateRequest:
+    try:
+        return GenerateRequest.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ApiError(422, "invalid_request", f"{where}: {first['msg']}") from exc
+
+
+def chat_to_request(body: dict[str, Any]) -> GenerateRequest:
+    """An OpenAI chat body -> the protocol request."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(422, "invalid_request", "messages must be a non-empty list")
+    fields = _common(body) | {"messages": [_message(m) for m in messages]}
+    constraint = _response_format(body.get("response_format"))
+    if constraint:
+        fields["constraints"] = constraint
+    tools = body.get("tools")
+    if tools:
+        fields["tools"] = tools
+        fields["tool_choice"] = _tool_choice(body.get("tool_choice"))
+        fields["parallel_tool_calls"] = body.get("parallel_tool_calls", True)
+    return _build(fields)
+
+
+def completion_to_request(body: dict[str, Any]) -> GenerateRequest:
+    """An OpenAI completions body -> the protocol request (``response_format`` honoured too)."""
+    fields = _common(body) | {"prompt": body.get("prompt")}
+    constraint = _response_format(body.get("response_format"))
+    if constraint:
+        fields["constraints"] = constraint
+    return _build(fields)
+
+
+def _ananke(resp: GenerateResponse) -> dict[str, Any]:
+    return {
+        "constraint_satisfied": resp.constraint_satisfied,
+        "constraint_error": resp.constraint_error,
+        "metadata": resp.metadata,
+    }
+
+
+def _chat_message(resp: GenerateResponse) -> dict[str, Any]:
+    calls = resp.tool_calls or []
+    return {
+        "role": "assistant",
+        "content": None if calls else resp.generated_text,
+        "tool_calls": [
+            {"id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+            for c in calls
+        ] or None,
+    }
+
+
+def _usage(resp: GenerateResponse) -> dict[str, int]:
+    return resp.usage.model_dump()
+
+
+def add_openai_routes(
+    app: FastAPI,
+    generator: Generator,
+    admission: Any,
+    require_key: Callable[..., Any],
+    error_responses: dict[int | str, dict[str, Any]],
+) -> None:
+    """Mount the OpenAI-compatible routes on ``app``."""
+    deps = [Depends(require_key)]
+
+    @app.get("/v1/models", dependencies=deps)
+    async def models() -> dict[str, Any]:
+        """The one served model."""
+        name = generator.engine.model_name
+        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "ananke"}]}
+
+    @app.post("/v1/chat/completions", dependencies=deps, responses=error_responses)
+    async def chat_completions(body: dict[str, Any] = Body(...)) -> Any:  # noqa: B008
+        """OpenAI chat completions; honours ``response_format``, ``tools`` and ``tool_choice``."""
+        req = chat_to_request(body)
+        return await _serve(generator, admission, req, body, chat=True)
+
+    @app.post("/v1/completions", dependencies=deps, responses=error_responses)
+    async def completions(body: dict[str, Any] = Body(...)) -> Any:  # noqa: B008
+        """OpenAI text completions."""
+        req = completion_to_request(body)
+        if isinstance(req.prompt, list):
+            raise ApiError(422, "invalid_request", "use /generate_api for prompt lists")
+        return await _serve(generator, admission, req, body, chat=False)
+
+
+async def _serve(
+    generator: Generator, admission: Any, req: GenerateRequest, body: dict[str, Any], *, chat: bool
+) -> Any:
+    plan = generator.plan(req)[0]
+    ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    created = int(time.time())
+    model = generator.engine.model_name
+    head = {"id": ident, "created": created, "model": model}
+    if not body.get("stream"):
+        with admission.slot():
+            resp = await generator.complete(req, plan)
+        if chat:
+            choice = {"index": 0, "message": _chat_message(resp), "finish_reason": resp.finish_reason}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": resp.generated_text, "finish_reason": resp.finish_reason}
+            obj = "text_completion"
+        return head | {"object": obj, "choices": [choice], "usage": _usage(resp), "ananke": _ananke(resp)}
+
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    buffer_calls = bool(req.tools) and req.tool_choice != "none"
+    slot = admission.slot()
+    slot.__enter__()
+
+    def chunk(delta: dict[str, Any] | str, finish: str | None, **extra: Any) -> str:
+        if chat:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": delta, "finish_reason": finish}
+        return "data: " + json.dumps(head | {"object": obj, "choices": [choice]} | extra) + "\n\n"
+
+    async def frames() -> AsyncIterator[str]:
+        try:
+            if chat:
+                yield chunk({"role": "assistant", "content": ""}, None)
+            async for event in generator.events(req, plan):
+                if event.event == "token" and not buffer_calls:
+                    yield chunk({"content": event.text} if chat else event.text, None)
+                elif event.event == "done" and event.response is not None:
+                    resp = event.response
+                    delta: dict[str, Any] | str = {} if chat else ""
+                    if buffer_calls and chat:
+                        msg = _chat_message(resp)
+                        delta = {"content": msg["content"]} if msg["content"] else {}
+                        if msg["tool_calls"]:
+                            delta = {"tool_calls": [c | {"index": i} for i, c in enumerate(msg["tool_calls"])]}
+                    yield chunk(delta, resp.finish_reason, ananke=_ananke(resp))
+                    if include_usage:
+                        yield "data: " + json.dumps(head | {"object": obj, "choices": [], "usage": _usage(resp)}) + "\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            slot.__exit__(None, None, None)
+
+    return StreamingResponse(frames(), media_type="text/event-stream")
