@@ -60,7 +60,9 @@ def to_template_messages(
 
 
 def _call_schema(tool: ToolSpec) -> dict[str, Any]:
-    params = tool.function.parameters or {"type": "object", "properties": {}}
+    params = dict(tool.function.parameters or {"type": "object", "properties": {}})
+    # Arguments are exact, as in OpenAI's strict mode: a call with invented keys would not run.
+    params.setdefault("additionalProperties", False)
     return {
         "type": "object",
         "properties": {"name": {"const": tool.function.name}, "arguments": params},

@@ -1,0 +1,281 @@
+"""All HTTP code: sync + async httpx clients, retries, error translation, SSE decoding.
+
+Data flow: a protocol :class:`GenerateRequest` -> JSON POST -> (retry on connection errors and
+429/502/503/504 with exponential backoff + jitter, up to ``max_retries`` and a cold-start deadline)
+-> :class:`GenerateResponse` / :class:`BatchGenerateResponse`, or for ``stream=True`` a sequence of
+:class:`StreamEvent` decoded from ``data:`` lines. A request is retried only when no response body
+has been consumed yet, so nothing is generated twice for the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+
+from langchain_ananke.errors import (
+    AnankeAPIError,
+    AnankeConnectionError,
+    AnankeError,
+    AnankeStreamError,
+    AnankeTimeoutError,
+)
+from langchain_ananke.protocol import (
+    BatchGenerateResponse,
+    GenerateRequest,
+    GenerateResponse,
+    HealthResponse,
+    StreamEvent,
+)
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, bounded by attempts and a wall-clock deadline."""
+
+    max_retries: int = 2
+    initial_delay: float = 0.5
+    max_delay: float = 10.0
+    deadline: float = 300.0
+    """Seconds to keep retrying a cold start (a scaled-to-zero GPU container takes minutes)."""
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.max_delay)
+        return random.uniform(0, min(self.max_delay, self.initial_delay * 2**attempt))  # noqa: S311
+
+    def should_retry(self, attempt: int, started: float, wait: float) -> bool:
+        return attempt < self.max_retries and time.monotonic() - started + wait < self.deadline
+
+
+def _api_error(response: httpx.Response) -> AnankeAPIError:
+    """Translate an error answer (the service's body shape, or anything a proxy sent)."""
+    code, message, detail = "http_error", response.reason_phrase or "error", None
+    try:
+        body = response.json()
+        err = body.get("error", body) if isinstance(body, dict) else {}
+        code = str(err.get("code", code))
+        message = str(err.get("message", message))
+        detail = err.get("detail")
+    except (ValueError, AttributeError):
+        text = response.text[:500] if not response.is_stream_consumed or response.is_closed else ""
+        message = text or message
+    return AnankeAPIError(
+        message,
+        status_code=response.status_code,
+        code=code,
+        detail=detail,
+        request_id=response.headers.get("x-request-id"),
+    )
+
+
+def _retry_after(response: httpx.Response | None) -> float | None:
+    if response is None:
+        return None
+    value = response.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def parse_response(data: Any) -> GenerateResponse | BatchGenerateResponse:
+    """The one response parser: JSON -> protocol model."""
+    try:
+        if isinstance(data, dict) and "results" in data:
+            return BatchGenerateResponse.model_validate(data)
+        return GenerateResponse.model_validate(data)
+    except ValidationError as exc:
+        raise AnankeError(f"unexpected response from the service: {exc}") from exc
+
+
+def decode_sse_line(line: str) -> StreamEvent | None:
+    """One ``data:`` line -> a stream event (None for keep-alives and comments)."""
+    if not line.startswith("data:"):
+        return None
+    payload = line[5:].strip()
+    if not payload or payload == "[DONE]":
+        return None
+    try:
+        return StreamEvent.model_validate_json(payload)
+    except ValidationError as exc:
+        raise AnankeStreamError(f"malformed stream event: {payload[:200]}") from exc
+
+
+def _check_event(event: StreamEvent) -> StreamEvent:
+    if event.event == "error":
+        err = event.error
+        raise AnankeAPIError(
+            err.message if err else "stream error", status_code=500, code=err.code if err else "error"
+        )
+    return event
+
+
+_RETRYABLE_EXC = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+class _Base:
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        api_key: str | None = None,
+        timeout: float | None = 120.0,
+        retry: RetryPolicy | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.retry = retry or RetryPolicy()
+        self._headers = {"Accept": "application/json", **(headers or {})}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._timeout = httpx.Timeout(timeout, connect=min(timeout or 10.0, 10.0))
+
+    @staticmethod
+    def _body(request: GenerateRequest) -> dict[str, Any]:
+        return request.model_dump(mode="json", exclude_none=True)
+
+    def _outcome(self, exc: Exception | None, response: httpx.Response | None) -> Exception | None:
+        """None when the answer is usable; otherwise the error to raise or retry on."""
+        if exc is not None:
+            if isinstance(exc, httpx.TimeoutException):
+                return AnankeTimeoutError(f"request to {self.base_url} timed out: {exc}")
+            return AnankeConnectionError(f"cannot reach the Ananke service at {self.base_url}: {exc}")
+        assert response is not None  # noqa: S101
+        return None if response.is_success else _api_error(response)
+
+    @staticmethod
+    def _retryable(error: Exception) -> bool:
+        return isinstance(error, AnankeConnectionError) or (
+            isinstance(error, AnankeAPIError) and error.retryable
+        )
+
+
+class AnankeClient(_Base):
+    """Synchronous client for the Ananke service."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._client = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=self._timeout)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _send(self, method: str, path: str, body: dict[str, Any] | None, stream: bool) -> httpx.Response:
+        started, attempt = time.monotonic(), 0
+        while True:
+            response: httpx.Response | None = None
+            exc: Exception | None = None
+            try:
+                req = self._client.build_request(method, path, json=body)
+                response = self._client.send(req, stream=stream)
+                if stream and not response.is_success:
+                    response.read()
+            except (*_RETRYABLE_EXC, httpx.TimeoutException) as err:
+                exc = err
+            error = self._outcome(exc, response)
+            if error is None:
+                assert response is not None  # noqa: S101
+                return response
+            wait = self.retry.delay(attempt, _retry_after(response))
+            if not (self._retryable(error) and self.retry.should_retry(attempt, started, wait)):
+                raise error from exc
+            time.sleep(wait)
+            attempt += 1
+
+    def health(self) -> HealthResponse:
+        """``GET /health`` once, no retries (503 while loading is an answer here)."""
+        try:
+            response = self._client.get("/health")
+        except (*_RETRYABLE_EXC, httpx.TimeoutException) as exc:
+            raise self._outcome(exc, None) from exc  # type: ignore[misc]
+        return HealthResponse.model_validate(response.json())
+
+    def generate(self, request: GenerateRequest) -> GenerateResponse | BatchGenerateResponse:
+        """``POST /generate_api`` (non-streaming)."""
+        response = self._send("POST", "/generate_api", self._body(request), stream=False)
+        return parse_response(response.json())
+
+    def stream(self, request: GenerateRequest) -> Iterator[StreamEvent]:
+        """``POST /generate_api`` with ``stream=true``: token events, then ``done``."""
+        body = self._body(request) | {"stream": True}
+        response = self._send("POST", "/generate_api", body, stream=True)
+        done = False
+        try:
+            for line in response.iter_lines():
+                event = decode_sse_line(line)
+                if event is not None:
+                    done = done or event.event == "done"
+                    yield _check_event(event)
+        except (httpx.HTTPError) as exc:
+            raise AnankeStreamError(f"stream from {self.base_url} broke off: {exc}") from exc
+        finally:
+            response.close()
+        if not done:
+            raise AnankeStreamError("stream ended without its final event (the server stopped?)")
+
+
+class AsyncAnankeClient(_Base):
+    """Asynchronous client for the Ananke service."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._client = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=self._timeout)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _send(self, method: str, path: str, body: dict[str, Any] | None, stream: bool) -> httpx.Response:
+        import asyncio
+
+        started, attempt = time.monotonic(), 0
+        while True:
+            response: httpx.Response | None = None
+            exc: Exception | None = None
+            try:
+                req = self._client.build_request(method, path, json=body)
+                response = await self._client.send(req, stream=stream)
+                if stream and not response.is_success:
+                    await response.aread()
+            except (*_RETRYABLE_EXC, httpx.TimeoutException) as err:
+                exc = err
+            error = self._outcome(exc, response)
+            if error is None:
+                assert response is not None  # noqa: S101
+                return response
+            wait = self.retry.delay(attempt, _retry_after(response))
+            if not (self._retryable(error) and self.retry.should_retry(attempt, started, wait)):
+                raise error from exc
+            await asyncio.sleep(wait)
+            attempt += 1
+
+    async def generate(self, request: GenerateRequest) -> GenerateResponse | BatchGenerateResponse:
+        """``POST /generate_api`` (non-streaming)."""
+        response = await self._send("POST", "/generate_api", self._body(request), stream=False)
+        return parse_response(json.loads(response.content))
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamEvent]:
+        """``POST /generate_api`` with ``stream=true``: token events, then ``done``."""
+        body = self._body(request) | {"stream": True}
+        response = await self._send("POST", "/generate_api", body, stream=True)
+        done = False
+        try:
+            async for line in response.aiter_lines():
+                event = decode_sse_line(line)
+                if event is not None:
+                    done = done or event.event == "done"
+                    yield _check_event(event)
+        except httpx.HTTPError as exc:
+            raise AnankeStreamError(f"stream from {self.base_url} broke off: {exc}") from exc
+        finally:
+            await response.aclose()
+        if not done:
+            raise AnankeStreamError("stream ended without its final event (the server stopped?)")

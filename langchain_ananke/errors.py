@@ -1,0 +1,60 @@
+"""One error hierarchy for the client; the HTTP layer translates every failure into it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_core.exceptions import OutputParserException
+
+
+class AnankeError(Exception):
+    """Base of every error this package raises."""
+
+
+class AnankeConnectionError(AnankeError):
+    """The service could not be reached (or the connection dropped before an answer)."""
+
+
+class AnankeTimeoutError(AnankeError):
+    """The request or the cold-start deadline ran out."""
+
+
+class AnankeAPIError(AnankeError):
+    """The service answered with an error body."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        code: str = "error",
+        detail: Any = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(f"[{status_code} {code}] {message}")
+        self.message = message
+        self.status_code = status_code
+        self.code = code
+        self.detail = detail
+        self.request_id = request_id
+
+    @property
+    def retryable(self) -> bool:
+        """Overload, scale-up and gateway errors; never 4xx input errors."""
+        return self.status_code in (429, 502, 503, 504)
+
+
+class AnankeStreamError(AnankeError):
+    """A stream ended without its final event (server died, connection cut)."""
+
+
+class ConstraintNotSatisfiedError(OutputParserException, AnankeError):
+    """The service's independent check says the output does not satisfy the constraint.
+
+    Raised instead of returning a partial or invalid object; ``finish_reason == "length"`` means the
+    output was truncated by ``max_tokens``.
+    """
+
+    def __init__(self, message: str, *, finish_reason: str | None = None, llm_output: str = "") -> None:
+        super().__init__(message, llm_output=llm_output)
+        self.finish_reason = finish_reason

@@ -1,0 +1,142 @@
+"""Shared configuration, the one request builder and the response-metadata mapping.
+
+``AnankeLLM`` and ``ChatAnanke`` both mix in :class:`AnankeParams`. Every code path (sync, async,
+stream, non-stream, batch) builds its request with :meth:`AnankeParams._request` and reads results
+with :func:`response_metadata` / :func:`usage_metadata`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.utils import from_env, secret_from_env
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
+
+from langchain_ananke._http import DEFAULT_BASE_URL, AnankeClient, AsyncAnankeClient, RetryPolicy
+from langchain_ananke.errors import ConstraintNotSatisfiedError
+from langchain_ananke.parsers.constraints import ConstraintLike, to_constraints
+from langchain_ananke.protocol import GenerateRequest, GenerateResponse
+
+#: Per-call keywords the request builder understands (besides the sampling fields).
+CALL_KWARGS = frozenset(
+    {"constraints", "tools", "tool_choice", "parallel_tool_calls", "require_satisfied",
+     "ls_structured_output_format", "timeout_s"}
+)
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+
+
+class AnankeParams(BaseModel):
+    """Connection and sampling settings shared by ``AnankeLLM`` and ``ChatAnanke``."""
+
+    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
+
+    base_url: str = Field(default_factory=from_env("ANANKE_BASE_URL", default=DEFAULT_BASE_URL))
+    """Service URL (``ANANKE_BASE_URL``); a local ``ananke serve`` or a Modal deployment."""
+    api_key: SecretStr | None = Field(default_factory=secret_from_env("ANANKE_API_KEY", default=None))
+    """Bearer key (``ANANKE_API_KEY``), if the service requires one."""
+    model: str | None = Field(default=None, alias="model_name")
+    """Model name, for tracing; the service serves one model."""
+    temperature: float | None = None
+    """Sampling temperature; ``None`` uses the service default (0.7)."""
+    max_tokens: int | None = 512
+    """Output token cap; constrained output cut short by it is reported unsatisfied, never valid."""
+    top_p: float | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+    timeout: float | None = 120.0
+    """Per-request HTTP timeout in seconds."""
+    max_retries: int = 2
+    """Retries for connection errors and 429/502/503/504 (cold starts), with backoff and jitter."""
+    cold_start_timeout: float = 300.0
+    """Give up retrying after this many seconds."""
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """More request fields sent as is (e.g. ``timeout_s``)."""
+    default_headers: dict[str, str] | None = None
+
+    _client: AnankeClient | None = PrivateAttr(default=None)
+    _async_client: AsyncAnankeClient | None = PrivateAttr(default=None)
+
+    def _client_args(self) -> dict[str, Any]:
+        return {
+            "base_url": self.base_url,
+            "api_key": self.api_key.get_secret_value() if self.api_key else None,
+            "timeout": self.timeout,
+            "retry": RetryPolicy(max_retries=self.max_retries, deadline=self.cold_start_timeout),
+            "headers": self.default_headers,
+        }
+
+    @property
+    def client(self) -> AnankeClient:
+        if self._client is None:
+            self._client = AnankeClient(**self._client_args())
+        return self._client
+
+    @property
+    def async_client(self) -> AsyncAnankeClient:
+        if self._async_client is None:
+            self._async_client = AsyncAnankeClient(**self._client_args())
+        return self._async_client
+
+    @property
+    def _default_params(self) -> dict[str, Any]:
+        params = {k: getattr(self, k) for k in SAMPLING_FIELDS if getattr(self, k) is not None}
+        return params | self.model_kwargs
+
+    def _request(
+        self,
+        *,
+        prompt: str | list[str] | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        stop: list[str] | None = None,
+        stream: bool = False,
+        **kwargs: Any,
+    ) -> tuple[GenerateRequest, bool]:
+        """The one request builder. Returns the request and whether unsatisfied output must raise."""
+        kwargs = dict(kwargs)
+        kwargs.pop("ls_structured_output_format", None)
+        require = bool(kwargs.pop("require_satisfied", False))
+        unknown = set(kwargs) - CALL_KWARGS - set(SAMPLING_FIELDS)
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        fields: dict[str, Any] = self._default_params
+        fields |= {k: kwargs.pop(k) for k in SAMPLING_FIELDS if kwargs.get(k) is not None}
+        if stop is not None:
+            fields["stop"] = stop
+        constraints: ConstraintLike | None = kwargs.pop("constraints", None)
+        if constraints is not None:
+            fields["constraints"] = to_constraints(constraints)
+        fields |= {k: v for k, v in kwargs.items() if v is not None}
+        fields |= {"prompt": prompt, "messages": messages, "stream": stream}
+        return GenerateRequest.model_validate(fields), require
+
+
+def response_metadata(resp: GenerateResponse, model: str | None = None) -> dict[str, Any]:
+    """What ``response_metadata`` / ``generation_info`` carry."""
+    return {
+        "finish_reason": resp.finish_reason,
+        "constraint_satisfied": resp.constraint_satisfied,
+        "constraint_error": resp.constraint_error,
+        "model_name": resp.metadata.get("model") or model,
+        "generation_time_ms": resp.generation_time_ms,
+        "tokens_generated": resp.tokens_generated,
+        "metadata": resp.metadata,
+    }
+
+
+def usage_metadata(resp: GenerateResponse) -> UsageMetadata:
+    return UsageMetadata(
+        input_tokens=resp.usage.prompt_tokens,
+        output_tokens=resp.usage.completion_tokens,
+        total_tokens=resp.usage.total_tokens,
+    )
+
+
+def enforce(resp: GenerateResponse, require: bool) -> None:
+    """Raise for unsatisfied output when the caller asked for a guarantee."""
+    if require and resp.constraint_satisfied is False:
+        raise ConstraintNotSatisfiedError(
+            f"the output does not satisfy the constraint: {resp.constraint_error}",
+            finish_reason=resp.finish_reason,
+            llm_output=resp.generated_text,
+        )

@@ -1,0 +1,161 @@
+"""``AnankeLLM``: a LangChain ``BaseLLM`` over the Ananke service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseLLM, LangSmithParams
+from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+from langchain_core.runnables import Runnable
+
+from langchain_ananke.llms._common import AnankeParams, enforce, response_metadata
+from langchain_ananke.parsers.structured import Method, structured_runnable
+from langchain_ananke.protocol import BatchGenerateResponse, GenerateResponse, StreamEvent
+
+
+class AnankeLLM(AnankeParams, BaseLLM):
+    """Text completion with guaranteed-valid constrained output.
+
+    Setup:
+        ``pip install langchain-ananke``, then run a service: ``ananke serve`` locally, or a Modal
+        deployment. Point ``ANANKE_BASE_URL`` (and ``ANANKE_API_KEY``) at it.
+
+    Instantiate:
+        .. code-block:: python
+
+            from langchain_ananke import AnankeLLM
+            llm = AnankeLLM(max_tokens=64, temperature=0)
+
+    Invoke:
+        .. code-block:: python
+
+            llm.invoke("Phone: ", constraints={"regex": "[0-9]{3}-[0-9]{4}"})  # '555-0199'
+
+    Stream:
+        .. code-block:: python
+
+            for chunk in llm.stream("Once upon a time"):
+                print(chunk, end="")
+
+    Batch:
+        ``llm.batch([...])`` sends one batched request; the engine decodes the prompts together.
+
+    Structured output:
+        .. code-block:: python
+
+            llm.with_structured_output(Person).invoke("<|im_start|>user\\n...")
+    """
+
+    @property
+    def _llm_type(self) -> str:
+        return "ananke"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"base_url": self.base_url, "model": self.model, **self._default_params}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = "ananke"
+        params["ls_model_name"] = self.model or "ananke"
+        return params
+
+    @staticmethod
+    def _results(resp: GenerateResponse | BatchGenerateResponse) -> list[GenerateResponse]:
+        return resp.results if isinstance(resp, BatchGenerateResponse) else [resp]
+
+    def _to_result(self, responses: list[GenerateResponse], require: bool) -> LLMResult:
+        for r in responses:
+            enforce(r, require)
+        generations = [
+            [Generation(text=r.generated_text, generation_info=response_metadata(r, self.model))]
+            for r in responses
+        ]
+        usage = {
+            "prompt_tokens": sum(r.usage.prompt_tokens for r in responses),
+            "completion_tokens": sum(r.usage.completion_tokens for r in responses),
+        }
+        return LLMResult(generations=generations, llm_output={"token_usage": usage, "model_name": self.model})
+
+    def _generate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        """All prompts go out as one batched request."""
+        prompt = prompts[0] if len(prompts) == 1 else prompts
+        request, require = self._request(prompt=prompt, stop=stop, **kwargs)
+        return self._to_result(self._results(self.client.generate(request)), require)
+
+    async def _agenerate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        prompt = prompts[0] if len(prompts) == 1 else prompts
+        request, require = self._request(prompt=prompt, stop=stop, **kwargs)
+        return self._to_result(self._results(await self.async_client.generate(request)), require)
+
+    def _chunk(self, event: StreamEvent, require: bool) -> GenerationChunk | None:
+        if event.event == "token":
+            return GenerationChunk(text=event.text)
+        if event.response is not None:
+            enforce(event.response, require)
+            return GenerationChunk(text="", generation_info=response_metadata(event.response, self.model))
+        return None
+
+    def _stream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[GenerationChunk]:
+        request, require = self._request(prompt=prompt, stop=stop, stream=True, **kwargs)
+        for event in self.client.stream(request):
+            chunk = self._chunk(event, require)
+            if chunk is not None:
+                if run_manager and chunk.text:
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+
+    async def _astream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[GenerationChunk]:
+        request, require = self._request(prompt=prompt, stop=stop, stream=True, **kwargs)
+        async for event in self.async_client.stream(request):
+            chunk = self._chunk(event, require)
+            if chunk is not None:
+                if run_manager and chunk.text:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+
+    def with_structured_output(
+        self,
+        schema: Any,
+        *,
+        method: Method = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[Any, Any]:
+        """Constrained output parsed into ``schema`` (Pydantic class -> instance; dicts -> dict;
+        ``Regex``/``Grammar``/``Choice`` -> the matched string). Unsatisfied output raises
+        :class:`~langchain_ananke.errors.ConstraintNotSatisfiedError`.
+        """
+        if kwargs:
+            raise TypeError(f"unexpected keyword arguments: {', '.join(kwargs)}")
+        return structured_runnable(
+            self, schema, method=method, include_raw=include_raw, strict=strict,
+            extra_bind={"require_satisfied": True},
+        )

@@ -1,0 +1,121 @@
+"""User inputs -> protocol constraints: the one place the client turns schemas into constraints.
+
+Accepts typed helpers (:class:`Regex`, :class:`Grammar`, :class:`Choice`, :class:`JsonSchema`,
+:class:`TokenMask`), the original service's constraint dicts, Pydantic classes, TypedDicts, JSON
+Schema dicts and OpenAI function/tool dicts. Never imports llguidance or vLLM; the service validates
+and compiles. Never mutates the caller's objects.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, is_typeddict
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from langchain_ananke.protocol import Constraints
+from langchain_ananke.protocol import TokenMask as _WireTokenMask
+
+
+@dataclass(frozen=True)
+class Regex:
+    """The output must fully match ``pattern`` (Rust regex syntax; use ``[0-9]``, not ``\\d``)."""
+
+    pattern: str
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A Lark grammar (llguidance dialect, ``%json`` allowed) or a GBNF ``::=`` grammar."""
+
+    grammar: str
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The output is exactly one of ``options``."""
+
+    options: Sequence[str]
+
+
+@dataclass(frozen=True)
+class JsonSchema:
+    """Output valid for ``schema``; ``whitespace="flexible"`` allows pretty-printed JSON."""
+
+    schema: Mapping[str, Any]
+    whitespace: Literal["compact", "flexible"] = "compact"
+
+
+@dataclass(frozen=True)
+class TokenMask:
+    """Only ``allowed_tokens`` and/or never ``forbidden_tokens`` (token ids of the served model)."""
+
+    allowed_tokens: Sequence[int] | None = None
+    forbidden_tokens: Sequence[int] | None = None
+
+
+ConstraintLike = Constraints | Mapping[str, Any] | Regex | Grammar | Choice | JsonSchema | TokenMask
+TEXT_CONSTRAINTS = (Regex, Grammar, Choice)
+
+
+def to_constraints(value: ConstraintLike) -> Constraints:
+    """Any accepted constraint form -> the protocol model (raises ``ValueError`` with the reason)."""
+    if isinstance(value, Constraints):
+        return value
+    if isinstance(value, Regex):
+        return Constraints(regex=value.pattern)
+    if isinstance(value, Grammar):
+        return Constraints(grammar=value.grammar)
+    if isinstance(value, Choice):
+        return Constraints(choice=list(value.options))
+    if isinstance(value, JsonSchema):
+        return Constraints(json_schema=copy.deepcopy(dict(value.schema)), whitespace=value.whitespace)
+    if isinstance(value, TokenMask):
+        mask = _WireTokenMask(
+            allowed_tokens=list(value.allowed_tokens) if value.allowed_tokens is not None else None,
+            forbidden_tokens=list(value.forbidden_tokens) if value.forbidden_tokens is not None else None,
+        )
+        return Constraints(token_mask=mask)
+    if isinstance(value, Mapping):
+        try:
+            return Constraints.model_validate(copy.deepcopy(dict(value)))
+        except ValidationError as exc:
+            raise ValueError(f"invalid constraints: {exc.errors()[0]['msg']}") from exc
+    raise TypeError(f"not a constraint: {type(value).__name__}")
+
+
+def is_pydantic_class(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, BaseModel)
+
+
+def schema_name(schema: Any) -> str:
+    """A tool/function name for a schema."""
+    if isinstance(schema, type):
+        return schema.__name__
+    if isinstance(schema, Mapping):
+        fn = schema.get("function") if schema.get("type") == "function" else schema
+        if isinstance(fn, Mapping) and isinstance(fn.get("name"), str):
+            return str(fn["name"])
+        if isinstance(schema.get("title"), str):
+            return str(schema["title"])
+    return "output"
+
+
+def to_json_schema(schema: Any) -> dict[str, Any]:
+    """A Pydantic class, TypedDict, JSON Schema dict or OpenAI function/tool dict -> a JSON Schema."""
+    if is_pydantic_class(schema):
+        return schema.model_json_schema()  # type: ignore[no-any-return]
+    if isinstance(schema, type) and is_typeddict(schema):
+        return TypeAdapter(schema).json_schema()
+    if isinstance(schema, Mapping):
+        if schema.get("type") == "function" and isinstance(schema.get("function"), Mapping):
+            schema = schema["function"]
+        if "parameters" in schema and "name" in schema:
+            return copy.deepcopy(dict(schema["parameters"]))
+        return copy.deepcopy(dict(schema))
+    raise TypeError(
+        f"unsupported schema {schema!r}: give a Pydantic class, a TypedDict, a JSON Schema dict "
+        "or an OpenAI function/tool dict"
+    )
