@@ -215,7 +215,7 @@ class AnankeClient(_Base):
                 if event is not None:
                     done = done or event.event == "done"
                     yield _check_event(event)
-        except (httpx.HTTPError) as exc:
+        except httpx.HTTPError as exc:
             raise AnankeStreamError(f"stream from {self.base_url} broke off: {exc}") from exc
         finally:
             response.close()
@@ -233,7 +233,9 @@ class AsyncAnankeClient(_Base):
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def _send(self, method: str, path: str, body: dict[str, Any] | None, stream: bool) -> httpx.Response:
+    async def _send(
+        self, method: str, path: str, body: dict[str, Any] | None, stream: bool
+    ) -> httpx.Response:
         import asyncio
 
         started, attempt = time.monotonic(), 0

@@ -83,9 +83,7 @@ class Constraints(_Strict):
     def _exactly_one(self) -> Constraints:
         given = self.kinds()
         if len(given) > 1:
-            raise ValueError(
-                f"exactly one constraint per request, got {len(given)}: {', '.join(given)}"
-            )
+            raise ValueError(f"exactly one constraint per request, got {len(given)}: {', '.join(given)}")
         if not given:
             raise ValueError(f"constraints is empty; give one of: {', '.join(CONSTRAINT_KINDS)}")
         return self
@@ -110,6 +108,8 @@ class FunctionSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     description: str = ""
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+    """Accepted for OpenAI compatibility; tool arguments are always generated schema-exact."""
 
 
 class ToolSpec(_Strict):

@@ -26,7 +26,7 @@ def _format_call(call: ToolCall) -> str:
 
 
 def _tools_prompt(tools: list[ToolSpec], tool_choice: str) -> str:
-    specs = "\n".join(json.dumps(t.function.model_dump(), ensure_ascii=False) for t in tools)
+    specs = "\n".join(json.dumps(t.function.model_dump(exclude_none=True), ensure_ascii=False) for t in tools)
     if tool_choice == "required":
         rule = "You must call one of these tools."
     elif tool_choice not in ("auto", "none"):
@@ -97,8 +97,12 @@ def parse_tool_calls(text: str) -> list[ToolCall]:
     """The calls in ``text``, in order; raises ValueError on a malformed call."""
     calls = []
     for body in _CALL_RE.findall(text):
-        value = json.loads(body)
-        if not isinstance(value, dict) or not isinstance(value.get("arguments"), dict):
+        value = json.loads(body)  # JSONDecodeError is a ValueError
+        if (
+            not isinstance(value, dict)
+            or not isinstance(value.get("name"), str)
+            or not isinstance(value.get("arguments"), dict)
+        ):
             raise ValueError(f"malformed tool call: {body[:200]}")
         calls.append(
             ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=value["name"], arguments=value["arguments"])

@@ -77,8 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require this bearer key (or ANANKE_API_KEY)")
     serve.add_argument("--max-model-len", type=int, default=4096)
-    serve.add_argument("--kv-cache-gib", type=float, default=1.0,
-                       help="KV cache size in GiB (CPU backend); 0 = engine default")
+    serve.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=1.0,
+        help="KV cache size in GiB (CPU backend); 0 = engine default",
+    )
     serve.add_argument("--compile", action="store_true", help="torch.compile the model (slow start)")
     serve.add_argument("--max-tokens-cap", type=int, default=2048)
     serve.add_argument("--max-inflight", type=int, default=256)

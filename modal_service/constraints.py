@@ -131,9 +131,7 @@ class ConstraintCompiler:
             lambda: self._finish(kind, StructuredOutputsParams(grammar=lark), lark_to_ll(lark)),
         )
 
-    def _cached(
-        self, key: str, build: Any
-    ) -> tuple[CompiledConstraint, bool]:
+    def _cached(self, key: str, build: Any) -> tuple[CompiledConstraint, bool]:
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
@@ -159,19 +157,19 @@ class ConstraintCompiler:
         kind = c.kind
         flexible = c.whitespace == "flexible"
         if c.json_schema is not None or c.json_object:
-            schema = c.json_schema if c.json_schema is not None else {"type": "object"}
+            schema: dict[str, Any] = c.json_schema if c.json_schema is not None else {"type": "object"}
             _check_schema(schema)
             # x-guidance in the schema overrides vLLM's engine-wide whitespace default, so the
             # per-request choice holds whatever the engine was started with. A copy: never mutate.
-            engine_schema = {**schema, "x-guidance": {**schema.get("x-guidance", {}),
-                                                      "whitespace_flexible": flexible}}
+            engine_schema = {
+                **schema,
+                "x-guidance": {**dict(schema.get("x-guidance") or {}), "whitespace_flexible": flexible},
+            }
             try:
                 ll = llguidance.LLMatcher.grammar_from_json_schema(engine_schema)
             except ValueError as exc:
                 raise ConstraintError(f"invalid JSON Schema: {exc}") from exc
-            return self._finish(
-                kind, StructuredOutputsParams(json=engine_schema), ll, json_schema=schema
-            )
+            return self._finish(kind, StructuredOutputsParams(json=engine_schema), ll, json_schema=schema)
         if c.regex is not None or c.regex_patterns is not None:
             patterns = (c.regex,) if c.regex is not None else tuple(c.regex_patterns or ())
             joined = patterns[0] if len(patterns) == 1 else "|".join(f"(?:{p})" for p in patterns)
@@ -292,9 +290,7 @@ def _check_schema(schema: dict[str, Any]) -> None:
         cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
         cls.check_schema(schema)
     except jsonschema.SchemaError as exc:
-        raise ConstraintError(
-            f"invalid JSON Schema: {exc.message}", {"path": list(exc.path)}
-        ) from exc
+        raise ConstraintError(f"invalid JSON Schema: {exc.message}", {"path": list(exc.path)}) from exc
     except (TypeError, ValueError, LookupError) as exc:
         raise ConstraintError(f"invalid JSON Schema: {exc}") from exc
 

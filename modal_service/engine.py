@@ -15,7 +15,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -40,7 +40,7 @@ class EngineConfig:
     enforce_eager: bool = True
     """Skip torch.compile/graph capture: ~40 s engine start on CPU instead of ~170 s."""
     max_num_seqs: int = 256
-    dtype: str = "auto"
+    dtype: Any = "auto"
     load_format: str = "auto"
     seed: int = 0
     compiler_limits: CompilerLimits = field(default_factory=CompilerLimits)
@@ -99,6 +99,7 @@ class Engine:
 
     def _build(self) -> None:
         import llguidance.hf
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -115,7 +116,7 @@ class Engine:
             dtype=cfg.dtype,
             load_format=cfg.load_format,
             seed=cfg.seed,
-            structured_outputs_config={"backend": "guidance"},
+            structured_outputs_config=StructuredOutputsConfig(backend="guidance"),
             disable_log_stats=True,
             **cfg.extra,
         )
@@ -146,9 +147,7 @@ class Engine:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
-        rendered = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return str(rendered)
 
     async def stream(
@@ -162,7 +161,7 @@ class Engine:
         seed: int | None,
         stop: list[str] | None,
         constraint: CompiledConstraint | None,
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         """Generate for one prompt; the engine batches concurrent calls together."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind

@@ -19,6 +19,7 @@ from typing import Any
 
 from langchain_ananke.protocol import (
     BatchGenerateResponse,
+    FinishReason,
     GenerateRequest,
     GenerateResponse,
     StreamEvent,
@@ -90,7 +91,9 @@ class Generator:
         """Validate limits, render prompts and compile the constraint (once for all prompts)."""
         if req.max_tokens > self.limits.max_tokens:
             raise ApiError(
-                422, "invalid_request", f"max_tokens {req.max_tokens} exceeds the cap {self.limits.max_tokens}"
+                422,
+                "invalid_request",
+                f"max_tokens {req.max_tokens} exceeds the cap {self.limits.max_tokens}",
             )
         if req.messages is not None:
             messages = to_template_messages(req.messages, req.tools, req.tool_choice)
@@ -116,9 +119,7 @@ class Generator:
                     f"model's context of {context} tokens",
                 )
         constraint, hit = self._constraint(req)
-        tools = (
-            {t.function.name: t.function.parameters for t in req.tools} if req.tools else None
-        )
+        tools = {t.function.name: t.function.parameters for t in req.tools} if req.tools else None
         return [_Plan(p, n, constraint, hit, tools) for p, n in zip(prompts, counts, strict=True)]
 
     # ------------------------------------------------------------------------ execution
@@ -157,14 +158,22 @@ class Generator:
             await stream.aclose()  # aborts the engine request if it is still running
         yield StreamEvent(
             event="done",
-            response=self._fold(req, plan, "".join(text_parts), token_ids, finish or "abort",
-                                started, first_token_ms),
+            response=self._fold(
+                req,
+                plan,
+                text="".join(text_parts),
+                token_ids=token_ids,
+                finish=finish or "abort",
+                started=started,
+                first_token_ms=first_token_ms,
+            ),
         )
 
     def _fold(
         self,
         req: GenerateRequest,
         plan: _Plan,
+        *,
         text: str,
         token_ids: list[int],
         finish: str,
@@ -192,7 +201,7 @@ class Generator:
                 "compile_time_ms": plan.constraint.compile_ms,
                 "cache_hit": plan.cache_hit,
             }
-        reason = "tool_calls" if tool_calls else _finish_reason(finish)
+        reason: FinishReason = "tool_calls" if tool_calls else _finish_reason(finish)
         return GenerateResponse(
             generated_text=text,
             tokens_generated=n_out,
@@ -201,8 +210,11 @@ class Generator:
             constraint_satisfied=None if verdict is None else verdict.satisfied,
             constraint_error=None if verdict is None else verdict.error,
             finish_reason=reason,
-            usage=Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=n_out,
-                        total_tokens=plan.prompt_tokens + n_out),
+            usage=Usage(
+                prompt_tokens=plan.prompt_tokens,
+                completion_tokens=n_out,
+                total_tokens=plan.prompt_tokens + n_out,
+            ),
             tool_calls=tool_calls,
         )
 
@@ -234,13 +246,13 @@ class Generator:
         )
 
 
-def _finish_reason(engine_reason: str) -> Any:
-    return engine_reason if engine_reason in ("stop", "length", "timeout") else "abort"
+def _finish_reason(engine_reason: str) -> FinishReason:
+    if engine_reason in ("stop", "length", "timeout"):
+        return engine_reason  # type: ignore[return-value]
+    return "abort"
 
 
-def _check_tool_calls(
-    text: str, tools: dict[str, dict[str, Any]]
-) -> tuple[Verdict, list[ToolCall] | None]:
+def _check_tool_calls(text: str, tools: dict[str, dict[str, Any]]) -> tuple[Verdict, list[ToolCall] | None]:
     """Independent check of tool calls: they parse, name a tool, and validate its schema."""
     try:
         calls = parse_tool_calls(text)

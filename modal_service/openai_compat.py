@@ -40,14 +40,17 @@ def _message(raw: dict[str, Any]) -> dict[str, Any]:
     if msg["role"] == "developer":
         msg["role"] = "system"
     if raw.get("tool_calls"):
-        msg["tool_calls"] = [
-            {
-                "id": c.get("id", ""),
-                "name": c["function"]["name"],
-                "arguments": json.loads(c["function"].get("arguments") or "{}"),
-            }
-            for c in raw["tool_calls"]
-        ]
+        try:
+            msg["tool_calls"] = [
+                {
+                    "id": c.get("id", ""),
+                    "name": c["function"]["name"],
+                    "arguments": json.loads(c["function"].get("arguments") or "{}"),
+                }
+                for c in raw["tool_calls"]
+            ]
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ApiError(422, "invalid_request", f"malformed assistant tool_calls: {exc}") from exc
     if raw.get("tool_call_id"):
         msg["tool_call_id"] = raw["tool_call_id"]
     return msg
@@ -135,10 +138,14 @@ def _chat_message(resp: GenerateResponse) -> dict[str, Any]:
         "role": "assistant",
         "content": None if calls else resp.generated_text,
         "tool_calls": [
-            {"id": c.id, "type": "function",
-             "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": json.dumps(c.arguments)},
+            }
             for c in calls
-        ] or None,
+        ]
+        or None,
     }
 
 
@@ -223,10 +230,16 @@ async def _serve(
                         msg = _chat_message(resp)
                         delta = {"content": msg["content"]} if msg["content"] else {}
                         if msg["tool_calls"]:
-                            delta = {"tool_calls": [c | {"index": i} for i, c in enumerate(msg["tool_calls"])]}
+                            delta = {
+                                "tool_calls": [c | {"index": i} for i, c in enumerate(msg["tool_calls"])]
+                            }
                     yield chunk(delta, resp.finish_reason, ananke=_ananke(resp))
                     if include_usage:
-                        yield "data: " + json.dumps(head | {"object": obj, "choices": [], "usage": _usage(resp)}) + "\n\n"
+                        yield (
+                            "data: "
+                            + json.dumps(head | {"object": obj, "choices": [], "usage": _usage(resp)})
+                            + "\n\n"
+                        )
             yield "data: [DONE]\n\n"
         finally:
             slot.__exit__(None, None, None)

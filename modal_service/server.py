@@ -71,7 +71,9 @@ class _Admission:
             raise ApiError(503, "shutting_down", "server is shutting down", headers={"Retry-After": "5"})
         if self.inflight >= self.limit:
             raise ApiError(
-                429, "overloaded", f"{self.inflight} requests in flight (limit {self.limit})",
+                429,
+                "overloaded",
+                f"{self.inflight} requests in flight (limit {self.limit})",
                 headers={"Retry-After": "1"},
             )
         self.inflight += 1
@@ -99,7 +101,7 @@ def create_app(
         task = asyncio.create_task(engine.start()) if start_engine else None
         yield
         admission.draining = True
-        for _ in range(int(drain_seconds * 10)):
+        for _tick in range(int(drain_seconds * 10)):
             if admission.inflight == 0:
                 break
             await asyncio.sleep(0.1)
@@ -144,12 +146,12 @@ def create_app(
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
-            return error_response(400, "malformed_json", "request body is not valid JSON",
-                                  _clean(errors))
+            return error_response(400, "malformed_json", "request body is not valid JSON", _clean(errors))
         first = errors[0] if errors else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error_response(422, "invalid_request", f"{where}: {first.get('msg', 'invalid')}",
-                              _clean(errors))
+        return error_response(
+            422, "invalid_request", f"{where}: {first.get('msg', 'invalid')}", _clean(errors)
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -165,8 +167,11 @@ def create_app(
         """``loading`` until the engine is ready, then ``ok`` and the model; ``error`` if it failed."""
         state = {"idle": "loading", "loading": "loading"}.get(engine.state, engine.state)
         body = HealthResponse(status=state, model=engine.model_name, detail=engine.error)  # type: ignore[arg-type]
-        return JSONResponse(body.model_dump(), status_code=200 if state == "ok" else 503,
-                            headers=None if state == "ok" else {"Retry-After": "5"})
+        return JSONResponse(
+            body.model_dump(),
+            status_code=200 if state == "ok" else 503,
+            headers=None if state == "ok" else {"Retry-After": "5"},
+        )
 
     @app.post(
         "/generate_api",
@@ -209,5 +214,8 @@ async def _stream_response(generator: Generator, admission: _Admission, req: Gen
         finally:
             slot.__exit__(None, None, None)
 
-    return StreamingResponse(frames(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        frames(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

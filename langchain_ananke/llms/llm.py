@@ -59,7 +59,8 @@ class AnankeLLM(AnankeParams, BaseLLM):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "ananke"
-        params["ls_model_name"] = self.model or "ananke"
+        # The base class already resolved a per-call ``model`` override, then ``self.model``.
+        params["ls_model_name"] = params.get("ls_model_name") or "ananke"
         return params
 
     @staticmethod

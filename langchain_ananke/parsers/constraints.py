@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, is_typeddict
+from typing import Any, Literal
 
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import BaseModel, ValidationError
+from typing_extensions import is_typeddict
 
-from langchain_ananke.protocol import Constraints
+from langchain_ananke.protocol import Constraints as Constraints
 from langchain_ananke.protocol import TokenMask as _WireTokenMask
 
 
@@ -108,12 +110,14 @@ def to_json_schema(schema: Any) -> dict[str, Any]:
     if is_pydantic_class(schema):
         return schema.model_json_schema()  # type: ignore[no-any-return]
     if isinstance(schema, type) and is_typeddict(schema):
-        return TypeAdapter(schema).json_schema()
+        # langchain-core handles typing and typing_extensions TypedDicts on every Python version.
+        return dict(convert_to_openai_tool(schema)["function"]["parameters"])
     if isinstance(schema, Mapping):
         if schema.get("type") == "function" and isinstance(schema.get("function"), Mapping):
             schema = schema["function"]
-        if "parameters" in schema and "name" in schema:
-            return copy.deepcopy(dict(schema["parameters"]))
+        if "name" in schema and ("parameters" in schema or "description" in schema):
+            params = schema.get("parameters") or {"type": "object", "properties": {}}
+            return copy.deepcopy(dict(params))
         return copy.deepcopy(dict(schema))
     raise TypeError(
         f"unsupported schema {schema!r}: give a Pydantic class, a TypedDict, a JSON Schema dict "

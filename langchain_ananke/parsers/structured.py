@@ -19,8 +19,12 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.output_parsers.transform import BaseCumulativeTransformOutputParser
 from langchain_core.outputs import ChatGeneration, Generation
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
+from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_core.utils.json import parse_partial_json
 from pydantic import BaseModel, ValidationError
+from pydantic.v1 import BaseModel as BaseModelV1
+from pydantic.v1 import ValidationError as ValidationErrorV1
+from typing_extensions import is_typeddict
 
 from langchain_ananke.errors import ConstraintNotSatisfiedError
 from langchain_ananke.parsers.constraints import (
@@ -51,7 +55,8 @@ class AnankeOutputParser(BaseCumulativeTransformOutputParser[Any]):
     """Parses constrained output into a Pydantic object, a dict, a string or tool arguments."""
 
     target: Target = "json"
-    pydantic_model: type[BaseModel] | None = None
+    pydantic_model: type[BaseModel] | type[BaseModelV1] | None = None
+    """A Pydantic (v2, or v1 from ``pydantic.v1``) class the output is validated into."""
     tool_name: str | None = None
 
     def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
@@ -75,8 +80,8 @@ class AnankeOutputParser(BaseCumulativeTransformOutputParser[Any]):
             value = parse_partial_json(text) if text.strip() else None
             if self.pydantic_model is not None and value is not None:
                 try:
-                    return self.pydantic_model.model_validate(value)
-                except ValidationError:
+                    return self._instance(value)
+                except (ValidationError, ValidationErrorV1):
                     return None
             return value
         try:
@@ -89,11 +94,18 @@ class AnankeOutputParser(BaseCumulativeTransformOutputParser[Any]):
         if self.pydantic_model is None:
             return value
         try:
-            return self.pydantic_model.model_validate(value)
-        except ValidationError as exc:
+            return self._instance(value)
+        except (ValidationError, ValidationErrorV1) as exc:
             raise OutputParserException(
                 f"output does not validate as {self.pydantic_model.__name__}: {exc}", llm_output=text
             ) from exc
+
+    def _instance(self, value: Any) -> Any:
+        model = self.pydantic_model
+        assert model is not None  # noqa: S101 - callers check
+        if issubclass(model, BaseModelV1):
+            return model.parse_obj(value)
+        return model.model_validate(value)
 
     def _tool_args(self, message: BaseMessage | None, partial: bool) -> Any:
         calls = getattr(message, "tool_calls", None) or []
@@ -104,7 +116,7 @@ class AnankeOutputParser(BaseCumulativeTransformOutputParser[Any]):
             raise OutputParserException(f"the model did not call {self.tool_name}")
         return self._validate(call["args"], json.dumps(call["args"]))
 
-    def _transform(self, input: Iterator[str | BaseMessage]) -> Iterator[Any]:  # noqa: A002
+    def _transform(self, input: Iterator[str | BaseMessage]) -> Iterator[Any]:
         # The base class only ever parses partially; the final, checked parse happens here.
         chunks: list[Any] = []
         last = None
@@ -115,7 +127,7 @@ class AnankeOutputParser(BaseCumulativeTransformOutputParser[Any]):
         if final != last:
             yield final
 
-    async def _atransform(self, input: AsyncIterator[str | BaseMessage]) -> AsyncIterator[Any]:  # noqa: A002
+    async def _atransform(self, input: AsyncIterator[str | BaseMessage]) -> AsyncIterator[Any]:
         chunks: list[Any] = []
         last = None
         async for parsed in super()._atransform(_atee(input, chunks)):
@@ -152,8 +164,21 @@ async def _atee(source: AsyncIterator[Any], sink: list[Any]) -> AsyncIterator[An
         yield item
 
 
+def _is_pydantic_v1_class(schema: Any) -> bool:
+    return isinstance(schema, type) and issubclass(schema, BaseModelV1)
+
+
+def _json_schema(schema: Any) -> dict[str, Any]:
+    """The JSON Schema to constrain with; also takes ``typing_extensions`` TypedDicts (needed on
+    Python < 3.12, where ``typing.is_typeddict`` does not recognise them) and ``pydantic.v1`` models,
+    both converted the way LangChain converts them."""
+    if (isinstance(schema, type) and is_typeddict(schema)) or _is_pydantic_v1_class(schema):
+        return convert_to_json_schema(schema)
+    return to_json_schema(schema)
+
+
 def _parser_for(schema: Any, target: Target, tool_name: str | None = None) -> AnankeOutputParser:
-    model = schema if is_pydantic_class(schema) else None
+    model = schema if is_pydantic_class(schema) or _is_pydantic_v1_class(schema) else None
     if target == "json" and model is not None:
         target = "pydantic"
     return AnankeOutputParser(target=target, pydantic_model=model, tool_name=tool_name)
@@ -180,7 +205,7 @@ def structured_runnable(
         strict: accepted for ``ChatOpenAI`` compatibility; output is always schema-exact.
         extra_bind: more keywords bound on the model (e.g. ``require_satisfied`` for ``AnankeLLM``).
     """
-    del strict  # every method here is already strict: the grammar admits only valid output
+    # ``strict`` changes nothing: every method here is strict, the grammar admits only valid output.
     extra = dict(extra_bind or {})
     if isinstance(schema, TEXT_CONSTRAINTS):
         bound = model.bind(constraints=to_constraints(schema), **extra)
@@ -189,19 +214,19 @@ def structured_runnable(
         if not hasattr(model, "bind_tools"):
             raise ValueError("method='function_calling' needs a chat model (ChatAnanke)")
         name = schema_name(schema)
-        tool = {"type": "function", "function": {"name": name, "parameters": to_json_schema(schema),
+        tool = {"type": "function", "function": {"name": name, "parameters": _json_schema(schema),
                                                   "description": _description(schema)}}
         bound = model.bind_tools([tool], tool_choice=name, parallel_tool_calls=False,
-                                 ls_structured_output_format=_ls_format(schema, method), **extra)
+                                 ls_structured_output_format=_ls_format(schema, method, strict), **extra)
         parser = _parser_for(schema, "tool", name)
     elif method in ("json_schema", "json_mode"):
         constraint = (
-            Constraints(json_schema=to_json_schema(schema))
+            Constraints(json_schema=_json_schema(schema))
             if method == "json_schema"
             else Constraints(json_object=True)
         )
         bound = model.bind(constraints=constraint,
-                           ls_structured_output_format=_ls_format(schema, method), **extra)
+                           ls_structured_output_format=_ls_format(schema, method, strict), **extra)
         parser = _parser_for(schema, "json")
     else:
         raise ValueError(f"unknown method {method!r}; use json_schema, function_calling or json_mode")
@@ -223,12 +248,10 @@ def _description(schema: Any) -> str:
     return ""
 
 
-def _ls_format(schema: Any, method: str) -> dict[str, Any]:
-    try:
-        json_schema = to_json_schema(schema)
-    except TypeError:
-        json_schema = {}
-    return {"kwargs": {"method": method}, "schema": json_schema}
+def _ls_format(schema: Any, method: str, strict: bool | None) -> dict[str, Any]:
+    """Tracing info, as ``ChatOpenAI`` binds it: the schema as given (LangChain converts it with
+    ``convert_to_json_schema`` for the callbacks' ``ls_structured_output_format`` option)."""
+    return {"kwargs": {"method": method, "strict": strict}, "schema": schema}
 
 
 def raise_on_unsatisfied(message: AIMessage) -> AIMessage:

@@ -1,0 +1,120 @@
+"""Markdown tables from ``run_gpu_bench.py``'s ``results.json``: ``python -m bench.gpu.report results.json``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+HBM_TBPS = 4.8
+
+
+def _f(x: Any, nd: int = 1) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:,.{nd}f}"
+    return f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def _ratio(a: Any, b: Any) -> str:
+    return f"{a / b:.2f}" if a and b else "–"
+
+
+def render(res: dict[str, Any]) -> str:
+    out: list[str] = []
+    bw = res.get("copy_bandwidth_tbps")
+    out.append(f"Device: {res.get('device')}; device-to-device copy bandwidth measured {bw} TB/s "
+               f"(datasheet {HBM_TBPS}). max_tokens {res.get('max_tokens')}, temperature "
+               f"{res.get('temperature')}.\n")
+    for name, eng in res.get("engines", {}).items():
+        ph = eng.get("phases", {})
+        info = eng.get("info", {})
+        sl = eng.get("server_log", {})
+        w = eng.get("weights", {})
+        out.append(f"### {name} ({eng.get('arch')}, enforce_eager={eng.get('enforce_eager')})\n")
+        if eng.get("start_error") or eng.get("failure"):
+            out.append(f"Failed: {eng.get('start_error') or eng.get('failure')}\n")
+        out.append(
+            f"Engine start {_f(info.get('engine_start_s'))} s (server process to ready "
+            f"{_f(eng.get('ready_wall_s'))} s); weights {sl.get('model_load_gib')} GiB; KV cache "
+            f"{sl.get('kv_cache_tokens')} tokens; graph capture {sl.get('graph_capture_s')} s; "
+            f"cudagraph_mode {info.get('cudagraph_mode')}; async scheduling {info.get('async_scheduling')}; "
+            f"vLLM {info.get('vllm_version')}, torch {info.get('torch_version')}, llguidance "
+            f"{info.get('llguidance_version')}.\n")
+        # single stream vs roofline
+        rows = []
+        for mode in ("unc", "json"):
+            p = ph.get(f"c1_{mode}")
+            if not p or not p.get("tpot_p50_ms"):
+                continue
+            tpot = p["tpot_p50_ms"]
+            tok_s = 1000 / tpot
+            roof_total = HBM_TBPS * 1e12 / w["bytes_total"]
+            roof_read = HBM_TBPS * 1e12 / w["bytes_read_per_step"]
+            eff_bw = w["bytes_read_per_step"] / (tpot / 1000) / 1e12
+            rows.append(f"| {mode} | {tpot:.2f} | {tok_s:.1f} | {roof_total:.1f} | {tok_s / roof_total:.0%} | "
+                        f"{tok_s / roof_read:.0%} | {eff_bw:.2f} | "
+                        f"{(eff_bw / bw) if bw else 0:.0%} | {_f(p.get('ttft_p50_ms'))} |")
+        if rows:
+            out.append("| single stream | ms/step (TPOT p50) | tok/s | roofline tok/s (4.8 TB/s ÷ all weights) "
+                       "| of roofline | of roofline (bytes read/step) | effective TB/s | of measured copy BW "
+                       "| TTFT p50 ms |")
+            out.append("|---|---|---|---|---|---|---|---|---|")
+            out.extend(rows)
+            out.append("")
+        # throughput vs concurrency
+        out.append("| c | unconstrained tok/s | JSON tok/s | JSON/unc | TPOT unc / JSON ms | latency p50/p95 unc s "
+                   "| latency p50/p95 JSON s | TTFT p50/p95 unc ms | TTFT p50/p95 JSON ms | mask ms/step (probe) |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        for c in (1, 8, 64, 256):
+            u, j = ph.get(f"c{c}_unc"), ph.get(f"c{c}_json")
+            if not u and not j:
+                continue
+            u, j = u or {}, j or {}
+            probe = (j.get("probe") or {})
+            out.append(
+                f"| {c} | {_f(u.get('agg_tok_s'))} | {_f(j.get('agg_tok_s'))} | "
+                f"{_ratio(j.get('agg_tok_s'), u.get('agg_tok_s'))} | {_f(u.get('tpot_p50_ms'), 2)} / "
+                f"{_f(j.get('tpot_p50_ms'), 2)} | {_s(u, 'lat_p50_ms')}/{_s(u, 'lat_p95_ms')} | "
+                f"{_s(j, 'lat_p50_ms')}/{_s(j, 'lat_p95_ms')} | {_f(u.get('ttft_p50_ms'), 0)}/"
+                f"{_f(u.get('ttft_p95_ms'), 0)} | {_f(j.get('ttft_p50_ms'), 0)}/{_f(j.get('ttft_p95_ms'), 0)} | "
+                f"{_f(probe.get('bitmask_ms_p50'), 2)} |")
+        out.append("")
+        # everything else, one row per phase
+        out.append("| phase | kind | c | req | tok/s | TPOT p50 ms | lat p50 ms | TTFT p50 ms | finish | "
+                   "satisfied | ws outside strings | compile ms p50/max | mask ms p50 (n) | accept ms | "
+                   "step gap ms |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for pname, p in ph.items():
+            pr = p.get("probe") or {}
+            ws = p.get("ws_outside_strings_total", p.get("flex_ws_outside_strings_total"))
+            out.append(
+                f"| {pname} | {p.get('kind', 'http')}{'/' + p['output_kind'] if p.get('output_kind') else ''}"
+                f"{' ' + p['ctl']['mode'] if p.get('ctl', {}).get('mode', 'vllm') != 'vllm' else ''} | "
+                f"{p.get('c')} | {p.get('requests')} | {_f(p.get('agg_tok_s'))} | {_f(p.get('tpot_p50_ms'), 2)} | "
+                f"{_f(p.get('lat_p50_ms'), 0)} | {_f(p.get('ttft_p50_ms'), 0)} | {p.get('finish')} | "
+                f"{_f(p.get('satisfied'))} | {_f(ws)} | {_f(p.get('compile_ms_p50'), 2)}/"
+                f"{_f(p.get('compile_ms_max'), 2)} | {_f(pr.get('bitmask_ms_p50'), 2)} "
+                f"({_f(pr.get('bitmask_n_mean'))}) | {_f(pr.get('accept_ms_mean'), 2)} | "
+                f"{_f(pr.get('step_interval_ms_p50'), 2)} |{' ' + p['error'] if p.get('error') else ''}")
+        out.append("")
+    if res.get("skipped"):
+        out.append("Skipped for time: " + "; ".join(res["skipped"]) + "\n")
+    return "\n".join(out)
+
+
+def _s(p: dict[str, Any], key: str) -> str:
+    v = p.get(key)
+    return f"{v / 1000:.2f}" if v else "–"
+
+
+def main() -> int:
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "results.json")
+    print(render(json.loads(path.read_text(encoding="utf-8"))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

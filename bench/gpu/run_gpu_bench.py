@@ -1,0 +1,744 @@
+"""GPU benchmark of the service's own code path on one H200 (issue 9). One device call runs all of it.
+
+For each engine setting (32B shape with CUDA graphs, 32B eager, 7B with CUDA graphs) it starts a server
+process that builds ``modal_service.engine.Engine`` + ``modal_service.server.create_app`` and serves it
+with uvicorn on loopback, then drives ``POST /generate_api`` over HTTP from this process. Weights are
+vLLM's ``load_format="dummy"`` (random, real shapes); the tokenizer is the real Qwen2.5 one.
+
+Measured per phase (concurrency c, closed loop): aggregate output tok/s, client p50/p95 latency, TTFT
+(server metadata), ms per decode step (TPOT), finish reasons, the constraint re-check, whitespace outside
+JSON strings, grammar compile time; and, from ``so_probe`` inside EngineCore, the CPU time of the token
+masks per step. Bench-only routes added to the same app run the same requests straight on vLLM's
+``AsyncLLM`` (no HTTP, no wrapper) for the wrapper-overhead ratio.
+
+Device call (after the payload parts; see bench/gpu/README.md)::
+
+    . .gpu/last/env.sh && python3 -m bench.gpu.run_gpu_bench --out $OUT
+
+Locally, ``--fake`` runs the whole HTTP/driver path against a fake engine (no vLLM engine is started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+T_START = time.time()
+
+MAX_TOKENS = 128
+TEMPERATURE = 1.0
+HBM_TBPS = 4.8  # H200 datasheet HBM3e bandwidth
+
+# Cannot close within MAX_TOKENS (each item needs >= 12 tokens), so constrained and unconstrained
+# requests generate the same number of tokens. Strings, integers, booleans and punctuation: the mask
+# work of an ordinary record list.
+LIST_SCHEMA: dict[str, Any] = {
+    "type": "array",
+    "minItems": 64,
+    "items": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "name": {"type": "string", "maxLength": 16},
+            "ok": {"type": "boolean"},
+        },
+        "required": ["id", "name", "ok"],
+        "additionalProperties": False,
+    },
+}
+# Closes by itself: checks that outputs satisfy the schema and are compact.
+CLOSING_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer", "minimum": 0, "maximum": 99999},
+        "name": {"type": "string", "maxLength": 12},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["id", "name", "ok"],
+    "additionalProperties": False,
+}
+
+ARCH = {  # published configs (see ../shared/tools/gpu-dummy-model)
+    "qwen2.5-coder-32b": {"hidden": 5120, "layers": 64, "heads": 40, "kv_heads": 8, "inter": 27648},
+    "qwen2.5-coder-7b": {"hidden": 3584, "layers": 28, "heads": 28, "kv_heads": 4, "inter": 18944},
+}
+VOCAB = 152064
+
+GRAPHS = {"compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
+                                 "max_cudagraph_capture_size": 256}}
+# name, arch, enforce_eager, extra engine args, latest end (s after start), step estimates (ms) by c
+ENGINES: list[dict[str, Any]] = [
+    {"name": "32b-graphs", "arch": "qwen2.5-coder-32b", "enforce_eager": False, "extra": GRAPHS,
+     "end_by": 290, "start_est": 110, "step": {1: 17, 8: 19, 64: 28, 256: 45}},
+    {"name": "32b-eager", "arch": "qwen2.5-coder-32b", "enforce_eager": True, "extra": {},
+     "end_by": 420, "start_est": 80, "step": {1: 40, 8: 42, 64: 50, 256: 70}},
+    {"name": "7b-graphs", "arch": "qwen2.5-coder-7b", "enforce_eager": False, "extra": GRAPHS,
+     "end_by": 548, "start_est": 70, "step": {1: 6, 8: 7, 64: 12, 256: 25}},
+]
+
+
+def _p(name: str, kind: str, c: int, n: int, mode: str, prio: int, **kw: Any) -> dict[str, Any]:  # noqa: PLR0917
+    return {"name": name, "kind": kind, "c": c, "n": n, "mode": mode, "prio": prio, **kw}
+
+
+# Priority 1 first; priority 2 phases run while the engine's window has time left.
+PHASES: dict[str, list[dict[str, Any]]] = {
+    "32b-graphs": [
+        _p("c1_unc", "http", 1, 3, "unc", 1), _p("c1_json", "http", 1, 3, "json", 1),
+        _p("c64_unc", "http", 64, 128, "unc", 1), _p("c64_json", "http", 64, 128, "json", 1),
+        _p("raw_c64_unc", "raw", 64, 128, "unc", 1), _p("raw_c64_json", "raw", 64, 128, "json", 1),
+        _p("c8_unc", "http", 8, 16, "unc", 1), _p("c8_json", "http", 8, 16, "json", 1),
+        _p("c256_unc", "http", 256, 256, "unc", 1), _p("c256_json", "http", 256, 256, "json", 1),
+        _p("c64_json_llexec", "http", 64, 128, "json", 2, ctl={"mode": "llexec"}),
+        _p("c64_json_threads", "http", 64, 128, "json", 2, ctl={"mode": "threads", "batch": 8}),
+        _p("c64_json_flex", "http", 64, 128, "json_flex", 2),
+        _p("c64_json_unique", "http", 64, 128, "json_unique", 2),
+        _p("c64_json_closing", "http", 64, 64, "json_closing", 2),
+        _p("raw_c1_unc", "raw", 1, 2, "unc", 2), _p("raw_c1_json", "raw", 1, 2, "json", 2),
+        _p("c256_json_llexec", "http", 256, 256, "json", 2, ctl={"mode": "llexec"}),
+        _p("raw_c64_json_delta", "raw", 64, 128, "json", 2, output_kind="delta"),
+    ],
+    "32b-eager": [
+        _p("c64_unc", "http", 64, 128, "unc", 1), _p("c64_json", "http", 64, 128, "json", 1),
+        _p("c1_unc", "http", 1, 1, "unc", 1), _p("c1_json", "http", 1, 1, "json", 1),
+        _p("c64_json_llexec", "http", 64, 128, "json", 2, ctl={"mode": "llexec"}),
+    ],
+    "7b-graphs": [
+        _p("c1_unc", "http", 1, 3, "unc", 1), _p("c1_json", "http", 1, 3, "json", 1),
+        _p("c64_unc", "http", 64, 128, "unc", 1), _p("c64_json", "http", 64, 128, "json", 1),
+        _p("c256_unc", "http", 256, 256, "unc", 1), _p("c256_json", "http", 256, 256, "json", 1),
+        _p("c8_unc", "http", 8, 16, "unc", 1), _p("c8_json", "http", 8, 16, "json", 1),
+        _p("c64_json_llexec", "http", 64, 128, "json", 2, ctl={"mode": "llexec"}),
+        _p("raw_c64_unc", "raw", 64, 128, "unc", 2), _p("raw_c64_json", "raw", 64, 128, "json", 2),
+    ],
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T_START:7.1f}s] {msg}", flush=True)
+
+
+def weight_bytes(arch: str) -> dict[str, float]:
+    """bf16 parameter bytes: all weights, and those one decode step reads (one embedding row)."""
+    a = ARCH[arch]
+    h, kv = a["hidden"], a["hidden"] // a["heads"] * a["kv_heads"]
+    per_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * a["inter"] + 2 * h
+    total = 2 * VOCAB * h + a["layers"] * per_layer + h
+    read = total - VOCAB * h + h
+    return {"params": total, "bytes_total": 2 * total, "bytes_read_per_step": 2 * read}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
+def ws_outside_strings(text: str) -> int:
+    """Whitespace characters outside JSON string literals (0 for compact JSON)."""
+    n, in_str, esc = 0, False, False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in " \t\r\n":
+            n += 1
+    return n
+
+
+def constraints_for(mode: str, i: int) -> dict[str, Any] | None:
+    if mode == "unc":
+        return None
+    if mode == "json_closing":
+        return {"json_schema": CLOSING_SCHEMA}
+    schema = LIST_SCHEMA
+    if mode == "json_unique":  # a new schema per request: compiles on the hot path, no cache hit
+        schema = {**LIST_SCHEMA, "title": f"records-{i}-{time.time_ns()}"}
+    c: dict[str, Any] = {"json_schema": schema}
+    if mode == "json_flex":
+        c["whitespace"] = "flexible"
+    return c
+
+
+def prompt_for(i: int) -> str:
+    return f"Request {i}. List the records of the inventory as a JSON array of objects with id, name, ok.\n"
+
+
+# ------------------------------------------------------------------------------------------ server side
+def _stub_client_package() -> None:
+    """``langchain_ananke/__init__`` imports langchain_core, which the device lacks; the service needs only
+    ``langchain_ananke.protocol``, so register the package without running its ``__init__``."""
+    if "langchain_ananke" in sys.modules:
+        return
+    try:
+        import langchain_core  # noqa: F401
+    except ImportError:
+        pkg = types.ModuleType("langchain_ananke")
+        pkg.__path__ = [str(ROOT / "langchain_ananke")]
+        sys.modules["langchain_ananke"] = pkg
+
+
+class _FakeEngine:
+    """Stand-in for local checks of the driver: real app, generator and compiler; fake tokens."""
+
+    @staticmethod
+    def make(config: Any) -> Any:
+        from modal_service.engine import Delta, Engine
+
+        class FakeEngine(Engine):
+            def _build(self) -> None:
+                import llguidance.hf
+                from transformers import PreTrainedTokenizerFast
+
+                from modal_service.constraints import ConstraintCompiler
+
+                tok = PreTrainedTokenizerFast(tokenizer_file=str(Path(self.config.model) / "tokenizer.json"))
+                self.tokenizer = tok
+                self.eos_token_ids = frozenset({151645})
+                ll_tok = llguidance.hf.from_tokenizer(tok, n_vocab=VOCAB)
+                self.compiler = ConstraintCompiler(ll_tok, vocab_size=VOCAB, eos_token_ids=self.eos_token_ids)
+
+            async def stream(self, prompt: str, **kw: Any) -> Any:  # type: ignore[override]
+                self.ready()
+                text = '[{"id":1,"name":"a","ok":true}' if kw.get("constraint") else "x"
+                for i in range(kw["max_tokens"]):
+                    await asyncio.sleep(0.001)
+                    last = i == kw["max_tokens"] - 1
+                    yield Delta(text=text if i == 0 else "1", token_ids=[16], prompt_tokens=5,
+                                finish_reason="length" if last else None)
+
+        return FakeEngine(config)
+
+
+def add_bench_routes(app: Any, engine: Any, fake: bool) -> None:
+    """``/_bench/info`` and ``/_bench/raw``: the same requests straight on AsyncLLM, in this process."""
+    from fastapi import Body
+
+    from langchain_ananke.protocol import Constraints
+
+    @app.get("/_bench/info")
+    async def info() -> dict[str, Any]:
+        out: dict[str, Any] = {"state": engine.state, "error": engine.error,
+                               "engine_start_s": engine.start_seconds, "pid": os.getpid()}
+        for mod in ("vllm", "torch", "llguidance", "fastapi", "uvicorn", "pydantic", "transformers"):
+            with contextlib.suppress(Exception):
+                out[f"{mod}_version"] = __import__(mod).__version__
+        out["python"] = sys.version.split()[0]
+        llm = getattr(engine, "_llm", None)
+        if llm is not None:
+            vc = llm.vllm_config
+            getters = {
+                "async_scheduling": lambda: vc.scheduler_config.async_scheduling,
+                "cudagraph_mode": lambda: str(vc.compilation_config.cudagraph_mode),
+                "compilation_mode": lambda: str(vc.compilation_config.mode),
+                "cudagraph_capture_sizes": lambda: list(vc.compilation_config.cudagraph_capture_sizes or []),
+                "structured_outputs_config": lambda: str(vc.structured_outputs_config),
+                "max_num_seqs": lambda: vc.scheduler_config.max_num_seqs,
+                "vocab_size": llm.model_config.get_vocab_size,
+                "tokenizer_len": lambda: len(engine.tokenizer),
+                "enable_prefix_caching": lambda: vc.cache_config.enable_prefix_caching,
+            }
+            for key, get in getters.items():
+                with contextlib.suppress(Exception):
+                    out[key] = get()
+        return out
+
+    @app.post("/_bench/raw")
+    async def raw(body: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
+        c, n, mode = int(body["c"]), int(body["n"]), body["mode"]
+        max_tokens = int(body.get("max_tokens", MAX_TOKENS))
+        delta = body.get("output_kind") == "delta"
+        so = None
+        cons = constraints_for(mode, 0)
+        if cons is not None:
+            so = engine.compiler.compile(Constraints(**cons))[0].structured_outputs
+        records: list[dict[str, Any]] = []
+        counter = iter(range(n))
+        t_begin = time.perf_counter()
+
+        async def one(i: int) -> None:
+            started = time.perf_counter()
+            first: float | None = None
+            tokens, finish = 0, None
+            if fake:
+                for _ in range(max_tokens):
+                    await asyncio.sleep(0.001)
+                tokens, finish = max_tokens, "length"
+            else:
+                from vllm import SamplingParams
+                from vllm.sampling_params import RequestOutputKind
+
+                params = SamplingParams(
+                    max_tokens=max_tokens, temperature=TEMPERATURE, top_p=1.0, structured_outputs=so,
+                    output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY)
+                async for out in engine._llm.generate(prompt_for(i), params, f"raw-{time.time_ns()}-{i}"):
+                    got = len(out.outputs[0].token_ids)
+                    if got and first is None:
+                        first = time.perf_counter()
+                    tokens = tokens + got if delta else got
+                    if out.finished:
+                        finish = out.outputs[0].finish_reason
+            done = time.perf_counter()
+            records.append({"latency_ms": (done - started) * 1000, "tokens": tokens, "finish": finish,
+                            "ttft_ms": (first - started) * 1000 if (first and delta) else None,
+                            "gen_ms": (done - started) * 1000, "t_end": done - t_begin})
+
+        async def worker() -> None:
+            for i in counter:
+                await one(i)
+
+        await asyncio.gather(*(worker() for _ in range(c)))
+        return {"records": records, "wall_s": time.perf_counter() - t_begin}
+
+
+def serve(spec: dict[str, Any]) -> None:
+    _stub_client_package()
+    import uvicorn
+
+    from modal_service.engine import Engine, EngineConfig
+    from modal_service.generation import Limits
+    from modal_service.server import create_app
+
+    config = EngineConfig(
+        model=spec["model"],
+        max_model_len=4096,
+        gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.9),
+        enforce_eager=spec["enforce_eager"],
+        max_num_seqs=256,
+        load_format="dummy",
+        extra=spec.get("extra", {}),
+    )
+    engine = _FakeEngine.make(config) if spec.get("fake") else Engine(config)
+    app = create_app(engine, limits=Limits(max_tokens=2048, max_inflight=1024))
+    add_bench_routes(app, engine, bool(spec.get("fake")))
+    uvicorn.run(app, host="127.0.0.1", port=spec["port"], log_level="warning", access_log=False)
+
+
+# ------------------------------------------------------------------------------------------ client side
+def summarize(records: list[dict[str, Any]], wall_s: float, c: int) -> dict[str, Any]:
+    ok = [r for r in records if r.get("tokens")]
+    toks = [r["tokens"] for r in ok]
+    lat = [r["latency_ms"] for r in ok]
+    ttft = [r["ttft_ms"] for r in ok if r.get("ttft_ms")]
+    tpot = [(r["gen_ms"] - r["ttft_ms"]) / (r["tokens"] - 1) for r in ok
+            if r.get("ttft_ms") and r["tokens"] > 1]
+    ms_tok = [r["gen_ms"] / r["tokens"] for r in ok]
+    finishes: dict[str, int] = {}
+    for r in records:
+        finishes[str(r.get("finish"))] = finishes.get(str(r.get("finish")), 0) + 1
+    out: dict[str, Any] = {
+        "c": c, "requests": len(records), "ok": len(ok),
+        "errors": sum(1 for r in records if r.get("error")),
+        "tokens": sum(toks), "mean_tokens": sum(toks) / len(toks) if toks else 0,
+        "wall_s": round(wall_s, 3), "agg_tok_s": round(sum(toks) / wall_s, 1) if wall_s > 0 else 0,
+        "lat_p50_ms": percentile(lat, 50), "lat_p95_ms": percentile(lat, 95),
+        "ttft_p50_ms": percentile(ttft, 50), "ttft_p95_ms": percentile(ttft, 95),
+        "tpot_p50_ms": percentile(tpot, 50), "tpot_p95_ms": percentile(tpot, 95),
+        "ms_per_token_p50": percentile(ms_tok, 50), "finish": finishes,
+    }
+    # steady state: tokens finished in the middle 80 % of the wall time (drops the ramp and the tail)
+    ends = sorted((r["t_end"], r["tokens"]) for r in ok if "t_end" in r)
+    if len(ends) >= 4 and c > 1:
+        lo, hi = 0.1 * wall_s, 0.9 * wall_s
+        mid = [t for te, t in ends if lo <= te <= hi]
+        out["steady_tok_s"] = round(sum(mid) / (hi - lo), 1) if mid else None
+    sat = [r["satisfied"] for r in records if r.get("satisfied") is not None]
+    if sat:
+        out["satisfied"] = sum(1 for s in sat if s)
+    ws = [r["ws"] for r in records if r.get("ws") is not None]
+    if ws:
+        out["ws_outside_strings_total"] = sum(ws)
+        out["requests_with_ws"] = sum(1 for w in ws if w)
+    ws_flex = [r["ws_flex"] for r in records if r.get("ws_flex") is not None]
+    if ws_flex:
+        out["flex_ws_outside_strings_total"] = sum(ws_flex)
+    comp = [r["compile_ms"] for r in records if r.get("compile_ms") is not None]
+    if comp:
+        out["compile_ms_p50"] = percentile(comp, 50)
+        out["compile_ms_max"] = max(comp)
+        out["cache_hits"] = sum(1 for r in records if r.get("cache_hit"))
+    errs = [r["error"] for r in records if r.get("error")]
+    if errs:
+        out["first_error"] = errs[0][:300]
+    sample = next((r["text"] for r in ok if r.get("text")), None)
+    if sample:
+        out["sample"] = sample[:160]
+    return out
+
+
+async def http_phase(  # noqa: PLR0917
+    port: int, c: int, n: int, mode: str, timeout_s: float, max_tokens: int = MAX_TOKENS
+) -> tuple[list[dict], float]:
+    import aiohttp
+
+    records: list[dict[str, Any]] = []
+    counter = iter(range(n))
+    url = f"http://127.0.0.1:{port}/generate_api"
+    conn = aiohttp.TCPConnector(limit=0, force_close=False)
+    t_begin = time.perf_counter()
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as sess:
+
+        async def worker() -> None:
+            for i in counter:
+                body: dict[str, Any] = {"prompt": prompt_for(i), "max_tokens": max_tokens,
+                                        "temperature": TEMPERATURE}
+                cons = constraints_for(mode, i)
+                if cons is not None:
+                    body["constraints"] = cons
+                started = time.perf_counter()
+                rec: dict[str, Any] = {}
+                try:
+                    async with sess.post(url, json=body) as resp:
+                        data = await resp.json(content_type=None)
+                        if resp.status != 200:
+                            rec["error"] = f"{resp.status} {json.dumps(data)[:300]}"
+                except Exception as exc:
+                    rec["error"] = f"{type(exc).__name__}: {exc}"
+                    data = {}
+                done = time.perf_counter()
+                rec["latency_ms"] = (done - started) * 1000
+                rec["t_end"] = done - t_begin
+                if "error" not in rec:
+                    md = data.get("metadata", {})
+                    text = data.get("generated_text", "")
+                    rec.update(tokens=data.get("tokens_generated", 0), gen_ms=data.get("generation_time_ms"),
+                               ttft_ms=md.get("time_to_first_token_ms"), finish=data.get("finish_reason"),
+                               satisfied=data.get("constraint_satisfied"),
+                               compile_ms=md.get("compile_time_ms"), cache_hit=md.get("cache_hit"),
+                               text=text)
+                    if cons is not None and mode != "json_flex":
+                        rec["ws"] = ws_outside_strings(text)
+                    elif mode == "json_flex":
+                        rec["ws_flex"] = ws_outside_strings(text)
+                records.append(rec)
+
+        await asyncio.gather(*(worker() for _ in range(c)))
+    return records, time.perf_counter() - t_begin
+
+
+async def raw_phase(  # noqa: PLR0917
+    port: int, c: int, n: int, mode: str, output_kind: str, timeout_s: float
+) -> tuple[list[dict], float]:
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as sess, sess.post(
+        f"http://127.0.0.1:{port}/_bench/raw",
+        json={"c": c, "n": n, "mode": mode, "max_tokens": MAX_TOKENS, "output_kind": output_kind},
+    ) as resp:
+        data = await resp.json(content_type=None)
+        if resp.status != 200:
+            raise RuntimeError(f"raw phase: {resp.status} {json.dumps(data)[:400]}")
+    return data["records"], data["wall_s"]
+
+
+def probe_summary(probe_dir: Path, t0: float, t1: float, c: int) -> dict[str, Any] | None:
+    bm, st = [], []
+    for f in probe_dir.glob("probe-*.jsonl"):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if r["k"] == "bm" and t0 <= r["t0"] <= t1:
+                bm.append(r)
+            elif r["k"] == "st" and t0 <= r["t1"] <= t1:
+                st.append(r)
+    if not bm and not st:
+        return None
+    out: dict[str, Any] = {"bitmask_calls": len(bm), "steps": len(st)}
+    if bm:
+        full = [r for r in bm if r["n"] >= max(1, int(0.75 * c))] or bm
+        out["bitmask_ms_p50"] = round(percentile([(r["t1"] - r["t0"]) * 1000 for r in full], 50) or 0, 3)
+        out["bitmask_ms_mean"] = round(sum((r["t1"] - r["t0"]) * 1000 for r in full) / len(full), 3)
+        out["bitmask_n_mean"] = round(sum(r["n"] for r in full) / len(full), 1)
+        out["accept_ms_mean"] = round(sum(r["acc_ms"] for r in full) / len(full), 3)
+        out["bitmask_modes"] = sorted({r["mode"] for r in bm})
+    if len(st) > 2:
+        ts = sorted(r["t1"] for r in st)
+        gaps = [(b - a) * 1000 for a, b in itertools.pairwise(ts)]
+        out["step_interval_ms_p50"] = round(percentile(gaps, 50) or 0, 3)
+    return out
+
+
+def parse_server_log(path: Path) -> dict[str, Any]:
+    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+    pats = {
+        "model_load_gib": r"Model loading took ([\d.]+) GiB",
+        "model_load_s": r"Model loading took [\d.]+ GiB (?:memory )?and ([\d.]+) s",
+        "kv_cache_tokens": r"GPU KV cache size: ([\d,]+) tokens",
+        "max_concurrency": r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x",
+        "graph_capture_s": r"Graph capturing finished in ([\d.]+) sec",
+        "init_engine_s": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s",
+        "attention_backend": r"Using (\w+) attention backend",
+        "mp_method": r"(?:multiproc|multiprocessing).*?method[^\w]*(fork|spawn)",
+    }
+    out: dict[str, Any] = {}
+    for key, pat in pats.items():
+        m = re.search(pat, text)
+        if m:
+            out[key] = m.group(1)
+    out["errors"] = [ln[:300] for ln in text.splitlines() if "Error" in ln or "Traceback" in ln][:8]
+    return out
+
+
+class Bench:
+    def __init__(self, out_dir: Path, deadline: float, fake: bool, only: list[str] | None) -> None:
+        self.out = out_dir
+        self.deadline = deadline
+        self.fake = fake
+        self.only = only
+        self.results: dict[str, Any] = {"started_unix": T_START, "max_tokens": MAX_TOKENS,
+                                        "temperature": TEMPERATURE, "list_schema": LIST_SCHEMA,
+                                        "closing_schema": CLOSING_SCHEMA, "engines": {}, "skipped": []}
+
+    def elapsed(self) -> float:
+        return time.time() - T_START
+
+    def save(self) -> None:
+        tmp = self.out / "results.json.tmp"
+        tmp.write_text(json.dumps(self.results, indent=1, default=str), encoding="utf-8")
+        tmp.replace(self.out / "results.json")
+
+    def device_info(self) -> None:
+        if self.fake:
+            return
+        with contextlib.suppress(Exception):
+            self.results["nvidia_smi"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,"
+                 "power.limit", "--format=csv"], check=False, capture_output=True, text=True,
+                timeout=20).stdout
+        code = (
+            "import torch,time\n"
+            "x=torch.empty(4<<30,dtype=torch.uint8,device='cuda');y=torch.empty_like(x)\n"
+            "for _ in range(3): y.copy_(x)\n"
+            "torch.cuda.synchronize();t=time.perf_counter()\n"
+            "for _ in range(20): y.copy_(x)\n"
+            "torch.cuda.synchronize();dt=time.perf_counter()-t\n"
+            "print(2*20*x.numel()/dt/1e12, torch.cuda.get_device_name(), torch.__version__,"
+            " torch.version.cuda)\n"
+        )
+        try:
+            res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                                 timeout=90)
+            bw, *rest = res.stdout.split()
+            self.results["copy_bandwidth_tbps"] = round(float(bw), 3)
+            self.results["device"] = " ".join(rest[:-2])
+            self.results["torch_device"] = {"torch": rest[-2], "cuda": rest[-1]}
+            log(f"device copy bandwidth {float(bw):.2f} TB/s on {self.results['device']}")
+        except Exception as exc:
+            self.results["copy_bandwidth_error"] = f"{exc}"
+
+    def est(self, eng: dict[str, Any], ph: dict[str, Any]) -> float:
+        c = ph["c"]
+        step = eng["step"][c] + (0.45 * c if c <= 128 else 0.06 * c) * (ph["mode"] != "unc")
+        return math.ceil(ph["n"] / c) * MAX_TOKENS * step / 1000 * 1.2 + 2
+
+    def run_engine(self, eng: dict[str, Any]) -> None:
+        name = eng["name"]
+        end_by = min(eng["end_by"], self.deadline)
+        if self.elapsed() + eng["start_est"] + 20 > end_by:
+            self.results["skipped"].append(f"engine {name}: not enough time ({self.elapsed():.0f}s)")
+            log(f"skip engine {name}")
+            return
+        model = (Path(os.environ.get("GPU_PL", ROOT / ".gpu/models")) / f"{eng['arch']}-dummy").as_posix()
+        port = 18000 + len(self.results["engines"])
+        probe_dir = Path(tempfile.mkdtemp(prefix=f"probe-{name}-"))
+        plugin_dir = probe_dir / "plugin"
+        dist = plugin_dir / "ananke_bench_probe-0.1.dist-info"
+        dist.mkdir(parents=True)
+        (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ananke-bench-probe\nVersion: 0.1\n")
+        (dist / "entry_points.txt").write_text(
+            "[vllm.general_plugins]\nananke_bench_probe = bench.gpu.so_probe:register\n")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT), str(plugin_dir), *filter(None, [env.get("PYTHONPATH")])])
+        env["ANANKE_BENCH_PROBE_DIR"] = str(probe_dir)
+        spec = {"model": model, "enforce_eager": eng["enforce_eager"], "extra": eng["extra"],
+                "port": port, "fake": self.fake}
+        log_path = self.out / f"server-{name}.log"
+        res: dict[str, Any] = {"arch": eng["arch"], "enforce_eager": eng["enforce_eager"],
+                               "extra": eng["extra"], "weights": weight_bytes(eng["arch"]), "phases": {}}
+        self.results["engines"][name] = res
+        t_launch = time.time()
+        with open(log_path, "w", encoding="utf-8") as logf:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.gpu.run_gpu_bench", "serve", json.dumps(spec)],
+                cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                self._drive(eng, res, proc, port, t_launch, end_by, probe_dir)
+            finally:
+                self._stop(proc, res)
+                res["server_log"] = parse_server_log(log_path)
+                self.save()
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes], port: int, limit: float) -> dict[str, Any]:
+        import urllib.request
+
+        while time.time() < limit:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            with contextlib.suppress(Exception), urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+            info: dict[str, Any] = {}
+            with contextlib.suppress(Exception), urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/_bench/info", timeout=2) as r:
+                info = json.loads(r.read())
+            if info.get("state") == "error":
+                raise RuntimeError(f"engine failed: {info.get('error')}")
+            time.sleep(0.5)
+        else:
+            raise TimeoutError("engine did not become ready in time")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/_bench/info", timeout=5) as r:
+            return dict(json.loads(r.read()))
+
+    def _drive(  # noqa: PLR0917
+        self, eng: dict[str, Any], res: dict[str, Any], proc: subprocess.Popen[bytes], port: int,
+        t_launch: float, end_by: float, probe_dir: Path,
+    ) -> None:
+        name = eng["name"]
+        try:
+            info = self._wait_ready(proc, port, T_START + end_by - 15)
+        except Exception as exc:
+            res["start_error"] = f"{type(exc).__name__}: {exc}"
+            log(f"engine {name} failed to start: {exc}")
+            return
+        res["info"] = info
+        res["ready_wall_s"] = round(time.time() - t_launch, 2)
+        log(f"engine {name} ready: engine {info.get('engine_start_s')}s, process {res['ready_wall_s']}s")
+        self.save()
+        # warm-up; the very first constrained request initialises the llguidance backend in EngineCore
+        for wname, mode, c, n in (("cold_first_json", "json", 1, 1), ("warmup_unc", "unc", 8, 8),
+                                  ("warmup_json", "json", 8, 8)):
+            recs, wall = asyncio.run(http_phase(port, c, n, mode, 120, max_tokens=32))
+            res["phases"][wname] = summarize(recs, wall, c)
+        log(f"{name} warm-up done; first JSON request "
+            f"{res['phases']['cold_first_json'].get('lat_p50_ms')} ms")
+        phases = PHASES[name]
+        if name == "32b-eager" and "info" not in self.results["engines"].get("32b-graphs", {"info": 1}):
+            phases = PHASES["32b-graphs"]  # graphs did not start: the eager engine gets the full matrix
+            res["fallback"] = "32b-graphs failed to start; full phase list on eager"
+        for prio in (1, 2):
+            for ph in phases:
+                if ph["prio"] != prio or (self.only and ph["name"] not in self.only):
+                    continue
+                est = self.est(eng, ph)
+                if self.elapsed() + est + 12 > end_by:
+                    self.results["skipped"].append(f"{name}/{ph['name']} (est {est:.0f}s)")
+                    continue
+                self._phase(res, ph, port, est, probe_dir)
+        time.sleep(0.6)  # let the probe flush its last records
+        for summary in res["phases"].values():
+            win = summary.pop("_window", None)
+            if win:
+                summary["probe"] = probe_summary(probe_dir, win[0], win[1], summary["c"])
+
+    def _phase(self, res: dict[str, Any], ph: dict[str, Any], port: int, est: float, probe_dir: Path) -> None:
+        ctl = ph.get("ctl", {"mode": "vllm"})
+        (probe_dir / "ctl.json").write_text(json.dumps(ctl))
+        time.sleep(0.05)
+        t0 = time.time()
+        try:
+            if ph["kind"] == "raw":
+                recs, wall = asyncio.run(raw_phase(port, ph["c"], ph["n"], ph["mode"],
+                                                   ph.get("output_kind", "final"), max(60, 4 * est)))
+            else:
+                recs, wall = asyncio.run(http_phase(port, ph["c"], ph["n"], ph["mode"], max(60, 4 * est)))
+            summary = summarize(recs, wall, ph["c"])
+        except Exception as exc:
+            summary = {"c": ph["c"], "error": f"{type(exc).__name__}: {exc}"}
+        summary.update(kind=ph["kind"], mode=ph["mode"], ctl=ctl, est_s=round(est, 1),
+                       _window=(t0, time.time()))
+        if ph.get("output_kind"):
+            summary["output_kind"] = ph["output_kind"]
+        res["phases"][ph["name"]] = summary
+        (probe_dir / "ctl.json").write_text(json.dumps({"mode": "vllm"}))
+        log(f"  {ph['name']:<22} c={ph['c']:<3} {summary.get('agg_tok_s')} tok/s  tpot p50 "
+            f"{summary.get('tpot_p50_ms')} ms  lat p50 {summary.get('lat_p50_ms')} ms  "
+            f"finish {summary.get('finish')}  {summary.get('error', '')}")
+        self.save()
+
+    def _stop(self, proc: subprocess.Popen[bytes], res: dict[str, Any]) -> None:
+        t0 = time.time()
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=25)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the EngineCore child, if it outlived the server
+        res["shutdown_s"] = round(time.time() - t0, 1)
+        if not self.fake:  # wait until the GPU memory is back before the next engine
+            for _ in range(40):
+                with contextlib.suppress(Exception):
+                    used = subprocess.run(
+                        ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                        check=False, capture_output=True, text=True, timeout=10).stdout
+                    if int(used.split()[0]) < 4000:
+                        break
+                time.sleep(0.5)
+
+    def run(self, engines: list[str] | None) -> None:
+        self.device_info()
+        self.save()
+        for eng in ENGINES:
+            if engines and eng["name"] not in engines:
+                continue
+            try:
+                self.run_engine(eng)
+            except Exception as exc:
+                log(f"engine {eng['name']} failed: {type(exc).__name__}: {exc}")
+                failure = f"{type(exc).__name__}: {exc}"
+                self.results["engines"].setdefault(eng["name"], {})["failure"] = failure
+        self.results["total_wall_s"] = round(self.elapsed(), 1)
+        self.save()
+        log(f"done in {self.elapsed():.0f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "serve":
+        serve(json.loads(argv[1]))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-gpu-out"))
+    ap.add_argument("--deadline-s", type=float, default=548.0, help="stop starting work after this")
+    ap.add_argument("--engines", nargs="*", help="subset of: " + ", ".join(e["name"] for e in ENGINES))
+    ap.add_argument("--only", nargs="*", help="only these phase names (plus warm-up)")
+    ap.add_argument("--fake", action="store_true", help="fake engine, for checking the driver locally")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    Bench(out, args.deadline_s, args.fake, args.only).run(args.engines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

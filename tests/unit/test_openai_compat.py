@@ -1,0 +1,272 @@
+"""OpenAI bodies -> protocol requests (``modal_service.openai_compat``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from langchain_ananke.protocol import GenerateRequest
+from modal_service.generation import ApiError
+from modal_service.openai_compat import chat_to_request, completion_to_request
+
+USER = {"role": "user", "content": "hi"}
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+OTHER_TOOL = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+}
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"model": "tiny", "messages": [USER]} | fields
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def test_plain_chat() -> None:
+    request = chat_to_request(chat())
+    assert isinstance(request, GenerateRequest)
+    assert request.prompt is None
+    assert request.messages is not None
+    assert [m.model_dump(exclude_none=True) for m in request.messages] == [USER]
+    assert request.constraints is None
+    assert request.tools is None
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ({"role": "developer", "content": "Be brief."}, {"role": "system", "content": "Be brief."}),
+        ({"role": "system", "content": "Be brief."}, {"role": "system", "content": "Be brief."}),
+        (
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}],
+            },
+            {"role": "user", "content": "Hello, world"},
+        ),
+        (
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "a"}],
+            },
+            {"role": "user", "content": "a"},
+        ),
+        ({"role": "assistant", "content": None}, {"role": "assistant", "content": ""}),
+        (
+            {"role": "tool", "content": "18C", "tool_call_id": "call_1"},
+            {"role": "tool", "content": "18C", "tool_call_id": "call_1"},
+        ),
+    ],
+    ids=["developer", "system", "text-parts", "skips-non-text", "null-content", "tool-result"],
+)
+def test_message_conversion(message: dict[str, Any], expected: dict[str, Any]) -> None:
+    request = chat_to_request(chat(messages=[message, USER]))
+    assert request.messages is not None
+    assert request.messages[0].model_dump(exclude_none=True) == expected
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        ('{"city": "Paris"}', {"city": "Paris"}),
+        ("", {}),
+        (None, {}),
+        ('{"n": [1, {"x": null}]}', {"n": [1, {"x": None}]}),
+    ],
+)
+def test_assistant_tool_calls_with_json_string_arguments(
+    arguments: str | None, expected: dict[str, Any]
+) -> None:
+    assistant = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+        ],
+    }
+    tool = {"role": "tool", "content": "18C", "tool_call_id": "call_1"}
+    request = chat_to_request(chat(messages=[USER, assistant, tool]))
+    assert request.messages is not None
+    calls = request.messages[1].tool_calls
+    assert calls is not None
+    assert [(c.id, c.name, c.arguments) for c in calls] == [("call_1", "get_weather", expected)]
+    assert request.messages[2].tool_call_id == "call_1"
+
+
+def test_malformed_tool_call_arguments_are_a_422() -> None:
+    assistant = {
+        "role": "assistant",
+        "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{city"}}
+        ],
+    }
+    with pytest.raises(ApiError) as info:
+        chat_to_request(chat(messages=[USER, assistant]))
+    assert info.value.status == 422
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ({"model": "tiny"}, "messages must be a non-empty list"),
+        (chat(messages=[]), "messages must be a non-empty list"),
+        (chat(messages="hi"), "messages must be a non-empty list"),
+        (
+            chat(messages=[{"role": "user", "content": 42}]),
+            "message content must be a string or a list of parts",
+        ),
+        (chat(messages=[{"role": "function", "content": "x"}]), "messages.0.role"),
+        (chat(n=2), "only n=1 is supported"),
+        (chat(temperature=3.0), "temperature"),
+        (chat(max_tokens=0), "max_tokens"),
+        (chat(response_format={"type": "xml"}), "unsupported response_format type: xml"),
+        (
+            chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+            "response_format.json_schema.schema must be an object",
+        ),
+        (
+            chat(response_format={"type": "json_schema"}),
+            "response_format.json_schema.schema must be an object",
+        ),
+        (chat(tools=[TOOL], tool_choice={"type": "allowed_tools"}), "unsupported tool_choice"),
+        (
+            chat(tools=[TOOL], tool_choice="get_time"),
+            "tool_choice must be auto, required, none or a tool name",
+        ),
+        (chat(tools=[TOOL], response_format={"type": "json_object"}), "either 'tools' or 'constraints'"),
+    ],
+)
+def test_chat_errors_are_422(body: dict[str, Any], match: str) -> None:
+    with pytest.raises(ApiError, match=match) as info:
+        chat_to_request(body)
+    assert (info.value.status, info.value.code) == (422, "invalid_request")
+
+
+# ----------------------------------------------------------------------------- response_format
+
+
+@pytest.mark.parametrize(
+    ("response_format", "expected"),
+    [
+        (None, None),
+        ({"type": "text"}, None),
+        ({"type": "json_object"}, {"json_object": True}),
+        (
+            {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}},
+            {"json_schema": SCHEMA},
+        ),
+    ],
+)
+def test_response_format(response_format: dict[str, Any] | None, expected: dict[str, Any] | None) -> None:
+    for convert, body in ((chat_to_request, chat()), (completion_to_request, {"prompt": "x"})):
+        request = convert(body | {"response_format": response_format})
+        got = request.constraints.model_dump(exclude_defaults=True) if request.constraints else None
+        assert got == expected
+
+
+# ----------------------------------------------------------------------------- tools
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "expected"),
+    [
+        (None, "auto"),
+        ("auto", "auto"),
+        ("required", "required"),
+        ("none", "none"),
+        ({"type": "function", "function": {"name": "get_time"}}, "get_time"),
+    ],
+)
+def test_tool_choice(tool_choice: Any, expected: str) -> None:
+    body = chat(tools=[TOOL, OTHER_TOOL])
+    if tool_choice is not None:
+        body["tool_choice"] = tool_choice
+    request = chat_to_request(body)
+    assert request.tool_choice == expected
+    assert request.tools is not None
+    assert [t.function.name for t in request.tools] == ["get_weather", "get_time"]
+    assert request.tools[0].function.parameters == TOOL["function"]["parameters"]
+
+
+@pytest.mark.parametrize(("parallel", "expected"), [(None, True), (True, True), (False, False)])
+def test_parallel_tool_calls(parallel: bool | None, expected: bool) -> None:
+    body = chat(tools=[TOOL])
+    if parallel is not None:
+        body["parallel_tool_calls"] = parallel
+    assert chat_to_request(body).parallel_tool_calls is expected
+
+
+def test_tool_with_strict_flag_is_accepted() -> None:
+    strict_tool = {"type": "function", "function": TOOL["function"] | {"strict": True}}
+    request = chat_to_request(chat(tools=[strict_tool]))
+    assert request.tools is not None
+    assert request.tools[0].function.name == "get_weather"
+
+
+def test_tool_choice_without_tools_is_ignored() -> None:
+    assert chat_to_request(chat(tool_choice="required")).tool_choice == "auto"
+
+
+# ----------------------------------------------------------------------------- sampling fields
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, {"max_tokens": 256, "temperature": 0.7, "top_p": 1.0, "seed": None, "stop": None}),
+        ({"max_tokens": 10}, {"max_tokens": 10}),
+        ({"max_completion_tokens": 20}, {"max_tokens": 20}),
+        ({"max_tokens": 10, "max_completion_tokens": 20}, {"max_tokens": 20}),
+        ({"max_tokens": 10, "max_completion_tokens": None}, {"max_tokens": 10}),
+        ({"temperature": 0.0, "top_p": 0.5, "seed": 7}, {"temperature": 0.0, "top_p": 0.5, "seed": 7}),
+        ({"temperature": None}, {"temperature": 0.7}),
+        ({"stop": "\n"}, {"stop": ["\n"]}),
+        ({"stop": ["a", "b"]}, {"stop": ["a", "b"]}),
+        ({"n": 1, "user": "u-1", "logprobs": None}, {"max_tokens": 256}),
+    ],
+)
+def test_sampling_fields(fields: dict[str, Any], expected: dict[str, Any]) -> None:
+    for convert, body in ((chat_to_request, chat()), (completion_to_request, {"prompt": "x"})):
+        request = convert(body | fields)
+        assert {k: getattr(request, k) for k in expected} == expected
+
+
+def test_stream_flag_is_not_forwarded() -> None:
+    assert chat_to_request(chat(stream=True)).stream is False
+
+
+# ----------------------------------------------------------------------------- completions
+
+
+@pytest.mark.parametrize("prompt", ["Once upon", ["a", "b"]])
+def test_completion_prompt(prompt: str | list[str]) -> None:
+    request = completion_to_request({"model": "tiny", "prompt": prompt})
+    assert request.prompt == prompt
+    assert request.messages is None
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ({"model": "tiny"}, "exactly one of 'prompt' or 'messages'"),
+        ({"prompt": []}, "prompt list is empty"),
+        ({"prompt": "x", "n": 3}, "only n=1 is supported"),
+        ({"prompt": "x", "response_format": {"type": "yaml"}}, "unsupported response_format type"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+    ],
+)
+def test_completion_errors_are_422(body: dict[str, Any], match: str) -> None:
+    with pytest.raises(ApiError, match=match) as info:
+        completion_to_request(body)
+    assert (info.value.status, info.value.code) == (422, "invalid_request")
