@@ -71,6 +71,15 @@ class Constraints(_Strict):
     """Allowed and/or forbidden token ids."""
     whitespace: Literal["compact", "flexible"] = "compact"
     """JSON whitespace: ``compact`` (default, no runaway whitespace) or ``flexible``."""
+    strict: bool = False
+    """Reject JSON Schema keywords the grammar cannot enforce exactly (422), instead of compiling
+    without them and verifying the full schema afterwards (the default)."""
+    max_attempts: int = Field(default=3, ge=1, le=8)
+    """JSON output that fails the full-schema check is resampled with new seeds up to this many
+    attempts in all (non-streaming requests)."""
+    length_caps: bool = True
+    """Bound strings, arrays and integers the schema leaves unbounded, from the request's
+    ``max_tokens``, so one field cannot eat the whole budget. Only narrows the schema."""
 
     @field_validator("regex_patterns", "choice")
     @classmethod
@@ -82,6 +91,8 @@ class Constraints(_Strict):
     @model_validator(mode="after")
     def _exactly_one(self) -> Constraints:
         given = self.kinds()
+        if (self.strict or not self.length_caps) and not {"json_schema", "json_object"} & set(given):
+            raise ValueError("strict and length_caps apply to json_schema / json_object constraints only")
         if len(given) > 1:
             raise ValueError(f"exactly one constraint per request, got {len(given)}: {', '.join(given)}")
         if not given:

@@ -31,6 +31,7 @@ from llguidance.gbnf_to_lark import any_to_lark, is_lark_syntax
 from vllm.sampling_params import StructuredOutputsParams
 
 from langchain_ananke.protocol import Constraints
+from modal_service.schema_tools import apply_length_caps, finite_instance_error
 
 
 class ConstraintError(ValueError):
@@ -55,6 +56,11 @@ class CompiledConstraint:
     allowed_token_ids: frozenset[int] | None = None
     compile_ms: float = 0.0
     warnings: tuple[str, ...] = ()
+    approximate: bool = False
+    """Compiled without keywords llguidance cannot enforce; only the full-schema check decides."""
+    approximation: str | None = None
+    """What the exact compile rejected (llguidance's message)."""
+    caps_applied: int = 0
 
 
 @dataclass
@@ -108,8 +114,10 @@ class ConstraintCompiler:
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------------------- compile
-    def compile(self, constraints: Constraints) -> tuple[CompiledConstraint, bool]:
+    def compile(self, constraints: Constraints, max_tokens: int = 256) -> tuple[CompiledConstraint, bool]:
         """Validate and compile; returns the result and whether it came from the cache.
+
+        ``max_tokens`` sets the length caps for JSON (see :func:`length_caps_for`).
 
         Raises:
             ConstraintError: the constraint is malformed, too large, or not supported by llguidance.
@@ -122,7 +130,8 @@ class ConstraintCompiler:
                 f"constraint is {size} bytes; the limit is {self.limits.max_constraint_bytes}",
                 {"size": size, "limit": self.limits.max_constraint_bytes},
             )
-        return self._cached(_digest(kind, payload), lambda: self._build(constraints))
+        caps = length_caps_for(max_tokens) if constraints.length_caps else None
+        return self._cached(_digest(kind, [payload, caps]), lambda: self._build(constraints, caps))
 
     def compile_lark(self, lark: str, kind: str = "grammar") -> tuple[CompiledConstraint, bool]:
         """Compile a server-built Lark grammar (e.g. the tool-call grammar)."""
@@ -153,23 +162,11 @@ class ConstraintCompiler:
         assert isinstance(hit, CompiledConstraint)  # noqa: S101 - internal invariant
         return hit, cache_hit
 
-    def _build(self, c: Constraints) -> CompiledConstraint:
+    def _build(self, c: Constraints, caps: tuple[int, int] | None) -> CompiledConstraint:
         kind = c.kind
-        flexible = c.whitespace == "flexible"
         if c.json_schema is not None or c.json_object:
             schema: dict[str, Any] = c.json_schema if c.json_schema is not None else {"type": "object"}
-            _check_schema(schema)
-            # x-guidance in the schema overrides vLLM's engine-wide whitespace default, so the
-            # per-request choice holds whatever the engine was started with. A copy: never mutate.
-            engine_schema = {
-                **schema,
-                "x-guidance": {**dict(schema.get("x-guidance") or {}), "whitespace_flexible": flexible},
-            }
-            try:
-                ll = llguidance.LLMatcher.grammar_from_json_schema(engine_schema)
-            except ValueError as exc:
-                raise ConstraintError(f"invalid JSON Schema: {exc}") from exc
-            return self._finish(kind, StructuredOutputsParams(json=engine_schema), ll, json_schema=schema)
+            return self._build_json(kind, schema, c, caps)
         if c.regex is not None or c.regex_patterns is not None:
             patterns = (c.regex,) if c.regex is not None else tuple(c.regex_patterns or ())
             joined = patterns[0] if len(patterns) == 1 else "|".join(f"(?:{p})" for p in patterns)
@@ -185,6 +182,52 @@ class ConstraintCompiler:
             return self._finish(kind, StructuredOutputsParams(choice=list(c.choice)), lark_to_ll(lark))
         assert c.token_mask is not None  # noqa: S101 - Constraints guarantees exactly one kind
         return self._token_mask(c)
+
+    def _build_json(
+        self, kind: str, schema: dict[str, Any], c: Constraints, caps: tuple[int, int] | None
+    ) -> CompiledConstraint:
+        """Exact when llguidance can enforce every keyword; otherwise (unless ``strict``) compiled
+        leniently, with ``oneOf`` as ``anyOf``, and left to the full-schema check to decide."""
+        _check_schema(schema)
+        problem = finite_instance_error(schema)
+        if problem:
+            raise ConstraintError(problem)
+        engine_base, n_caps = (
+            apply_length_caps(schema, max_length=caps[0], max_items=caps[1]) if caps else (schema, 0)
+        )
+        options: dict[str, Any] = {"whitespace_flexible": c.whitespace == "flexible"}
+        try:
+            return self._json_attempt(kind, schema, engine_base, options, caps_applied=n_caps)
+        except ConstraintError as exact:
+            if c.strict:
+                raise
+            options |= {"lenient": True, "coerce_one_of": True}
+            return self._json_attempt(
+                kind, schema, engine_base, options,
+                caps_applied=n_caps, approximate=True, approximation=exact.message,
+            )
+
+    def _json_attempt(
+        self,
+        kind: str,
+        schema: dict[str, Any],
+        engine_base: dict[str, Any],
+        options: dict[str, Any],
+        **extra: Any,
+    ) -> CompiledConstraint:
+        # x-guidance in the schema overrides vLLM's engine-wide JSON options, so the per-request
+        # choice holds whatever the engine was started with. A copy: never mutate the caller's.
+        engine_schema = {
+            **engine_base,
+            "x-guidance": {**dict(engine_base.get("x-guidance") or {}), **options},
+        }
+        try:
+            ll = llguidance.LLMatcher.grammar_from_json_schema(engine_schema)
+        except ValueError as exc:
+            raise ConstraintError(f"invalid JSON Schema: {exc}") from exc
+        return self._finish(
+            kind, StructuredOutputsParams(json=engine_schema), ll, json_schema=schema, **extra
+        )
 
     def _token_mask(self, c: Constraints) -> CompiledConstraint:
         assert c.token_mask is not None  # noqa: S101
@@ -285,6 +328,11 @@ class ConstraintCompiler:
         return Verdict(True)
 
 
+def length_caps_for(max_tokens: int) -> tuple[int, int]:
+    """(maxLength, maxItems) for unbounded strings/arrays, from the request's token budget."""
+    return max(16, min(256, max_tokens)), max(2, min(32, max_tokens // 8))
+
+
 def _check_schema(schema: dict[str, Any]) -> None:
     try:
         cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
@@ -300,7 +348,10 @@ def _verify_json(schema: dict[str, Any], text: str) -> Verdict:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         return Verdict(False, f"output is not valid JSON: {exc}")
-    errors = sorted(json_validator(schema).iter_errors(value), key=lambda e: list(e.path))
+    try:
+        errors = sorted(json_validator(schema).iter_errors(value), key=lambda e: list(e.path))
+    except Exception as exc:  # unresolvable $ref, bad regex in the schema, ...: never valid by default
+        return Verdict(False, f"output could not be validated against the schema: {exc}")
     if errors:
         first = errors[0]
         return Verdict(False, f"output does not validate: {first.message} at {list(first.path)}")

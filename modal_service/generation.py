@@ -82,7 +82,7 @@ class Generator:
                 lark = tool_grammar(req.tools, req.tool_choice, req.parallel_tool_calls)
                 return compiler.compile_lark(lark, "tools") if lark else (None, False)
             if req.constraints is not None:
-                return compiler.compile(req.constraints)
+                return compiler.compile(req.constraints, req.max_tokens)
         except ConstraintError as exc:
             raise ApiError(422, "invalid_constraint", exc.message, exc.detail) from exc
         return None, False
@@ -121,6 +121,10 @@ class Generator:
         constraint, hit = self._constraint(req)
         tools = {t.function.name: t.function.parameters for t in req.tools} if req.tools else None
         return [_Plan(p, n, constraint, hit, tools) for p, n in zip(prompts, counts, strict=True)]
+
+    async def aplan(self, req: GenerateRequest) -> list[_Plan]:
+        """:meth:`plan` in a worker thread: compiling a large grammar never blocks other requests."""
+        return await asyncio.to_thread(self.plan, req)
 
     # ------------------------------------------------------------------------ execution
     async def events(self, req: GenerateRequest, plan: _Plan) -> AsyncIterator[StreamEvent]:
@@ -196,11 +200,18 @@ class Generator:
             "request_finish_reason": finish,
         }
         if plan.constraint is not None:
+            c = plan.constraint
             metadata |= {
-                "constraint_type": plan.constraint.kind,
-                "compile_time_ms": plan.constraint.compile_ms,
+                "constraint_type": c.kind,
+                "constraint_mode": "approximate" if c.approximate else "exact",
+                "compile_time_ms": c.compile_ms,
                 "cache_hit": plan.cache_hit,
+                "attempts": 1,
             }
+            if c.approximate:
+                metadata["approximation"] = c.approximation
+            if c.caps_applied:
+                metadata["length_caps_applied"] = c.caps_applied
         reason: FinishReason = "tool_calls" if tool_calls else _finish_reason(finish)
         return GenerateResponse(
             generated_text=text,
@@ -227,13 +238,43 @@ class Generator:
         assert final is not None  # noqa: S101 - events() always ends with done
         return final
 
+    async def complete_verified(self, req: GenerateRequest, plan: _Plan) -> GenerateResponse:
+        """:meth:`complete`, resampling JSON that fails the full-schema check (not truncation).
+
+        Approximated schemas (and formats the grammar does not enforce) can yield output the final
+        check rejects; the remaining attempts run concurrently with new seeds, so the engine batches
+        them. The first satisfying answer wins; otherwise the last one is returned, honestly marked.
+        """
+        first = await self.complete(req, plan)
+        constraint = plan.constraint
+        attempts = req.constraints.max_attempts if req.constraints else 1
+        if (
+            constraint is None
+            or constraint.json_schema is None
+            or first.constraint_satisfied is not False
+            or first.finish_reason != "stop"
+            or attempts <= 1
+        ):
+            return first
+        base = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "big")
+        retries = [req.model_copy(update={"seed": base + i}) for i in range(1, attempts)]
+        others = await asyncio.gather(*(self.complete(r, plan) for r in retries))
+        chosen = next((r for r in others if r.constraint_satisfied), others[-1])
+        extra_tokens = sum(r.tokens_generated for r in (first, *others)) - chosen.tokens_generated
+        chosen.metadata |= {
+            "attempts": attempts,
+            "first_attempt_error": first.constraint_error,
+            "tokens_in_discarded_attempts": extra_tokens,
+        }
+        return chosen
+
     async def run(self, req: GenerateRequest) -> GenerateResponse | BatchGenerateResponse:
         """Non-streaming: one response, or a batch response for a prompt list."""
-        plans = self.plan(req)
+        plans = await self.aplan(req)
         if not isinstance(req.prompt, list):
-            return await self.complete(req, plans[0])
+            return await self.complete_verified(req, plans[0])
         started = time.perf_counter()
-        results = await asyncio.gather(*(self.complete(req, p) for p in plans))
+        results = await asyncio.gather(*(self.complete_verified(req, p) for p in plans))
         usage = Usage(
             prompt_tokens=sum(r.usage.prompt_tokens for r in results),
             completion_tokens=sum(r.usage.completion_tokens for r in results),

@@ -187,14 +187,14 @@ def add_openai_routes(
 async def _serve(
     generator: Generator, admission: Any, req: GenerateRequest, body: dict[str, Any], *, chat: bool
 ) -> Any:
-    plan = generator.plan(req)[0]
+    plan = (await generator.aplan(req))[0]
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     model = generator.engine.model_name
     head = {"id": ident, "created": created, "model": model}
     if not body.get("stream"):
         with admission.slot():
-            resp = await generator.complete(req, plan)
+            resp = await generator.complete_verified(req, plan)
         if chat:
             choice = {"index": 0, "message": _chat_message(resp), "finish_reason": resp.finish_reason}
             obj = "chat.completion"

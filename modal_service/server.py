@@ -199,7 +199,7 @@ def _clean(errors: Any) -> Any:
 
 async def _stream_response(generator: Generator, admission: _Admission, req: GenerateRequest) -> Any:
     """SSE: ``data: <StreamEvent JSON>`` frames; the last is ``done`` (or ``error``)."""
-    plan = generator.plan(req)[0]  # errors here are plain 4xx answers, before the stream starts
+    plan = (await generator.aplan(req))[0]  # errors here are plain 4xx answers, before the stream starts
     slot = admission.slot()
     slot.__enter__()
 

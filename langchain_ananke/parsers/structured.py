@@ -207,6 +207,7 @@ def structured_runnable(
     """
     # ``strict`` changes nothing: every method here is strict, the grammar admits only valid output.
     extra = dict(extra_bind or {})
+    bound: Runnable[Any, Any]
     if isinstance(schema, TEXT_CONSTRAINTS):
         bound = model.bind(constraints=to_constraints(schema), **extra)
         parser = AnankeOutputParser(target="text")

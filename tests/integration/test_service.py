@@ -548,3 +548,43 @@ def test_openapi_describes_every_endpoint(http: httpx.Client) -> None:
         assert path in spec["paths"]
     assert "422" in spec["paths"]["/generate_api"]["post"]["responses"]
     assert "GenerateRequest" in spec["components"]["schemas"]
+
+
+UNIQUE = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 3,
+          "maxItems": 3, "uniqueItems": True}
+
+
+def test_unenforceable_keyword_is_approximated_then_verified(http: httpx.Client) -> None:
+    data = gen(http, prompt=chat_prompt("Three different digits as a JSON array"), max_tokens=32,
+               constraints={"json_schema": UNIQUE}, temperature=1.0, seed=3)
+    meta = data["metadata"]
+    assert meta["constraint_mode"] == "approximate"
+    assert "uniqueItems" in meta["approximation"]
+    assert 1 <= meta["attempts"] <= 3
+    value = json.loads(data["generated_text"])
+    valid = len(set(value)) == len(value) == 3
+    assert data["constraint_satisfied"] is valid  # the full schema decides, not the grammar
+    if not valid:
+        assert "unique" in data["constraint_error"]
+
+
+def test_strict_mode_rejects_what_it_cannot_enforce(http: httpx.Client) -> None:
+    err = error(http, {"prompt": "x", "constraints": {"json_schema": UNIQUE, "strict": True}}, 422)
+    assert "uniqueItems" in err["message"]
+
+
+def test_schema_without_finite_instance_is_rejected(http: httpx.Client) -> None:
+    schema = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
+    err = error(http, {"prompt": "x", "constraints": {"json_schema": schema}}, 422)
+    assert "finite instance" in err["message"]
+
+
+def test_length_caps_bound_unbounded_fields(http: httpx.Client) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    capped = gen(http, prompt=chat_prompt("A big number as JSON"), max_tokens=40,
+                 constraints={"json_schema": schema})
+    assert capped["metadata"]["length_caps_applied"] >= 1
+    if capped["finish_reason"] == "stop":
+        assert abs(json.loads(capped["generated_text"])["n"]) <= 10**15
+        assert capped["constraint_satisfied"] is True

@@ -1,0 +1,136 @@
+"""Pure JSON Schema analysis used by the constraint compiler.
+
+- :func:`finite_instance_error`: does the schema admit any finite instance? A required
+  self-reference with no base case (``{"properties": {"a": {"$ref": "#"}}, "required": ["a"]}``) does
+  not; the grammar would accept a prefix forever and never close.
+- :func:`apply_length_caps`: a copy of the schema with ``maxLength``/``maxItems``/integer bounds added
+  where the schema sets none, so unbounded strings, arrays and numbers cannot eat the whole token
+  budget. Caps only narrow the set of instances (never below ``minLength``/``minItems``), so output
+  valid under the capped schema is valid under the original, which is what the final check uses.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+_SUBSCHEMA_SINGLE = ("items", "additionalProperties")
+INT_BOUND = 10**15
+
+
+def _resolve(root: Any, ref: str) -> Any:
+    """A local ``#/...`` JSON pointer; None for anything else (remote refs are not followed)."""
+    if not ref.startswith("#"):
+        return None
+    node = root
+    for raw in ref[1:].lstrip("/").split("/") if ref not in ("#", "#/") else []:
+        part = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def _types(schema: dict[str, Any]) -> set[str]:
+    kind = schema.get("type")
+    if isinstance(kind, str):
+        return {kind}
+    if isinstance(kind, list):
+        return {k for k in kind if isinstance(k, str)}
+    return set()
+
+
+def _inhabited(schema: Any, root: Any, visiting: frozenset[str]) -> bool:
+    """Least-fixpoint check: a ref met again on the same path counts as uninhabited."""
+    if isinstance(schema, bool):
+        return schema
+    if not isinstance(schema, dict):
+        return True
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        if ref in visiting:
+            return False
+        target = _resolve(root, ref)
+        if target is not None and not _inhabited(target, root, visiting | {ref}):
+            return False
+    if "enum" in schema and isinstance(schema["enum"], list) and not schema["enum"]:
+        return False
+    if "const" in schema or "enum" in schema:
+        return True
+    for key in ("anyOf", "oneOf"):
+        subs = schema.get(key)
+        if isinstance(subs, list) and subs and not any(_inhabited(s, root, visiting) for s in subs):
+            return False
+    subs = schema.get("allOf")
+    if isinstance(subs, list) and not all(_inhabited(s, root, visiting) for s in subs):
+        return False
+    types = _types(schema)
+    if types and not (types & {"object", "array"}):
+        return True  # scalars always have an instance (bounds are llguidance's to check)
+    only_object = types == {"object"} or (not types and "properties" in schema)
+    if only_object:
+        props = schema.get("properties") or {}
+        for name in schema.get("required") or []:
+            if isinstance(props, dict) and name in props and not _inhabited(props[name], root, visiting):
+                return False
+    if types == {"array"} and (schema.get("minItems") or 0) > 0:
+        prefix = schema.get("prefixItems")
+        if isinstance(prefix, list) and prefix:
+            return all(_inhabited(s, root, visiting) for s in prefix)
+        return _inhabited(schema.get("items", True), root, visiting)
+    return True
+
+
+def finite_instance_error(schema: dict[str, Any]) -> str | None:
+    """None when the schema admits a finite instance; otherwise why it does not."""
+    if _inhabited(schema, schema, frozenset()):
+        return None
+    return (
+        "the schema has no finite instance: a required property or non-empty array refers back to "
+        "itself with no base case"
+    )
+
+
+def apply_length_caps(
+    schema: dict[str, Any], *, max_length: int, max_items: int
+) -> tuple[dict[str, Any], int]:
+    """A capped copy of ``schema`` and the number of caps added. The input is never mutated."""
+    out = copy.deepcopy(schema)
+    count = 0
+
+    def walk(node: Any) -> None:
+        nonlocal count
+        if not isinstance(node, dict):
+            return
+        types = _types(node)
+        if "string" in types and "maxLength" not in node and not {"enum", "const", "format"} & node.keys():
+            node["maxLength"] = max(max_length, int(node.get("minLength") or 0))
+            count += 1
+        if "array" in types and "maxItems" not in node:
+            node["maxItems"] = max(max_items, int(node.get("minItems") or 0))
+            count += 1
+        if types == {"integer"} and not {"enum", "const"} & node.keys():
+            if not {"maximum", "exclusiveMaximum"} & node.keys():
+                node["maximum"] = max(INT_BOUND, node.get("minimum", 0))
+                count += 1
+            if not {"minimum", "exclusiveMinimum"} & node.keys():
+                node["minimum"] = min(-INT_BOUND, node.get("maximum", 0))
+                count += 1
+        for key in _SUBSCHEMA_LISTS:
+            for sub in node.get(key) or []:
+                walk(sub)
+        for key in _SUBSCHEMA_MAPS:
+            value = node.get(key)
+            if isinstance(value, dict):
+                for sub in value.values():
+                    walk(sub)
+        for key in _SUBSCHEMA_SINGLE:
+            walk(node.get(key))
+
+    walk(out)
+    return out, count

@@ -1,0 +1,96 @@
+"""Schema analysis: finite instances and length caps (pure, offline)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import jsonschema
+import pytest
+
+from modal_service.schema_tools import INT_BOUND, apply_length_caps, finite_instance_error
+
+SELF = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize(
+    ("schema", "finite"),
+    [
+        ({"type": "string"}, True),
+        (SELF, False),
+        ({"type": "object", "properties": {"a": {"$ref": "#"}}}, True),  # optional: {} is an instance
+        ({"$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}},
+                          "required": ["next"]}}, "$ref": "#/$defs/n"}, False),
+        ({"$defs": {"n": {"type": "object", "properties": {"kids": {"type": "array",
+                                                                      "items": {"$ref": "#/$defs/n"}}},
+                          "required": ["kids"]}}, "$ref": "#/$defs/n"}, True),
+        ({"$defs": {"n": {"type": "object", "properties": {"kids": {"type": "array", "minItems": 1,
+                                                                      "items": {"$ref": "#/$defs/n"}}},
+                          "required": ["kids"]}}, "$ref": "#/$defs/n"}, False),
+        ({"type": "object", "properties": {"a": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
+          "required": ["a"]}, True),
+        ({"enum": []}, False),
+        (False, False),
+        ({"type": "object", "properties": {"a": False}, "required": ["a"]}, False),
+        ({"$ref": "http://example.com/remote.json"}, True),
+    ],
+)
+def test_finite_instance(schema: Any, finite: bool) -> None:
+    if isinstance(schema, bool):
+        assert (finite_instance_error({"allOf": [schema]}) is None) is finite
+    else:
+        assert (finite_instance_error(schema) is None) is finite
+
+
+@pytest.mark.parametrize(
+    ("schema", "path", "expected"),
+    [
+        ({"type": "string"}, ("maxLength",), 64),
+        ({"type": "string", "minLength": 100}, ("maxLength",), 100),
+        ({"type": "string", "maxLength": 5}, ("maxLength",), 5),
+        ({"type": ["string", "null"]}, ("maxLength",), 64),
+        ({"type": "array"}, ("maxItems",), 8),
+        ({"type": "array", "minItems": 20}, ("maxItems",), 20),
+        ({"type": "integer"}, ("maximum",), INT_BOUND),
+        ({"type": "integer"}, ("minimum",), -INT_BOUND),
+        ({"type": "integer", "minimum": 10**16}, ("maximum",), 10**16),
+        ({"type": "object", "properties": {"s": {"type": "string"}}}, ("properties", "s", "maxLength"), 64),
+        ({"type": "array", "items": {"type": "string"}}, ("items", "maxLength"), 64),
+        ({"$defs": {"x": {"type": "string"}}}, ("$defs", "x", "maxLength"), 64),
+        ({"anyOf": [{"type": "string"}]}, ("anyOf", 0, "maxLength"), 64),
+    ],
+)
+def test_length_caps(schema: dict[str, Any], path: tuple[Any, ...], expected: int) -> None:
+    original = copy.deepcopy(schema)
+    capped, count = apply_length_caps(schema, max_length=64, max_items=8)
+    node: Any = capped
+    for key in path:
+        node = node[key]
+    assert node == expected
+    assert schema == original  # never mutated
+    assert count >= (0 if expected in (5,) else 1)
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "string", "enum": ["a" * 100]},
+        {"type": "string", "format": "date-time"},
+        {"not": {"type": "string"}},
+        {"type": "integer", "const": 10**20},
+    ],
+)
+def test_caps_leave_these_alone(schema: dict[str, Any]) -> None:
+    capped, count = apply_length_caps(schema, max_length=8, max_items=2)
+    assert capped == schema
+    assert count == 0
+
+
+def test_caps_only_narrow() -> None:
+    schema = {"type": "object", "properties": {"s": {"type": "string"}, "n": {"type": "array"}}}
+    capped, _ = apply_length_caps(schema, max_length=4, max_items=1)
+    instance = {"s": "abc", "n": [1]}
+    jsonschema.validate(instance, capped)
+    jsonschema.validate(instance, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"s": "abcdef"}, capped)
