@@ -5,8 +5,9 @@ text. ``batch`` sends the requests concurrently (a thread pool) and ``abatch`` d
 asyncio; the service runs them together in one vLLM batch. ``include_raw=True`` keeps the raw
 message next to the parsed ``Order`` so the output-token counts give a measured tokens/s.
 
-Every string field has a ``max_length`` and the integer has bounds, so the schema itself bounds the
-output length: the small ``max_tokens`` below always suffices and nothing is truncated.
+Every string field has a ``max_length``, the integer has bounds and ``extra="forbid"`` rules out
+invented keys, so the schema itself bounds the output length: the small ``max_tokens`` below always
+suffices and nothing is truncated.
 
 Runs against ``ANANKE_BASE_URL`` (default http://127.0.0.1:8000); with no service there, it starts
 ``ananke serve`` for the run. The last line is ``RESULT: {json}`` for machines.
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from langchain_core.prompts import ChatPromptTemplate
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _local import service
@@ -41,6 +42,8 @@ TEXTS = [
 
 class Order(BaseModel):
     """One order mentioned in a message."""
+
+    model_config = ConfigDict(extra="forbid")  # additionalProperties: false, so no invented keys
 
     customer: str = Field(max_length=24, description="Who placed the order")
     item: str = Field(max_length=24, description="What was ordered")
@@ -85,10 +88,8 @@ def main() -> None:
         outputs = asyncio.run(chain.abatch(inputs))
         async_records = report("abatch", outputs, time.perf_counter() - started)
 
-        print("RESULT: " + json.dumps({
-            "batch": [r.model_dump() for r in records],
-            "abatch": [r.model_dump() for r in async_records],
-        }))
+        both = {"batch": records, "abatch": async_records}
+        print(f"RESULT: {json.dumps({k: [r.model_dump() for r in v] for k, v in both.items()})}")
 
 
 if __name__ == "__main__":

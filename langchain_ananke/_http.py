@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +77,37 @@ def _api_error(response: httpx.Response) -> AnankeAPIError:
     )
 
 
+def _redirect_error(response: httpx.Response) -> AnankeAPIError:
+    location = response.headers.get("location", "?")
+    return AnankeAPIError(
+        f"the service answered with a redirect to {location}; redirects are not followed "
+        "(so the API key never leaves the configured base_url): fix base_url",
+        status_code=response.status_code,
+        code="redirect",
+    )
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    default_port = {"http": 80, "https": 443}.get(url.scheme)
+    return url.scheme, url.host, url.port or default_port
+
+
+class _OriginBound(httpx.Auth):
+    """Strips ``Authorization`` from any request not for the configured base URL's origin.
+
+    The clients never follow redirects either (a 3xx is an error); this keeps the key from any
+    other host even if a request were ever built with an absolute URL.
+    """
+
+    def __init__(self, base_url: str) -> None:
+        self._origin = _origin(httpx.URL(base_url))
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if _origin(request.url) != self._origin:
+            request.headers.pop("Authorization", None)
+        yield request
+
+
 def _retry_after(response: httpx.Response | None) -> float | None:
     if response is None:
         return None
@@ -137,7 +168,18 @@ class _Base:
         self._headers = {"Accept": "application/json", **(headers or {})}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        self._auth = _OriginBound(self.base_url)
         self._timeout = httpx.Timeout(timeout, connect=min(timeout or 10.0, 10.0))
+
+    def _client_kwargs(self) -> dict[str, Any]:
+        # follow_redirects=False is httpx's default; it is spelled out because the key depends on it.
+        return {
+            "base_url": self.base_url,
+            "headers": self._headers,
+            "timeout": self._timeout,
+            "auth": self._auth,
+            "follow_redirects": False,
+        }
 
     @staticmethod
     def _body(request: GenerateRequest) -> dict[str, Any]:
@@ -150,7 +192,9 @@ class _Base:
                 return AnankeTimeoutError(f"request to {self.base_url} timed out: {exc}")
             return AnankeConnectionError(f"cannot reach the Ananke service at {self.base_url}: {exc}")
         assert response is not None  # noqa: S101
-        return None if response.is_success else _api_error(response)
+        if response.is_success:
+            return None
+        return _redirect_error(response) if response.is_redirect else _api_error(response)
 
     @staticmethod
     def _retryable(error: Exception) -> bool:
@@ -164,7 +208,7 @@ class AnankeClient(_Base):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._client = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=self._timeout)
+        self._client = httpx.Client(**self._client_kwargs())
 
     def close(self) -> None:
         self._client.close()
@@ -228,7 +272,7 @@ class AsyncAnankeClient(_Base):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._client = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=self._timeout)
+        self._client = httpx.AsyncClient(**self._client_kwargs())
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -8,14 +8,25 @@ this module is only ever the entry point behind a ``__main__`` guard (the consol
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
+import signal
 import sys
+import time
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from modal_service.model_prep import ModelPrepError
 
+if TYPE_CHECKING:
+    from modal_service.engine import EngineConfig
+    from modal_service.generation import Limits
 
-def _serve_config(args: argparse.Namespace) -> tuple[object, object]:
+log = logging.getLogger("ananke")
+
+
+def _serve_config(args: argparse.Namespace) -> tuple[EngineConfig, Limits]:
     from modal_service.engine import EngineConfig
     from modal_service.generation import Limits
     from modal_service.model_prep import resolve_model
@@ -32,8 +43,82 @@ def _serve_config(args: argparse.Namespace) -> tuple[object, object]:
         max_tokens=args.max_tokens_cap,
         max_inflight=args.max_inflight,
         max_batch_prompts=args.max_batch_prompts,
+        max_body_bytes=args.max_body_bytes,
+        default_timeout_s=args.request_timeout,
     )
     return config, limits
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """``--api-key-file`` (kept out of the process list), ``--api-key``, or ``ANANKE_API_KEY``."""
+    if args.api_key_file:
+        with open(args.api_key_file, encoding="utf-8") as fh:
+            key = fh.read().strip()
+        if not key:
+            raise ModelPrepError(f"{args.api_key_file} is empty")
+        return key
+    return args.api_key or os.environ.get("ANANKE_API_KEY") or None
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning ``ananke serve`` prints when it listens beyond loopback without a key."""
+    if api_key or _is_loopback(host):
+        return None
+    return (
+        f"serving on {host} without an API key: anyone who can reach this address can use the "
+        "engine. Set --api-key-file, --api-key or ANANKE_API_KEY, or bind to 127.0.0.1."
+    )
+
+
+def draining_server(config: Any, admission: Any, drain_seconds: float) -> Any:
+    """uvicorn's server, with a drain on the first SIGTERM/SIGINT.
+
+    The first signal marks the app draining: new requests get 503 (``shutting_down``, Retry-After)
+    and ``/health`` says so, while admitted requests run on, up to ``drain_seconds``. Then uvicorn's
+    own graceful shutdown closes the listener and the connections. A second signal skips the drain.
+    """
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        drain_deadline: float | None = None
+        pending_signal: int | None = None
+        announced = False
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Runs as a signal handler: set flags only; on_tick (on the event loop) does the rest.
+            if self.pending_signal is None and not self.should_exit:
+                admission.draining = True
+                self.drain_deadline = time.monotonic() + drain_seconds
+                self.pending_signal = sig
+                return
+            super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.pending_signal is not None and not self.should_exit:
+                assert self.drain_deadline is not None  # noqa: S101 - set with pending_signal
+                if not self.announced:
+                    self.announced = True
+                    log.info(
+                        "%s: draining %d in-flight request(s) for up to %.0f s; new ones get 503",
+                        signal.Signals(self.pending_signal).name,
+                        admission.inflight,
+                        drain_seconds,
+                    )
+                if admission.inflight == 0 or time.monotonic() >= self.drain_deadline:
+                    log.info("drain over (%d request(s) still in flight); shutting down", admission.inflight)
+                    super().handle_exit(self.pending_signal, None)
+            return bool(await super().on_tick(counter))
+
+    return DrainingServer(config)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -43,9 +128,25 @@ def _serve(args: argparse.Namespace) -> int:
     from modal_service.server import create_app
 
     config, limits = _serve_config(args)
-    api_key = args.api_key or os.environ.get("ANANKE_API_KEY") or None
-    app = create_app(Engine(config), api_key=api_key, limits=limits)  # type: ignore[arg-type]
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+    api_key = _api_key(args)
+    warning = exposure_warning(args.host, api_key)
+    if warning:
+        log.warning("%s", warning)
+    app = create_app(
+        Engine(config),
+        api_key=api_key,
+        limits=limits,
+        drain_seconds=args.drain_seconds,
+        max_json_depth=args.max_json_depth,
+    )
+    uv_config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=5,  # after the drain: connections only finish sending
+    )
+    draining_server(uv_config, app.state.admission, args.drain_seconds).run()
     return 0
 
 
@@ -73,9 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the service locally")
     serve.add_argument("--model", help="model folder or HF id (default: the pulled SmolLM2)")
     serve.add_argument("--served-model-name", default=None)
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="listen address (default loopback only; anything else warns unless a key is set)",
+    )
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None, help="require this bearer key (or ANANKE_API_KEY)")
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help="require this bearer key (visible in the process list: prefer --api-key-file or ANANKE_API_KEY)",
+    )
+    serve.add_argument("--api-key-file", default=None, help="read the bearer key from this file")
     serve.add_argument("--max-model-len", type=int, default=4096)
     serve.add_argument(
         "--kv-cache-gib",
@@ -87,6 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-tokens-cap", type=int, default=2048)
     serve.add_argument("--max-inflight", type=int, default=256)
     serve.add_argument("--max-batch-prompts", type=int, default=64)
+    serve.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024)
+    serve.add_argument("--max-json-depth", type=int, default=100, help="deeper request bodies get 422")
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="server-side deadline (s) for requests without timeout_s",
+    )
+    serve.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/SIGINT, let in-flight requests finish for up to this long (new ones get 503)",
+    )
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
     return parser

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import time
+import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -89,6 +90,7 @@ class Engine:
         started = time.perf_counter()
         try:
             await asyncio.to_thread(self._build)
+            await self._warm_up()
         except Exception as exc:
             log.exception("engine failed to start")
             self.state, self.error = "error", f"{type(exc).__name__}: {exc}"
@@ -137,6 +139,19 @@ class Engine:
             limits=cfg.compiler_limits,
         )
 
+    async def _warm_up(self) -> None:
+        """One constrained token before reporting ``ok``: vLLM builds its structured-output backend
+        lazily, and the first constrained request would otherwise pay for it (~2 s on an H200)."""
+        from langchain_ananke.protocol import Constraints
+
+        assert self.compiler is not None  # noqa: S101 - _build sets it
+        compiled, _ = self.compiler.compile(Constraints(json_object=True), 8)
+        async for _delta in self.stream(
+            "warm up", request_id=f"warmup-{uuid.uuid4().hex}", max_tokens=1, temperature=0.0,
+            top_p=1.0, seed=0, stop=None, constraint=compiled,
+        ):
+            pass
+
     def ready(self) -> ConstraintCompiler:
         """The compiler, or :class:`EngineNotReady` while loading/failed."""
         if self.state != "ok" or self.compiler is None:
@@ -161,12 +176,18 @@ class Engine:
         seed: int | None,
         stop: list[str] | None,
         constraint: CompiledConstraint | None,
+        final_only: bool = False,
     ) -> AsyncGenerator[Delta, None]:
-        """Generate for one prompt; the engine batches concurrent calls together."""
+        """Generate for one prompt; the engine batches concurrent calls together.
+
+        ``final_only`` asks vLLM for one output at the end instead of per-token deltas (cheaper for
+        non-streaming requests: no per-step detokenized output crosses the process boundary).
+        """
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        self.ready()
+        if self._llm is None:
+            raise EngineNotReady(self.error or f"engine is {self.state}")
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=temperature,
@@ -179,7 +200,7 @@ class Engine:
                 if constraint and constraint.allowed_token_ids is not None
                 else None
             ),
-            output_kind=RequestOutputKind.DELTA,
+            output_kind=RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA,
         )
         finished = False
         try:

@@ -127,7 +127,9 @@ class Generator:
         return await asyncio.to_thread(self.plan, req)
 
     # ------------------------------------------------------------------------ execution
-    async def events(self, req: GenerateRequest, plan: _Plan) -> AsyncIterator[StreamEvent]:
+    async def events(
+        self, req: GenerateRequest, plan: _Plan, *, final_only: bool = False
+    ) -> AsyncIterator[StreamEvent]:
         """Token events, then one ``done`` event with the verified, folded response."""
         request_id = uuid.uuid4().hex
         started = time.perf_counter()
@@ -145,11 +147,12 @@ class Generator:
             seed=req.seed,
             stop=req.stop,
             constraint=plan.constraint,
+            final_only=final_only,
         )
         try:
             async with asyncio.timeout(timeout):
                 async for delta in stream:
-                    if delta.token_ids and first_token_ms is None:
+                    if delta.token_ids and first_token_ms is None and not final_only:
                         first_token_ms = (time.perf_counter() - started) * 1000
                     text_parts.append(delta.text)
                     token_ids.extend(delta.token_ids)
@@ -232,7 +235,7 @@ class Generator:
     async def complete(self, req: GenerateRequest, plan: _Plan) -> GenerateResponse:
         """The stream folded up: the ``done`` event's response."""
         final: GenerateResponse | None = None
-        async for event in self.events(req, plan):
+        async for event in self.events(req, plan, final_only=True):
             if event.event == "done":
                 final = event.response
         assert final is not None  # noqa: S101 - events() always ends with done

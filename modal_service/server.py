@@ -2,23 +2,35 @@
 
 Importable with no GPU and no Modal: the engine is built in the app's lifespan, in the background, so
 ``/health`` answers ``loading`` until it is ready. Every non-2xx answer is one
-:class:`~langchain_ananke.protocol.ErrorBody`. Requests flow: auth -> admission (in-flight bound,
-429 above it) -> :class:`~modal_service.generation.Generator` -> JSON or Server-Sent Events.
+:class:`~langchain_ananke.protocol.ErrorBody`.
+
+Requests flow through :class:`_Guard` (a plain ASGI middleware) first: API key (401; every path but
+``/health``) -> draining / engine state (503) -> body size, whether announced or streamed (413) ->
+JSON nesting depth (422) -> the app, run as a task that is cancelled the moment the client goes away,
+so a disconnect aborts the engine request instead of generating tokens for nobody. Inside the app:
+admission (in-flight bound, 429 above it) -> :class:`~modal_service.generation.Generator` -> JSON or
+Server-Sent Events. Every admission slot is released when its request ends, however it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import hashlib
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from types import TracebackType
 from typing import Any
 
+import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from langchain_ananke.protocol import (
@@ -34,6 +46,19 @@ from modal_service.engine import Engine, EngineNotReady
 from modal_service.generation import ApiError, Generator, Limits
 
 log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Paths answered without an API key: liveness/readiness only (it reveals the model name and load).
+OPEN_PATHS = frozenset({"/health"})
+#: Paths that need a ready engine (503 while it loads, after it failed, and while draining).
+ENGINE_PATHS = ("/generate_api", "/v1/")
+#: Default bound on JSON nesting in a request body; deeper bodies are answered 422 before parsing.
+MAX_JSON_DEPTH = 100
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
@@ -57,6 +82,44 @@ def error_response(
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 
+def _is_engine_dead(exc: BaseException) -> bool:
+    """vLLM's ``EngineDeadError`` (matched by name: this module must import without vLLM)."""
+    return any(type(e).__name__ == "EngineDeadError" for e in (exc, exc.__cause__) if e is not None)
+
+
+# ----------------------------------------------------------------------------------- admission
+#: The admission slots a request holds; set per request by :class:`_Guard`, which releases them.
+_REQUEST_SLOTS: contextvars.ContextVar[list[_Slot] | None] = contextvars.ContextVar(
+    "ananke_request_slots", default=None
+)
+
+
+class _Slot:
+    """One unit of the in-flight budget. Releasing is idempotent."""
+
+    def __init__(self, admission: _Admission) -> None:
+        self._admission = admission
+        self._held = False
+
+    def __enter__(self) -> _Slot:
+        self._admission.acquire()
+        self._held = True
+        held = _REQUEST_SLOTS.get()
+        if held is not None:
+            held.append(self)
+        return self
+
+    def __exit__(
+        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._admission.inflight -= 1
+
+
 class _Admission:
     """A bounded in-flight counter: above the bound, 429 at once instead of an unbounded queue."""
 
@@ -65,8 +128,7 @@ class _Admission:
         self.inflight = 0
         self.draining = False
 
-    @contextlib.contextmanager
-    def slot(self) -> Any:
+    def acquire(self) -> None:
         if self.draining:
             raise ApiError(503, "shutting_down", "server is shutting down", headers={"Retry-After": "5"})
         if self.inflight >= self.limit:
@@ -77,12 +139,225 @@ class _Admission:
                 headers={"Retry-After": "1"},
             )
         self.inflight += 1
+
+    def slot(self) -> _Slot:
+        """A context manager holding one slot (also released when the request ends)."""
+        return _Slot(self)
+
+
+# ------------------------------------------------------------------------------- the guard
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth_exceeds(body: bytes, limit: int) -> bool:
+    """Whether JSON ``body`` nests deeper than ``limit``, in linear time and without recursion.
+
+    Strings are dropped, then innermost ``{}``/``[]`` pairs are removed once per level. Malformed
+    bracketing stops early (False): the JSON parser answers those with a 400.
+    """
+    skeleton = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    for _level in range(limit):
+        if not skeleton:
+            return False
+        shorter = skeleton.replace(b"{}", b"").replace(b"[]", b"")
+        if shorter == skeleton:
+            return False
+        skeleton = shorter
+    return bool(skeleton)
+
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Guard:
+    """Auth, availability, body limits and disconnect handling, before any route runs."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        engine: Engine,
+        admission: _Admission,
+        max_body_bytes: int,
+        max_json_depth: int,
+    ) -> None:
+        self.app = app
+        self._key_digest = _digest(api_key.encode()) if api_key else None
+        self.engine = engine
+        self.admission = admission
+        self.max_body_bytes = max_body_bytes
+        self.max_json_depth = max_json_depth
+
+    def authorized(self, headers: Headers) -> bool:
+        """Constant time: both sides are hashed to one length, then compared with hmac."""
+        if self._key_digest is None:
+            return True
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        given = _digest(token.strip().encode("latin-1", "replace"))
+        return scheme.lower() == "bearer" and hmac.compare_digest(given, self._key_digest)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        headers = Headers(scope=scope)
+        refusal = self._refusal(path, headers)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
         try:
-            yield
+            body = await self._read_body(receive)
+        except _TooLarge:
+            await _limit_error(self.max_body_bytes)(scope, receive, send)
+            return
+        if body is None:  # the client left before sending its body
+            return
+        if body and json_depth_exceeds(body, self.max_json_depth):
+            await error_response(422, "too_deep", f"JSON nests deeper than {self.max_json_depth} levels")(
+                scope, receive, send
+            )
+            return
+        await self._run(scope, body, receive, send)
+
+    def _refusal(self, path: str, headers: Headers) -> JSONResponse | None:
+        if path not in OPEN_PATHS and not self.authorized(headers):
+            return error_response(
+                401,
+                "unauthorized",
+                "missing or invalid API key (Authorization: Bearer ...)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if path.startswith(ENGINE_PATHS):
+            if self.admission.draining:
+                return error_response(
+                    503, "shutting_down", "server is shutting down", headers={"Retry-After": "5"}
+                )
+            if self.engine.state != "ok" or _engine_failed(self.engine):
+                return _engine_unavailable(self.engine)
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            return _limit_error(self.max_body_bytes, length)
+        return None
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _TooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _run(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+        """Run the app with the body replayed; cancel it if the client disconnects first."""
+        disconnected = asyncio.Event()
+        replayed = False
+        complete = False
+        cancelled_for_disconnect = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await disconnected.wait()
+            return {"type": "http.disconnect"}
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal complete
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
+            await send(message)
+
+        slots: list[_Slot] = []
+        token = _REQUEST_SLOTS.set(slots)
+        try:
+            app_task = asyncio.ensure_future(self.app(scope, replay, tracked_send))
         finally:
-            self.inflight -= 1
+            _REQUEST_SLOTS.reset(token)
+
+        async def watch() -> None:
+            nonlocal cancelled_for_disconnect
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    disconnected.set()
+                    if not complete and not app_task.done():
+                        cancelled_for_disconnect = True
+                        app_task.cancel()
+                    return
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await app_task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not cancelled_for_disconnect or (current is not None and current.cancelling()):
+                raise
+            log.info("client disconnected; request cancelled (%s %s)", scope["method"], scope["path"])
+        finally:
+            watcher.cancel()
+            for slot in slots:
+                slot.release()
 
 
+def _limit_error(limit: int, length: str | None = None) -> JSONResponse:
+    size = f"body is {length} bytes" if length and length.isdigit() else "body is too large"
+    return error_response(413, "body_too_large", f"{size}; the limit is {limit}")
+
+
+def _engine_failed(engine: Engine) -> bool:
+    """The engine died after it started (vLLM marks its client ``errored`` when EngineCore exits)."""
+    return bool(getattr(getattr(engine, "_llm", None), "errored", False))
+
+
+def _engine_unavailable(engine: Engine) -> JSONResponse:
+    if engine.state == "ok":  # it started, then died: only a restart helps
+        return error_response(503, "engine_unavailable", "the engine process has died; restart the service")
+    return error_response(
+        503,
+        "engine_unavailable",
+        engine.error or f"engine is {engine.state}",
+        headers={"Retry-After": "5"},
+    )
+
+
+class _ClosingStream(StreamingResponse):
+    """A streaming response that always closes its iterator (so the engine request is aborted)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._content = content
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _aclose(self._content)
+            self._on_close()
+
+
+# ------------------------------------------------------------------------------------- app
 def create_app(
     engine: Engine,
     *,
@@ -90,8 +365,13 @@ def create_app(
     limits: Limits | None = None,
     start_engine: bool = True,
     drain_seconds: float = 30.0,
+    max_json_depth: int = MAX_JSON_DEPTH,
 ) -> FastAPI:
-    """Build the service around ``engine`` (started in the background unless ``start_engine=False``)."""
+    """Build the service around ``engine`` (started in the background unless ``start_engine=False``).
+
+    With ``api_key`` set, every path but ``/health`` needs ``Authorization: Bearer <key>`` (the
+    OpenAPI document and ``/docs`` included).
+    """
     limits = limits or Limits()
     generator = Generator(engine, limits)
     admission = _Admission(limits.max_inflight)
@@ -116,23 +396,71 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.engine, app.state.generator, app.state.admission = engine, generator, admission
+    app.state.drain_seconds = drain_seconds
+    app.add_middleware(
+        _Guard,
+        api_key=api_key,
+        engine=engine,
+        admission=admission,
+        max_body_bytes=limits.max_body_bytes,
+        max_json_depth=max_json_depth,
+    )
 
     async def require_key(request: Request) -> None:
+        """Route-level check too (the guard already refused keyless requests): defence in depth."""
         if api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = _digest(token.strip().encode("latin-1", "replace"))
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, _digest(api_key.encode())):
             raise ApiError(401, "unauthorized", "missing or invalid API key (Authorization: Bearer ...)")
 
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            return error_response(
-                413, "body_too_large", f"body is {length} bytes; the limit is {limits.max_body_bytes}"
-            )
-        return await call_next(request)
+    _install_error_handlers(app, engine)
+
+    @app.get("/health", response_model=HealthResponse)
+    async def health() -> JSONResponse:
+        """``loading`` until the engine is ready, then ``ok``; ``error`` if it failed, died or the
+        server is draining. Also reports load: ``inflight`` (admitted requests) and
+        ``engine_unfinished`` (requests the engine is still working on)."""
+        state = {"idle": "loading", "loading": "loading"}.get(engine.state, engine.state)
+        detail = engine.error
+        if state == "ok" and _engine_failed(engine):
+            state, detail = "error", "the engine process has died; restart the service"
+        elif state == "ok" and admission.draining:
+            state, detail = "error", "server is shutting down"
+        body = HealthResponse(status=state, model=engine.model_name, detail=detail)  # type: ignore[arg-type]
+        load = {
+            "inflight": admission.inflight,
+            "engine_unfinished": engine.num_unfinished_requests() if engine.state == "ok" else 0,
+            "draining": admission.draining,
+        }
+        return JSONResponse(
+            body.model_dump() | load,
+            status_code=200 if state == "ok" else 503,
+            headers=None if state == "ok" else {"Retry-After": "5"},
+        )
+
+    @app.post(
+        "/generate_api",
+        response_model=GenerateResponse | BatchGenerateResponse,
+        responses={**_ERROR_RESPONSES, 200: {"description": "JSON, or text/event-stream when stream=true"}},
+        dependencies=[Depends(require_key)],
+    )
+    async def generate_api(req: GenerateRequest) -> Any:
+        """Generate under at most one constraint; ``stream=true`` answers with SSE frames."""
+        if req.stream:
+            return await _stream_response(generator, admission, req)
+        with admission.slot():
+            return await generator.run(req)
+
+    from modal_service.openai_compat import add_openai_routes
+
+    add_openai_routes(app, generator, admission, require_key, _ERROR_RESPONSES)
+    return app
+
+
+def _install_error_handlers(app: FastAPI, engine: Engine) -> None:
+    """Every error answer in the one body shape."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -159,37 +487,11 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        if _is_engine_dead(exc):
+            log.error("the engine has died: %s", exc)
+            return _engine_unavailable(engine)
         log.exception("unhandled error")
         return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
-
-    @app.get("/health", response_model=HealthResponse)
-    async def health() -> JSONResponse:
-        """``loading`` until the engine is ready, then ``ok`` and the model; ``error`` if it failed."""
-        state = {"idle": "loading", "loading": "loading"}.get(engine.state, engine.state)
-        body = HealthResponse(status=state, model=engine.model_name, detail=engine.error)  # type: ignore[arg-type]
-        return JSONResponse(
-            body.model_dump(),
-            status_code=200 if state == "ok" else 503,
-            headers=None if state == "ok" else {"Retry-After": "5"},
-        )
-
-    @app.post(
-        "/generate_api",
-        response_model=GenerateResponse | BatchGenerateResponse,
-        responses={**_ERROR_RESPONSES, 200: {"description": "JSON, or text/event-stream when stream=true"}},
-        dependencies=[Depends(require_key)],
-    )
-    async def generate_api(req: GenerateRequest) -> Any:
-        """Generate under at most one constraint; ``stream=true`` answers with SSE frames."""
-        if req.stream:
-            return await _stream_response(generator, admission, req)
-        with admission.slot():
-            return await generator.run(req)
-
-    from modal_service.openai_compat import add_openai_routes
-
-    add_openai_routes(app, generator, admission, require_key, _ERROR_RESPONSES)
-    return app
 
 
 def _clean(errors: Any) -> Any:
@@ -200,22 +502,30 @@ def _clean(errors: Any) -> Any:
 async def _stream_response(generator: Generator, admission: _Admission, req: GenerateRequest) -> Any:
     """SSE: ``data: <StreamEvent JSON>`` frames; the last is ``done`` (or ``error``)."""
     plan = (await generator.aplan(req))[0]  # errors here are plain 4xx answers, before the stream starts
-    slot = admission.slot()
-    slot.__enter__()
+    slot = admission.slot().__enter__()
 
     async def frames() -> AsyncIterator[str]:
+        events = generator.events(req, plan)
         try:
-            async for event in generator.events(req, plan):
+            async for event in events:
                 yield f"data: {event.model_dump_json(exclude_none=True)}\n\n"
         except Exception as exc:  # after the 200 header, errors travel as an error event
-            log.exception("stream failed")
-            event = StreamEvent(event="error", error=ErrorDetail(code="internal_error", message=str(exc)))
+            dead = _is_engine_dead(exc)
+            if dead:
+                log.error("the engine has died: %s", exc)
+            else:
+                log.exception("stream failed")
+            code = "engine_unavailable" if dead else "internal_error"
+            event = StreamEvent(event="error", error=ErrorDetail(code=code, message=str(exc)))
             yield f"data: {event.model_dump_json(exclude_none=True)}\n\n"
         finally:
-            slot.__exit__(None, None, None)
+            await _aclose(events)  # aborts the engine request now, not when the generator is collected
+            slot.release()
 
-    return StreamingResponse(
-        frames(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return _ClosingStream(frames(), on_close=slot.release)
+
+
+async def _aclose(iterator: AsyncIterator[Any]) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()

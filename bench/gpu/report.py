@@ -1,4 +1,4 @@
-"""Markdown tables from ``run_gpu_bench.py``'s ``results.json``: ``python -m bench.gpu.report results.json``."""
+"""Markdown tables from ``run_gpu_bench.py``'s results: ``python -m bench.gpu.report results.json``."""
 
 from __future__ import annotations
 
@@ -54,19 +54,20 @@ def render(res: dict[str, Any]) -> str:
             roof_total = HBM_TBPS * 1e12 / w["bytes_total"]
             roof_read = HBM_TBPS * 1e12 / w["bytes_read_per_step"]
             eff_bw = w["bytes_read_per_step"] / (tpot / 1000) / 1e12
-            rows.append(f"| {mode} | {tpot:.2f} | {tok_s:.1f} | {roof_total:.1f} | {tok_s / roof_total:.0%} | "
-                        f"{tok_s / roof_read:.0%} | {eff_bw:.2f} | "
+            rows.append(f"| {mode} | {tpot:.2f} | {tok_s:.1f} | {roof_total:.1f} | "
+                        f"{tok_s / roof_total:.0%} | {tok_s / roof_read:.0%} | {eff_bw:.2f} | "
                         f"{(eff_bw / bw) if bw else 0:.0%} | {_f(p.get('ttft_p50_ms'))} |")
         if rows:
-            out.append("| single stream | ms/step (TPOT p50) | tok/s | roofline tok/s (4.8 TB/s ÷ all weights) "
-                       "| of roofline | of roofline (bytes read/step) | effective TB/s | of measured copy BW "
-                       "| TTFT p50 ms |")
+            out.append("| single stream | ms/step (TPOT p50) | tok/s | roofline tok/s (4.8 TB/s ÷ all "
+                       "weights) | of roofline | of roofline (bytes read/step) | effective TB/s | "
+                       "of measured copy BW | TTFT p50 ms |")
             out.append("|---|---|---|---|---|---|---|---|---|")
             out.extend(rows)
             out.append("")
         # throughput vs concurrency
-        out.append("| c | unconstrained tok/s | JSON tok/s | JSON/unc | TPOT unc / JSON ms | latency p50/p95 unc s "
-                   "| latency p50/p95 JSON s | TTFT p50/p95 unc ms | TTFT p50/p95 JSON ms | mask ms/step (probe) |")
+        out.append("| c | unconstrained tok/s | JSON tok/s | JSON/unc | TPOT unc / JSON ms | latency p50/p95 "
+                   "unc s | latency p50/p95 JSON s | TTFT p50/p95 unc ms | TTFT p50/p95 JSON ms | "
+                   "mask ms/step (probe) |")
         out.append("|---|---|---|---|---|---|---|---|---|---|")
         for c in (1, 8, 64, 256):
             u, j = ph.get(f"c{c}_unc"), ph.get(f"c{c}_json")
@@ -79,7 +80,8 @@ def render(res: dict[str, Any]) -> str:
                 f"{_ratio(j.get('agg_tok_s'), u.get('agg_tok_s'))} | {_f(u.get('tpot_p50_ms'), 2)} / "
                 f"{_f(j.get('tpot_p50_ms'), 2)} | {_s(u, 'lat_p50_ms')}/{_s(u, 'lat_p95_ms')} | "
                 f"{_s(j, 'lat_p50_ms')}/{_s(j, 'lat_p95_ms')} | {_f(u.get('ttft_p50_ms'), 0)}/"
-                f"{_f(u.get('ttft_p95_ms'), 0)} | {_f(j.get('ttft_p50_ms'), 0)}/{_f(j.get('ttft_p95_ms'), 0)} | "
+                f"{_f(u.get('ttft_p95_ms'), 0)} | {_f(j.get('ttft_p50_ms'), 0)}/"
+                f"{_f(j.get('ttft_p95_ms'), 0)} | "
                 f"{_f(probe.get('bitmask_ms_p50'), 2)} |")
         out.append("")
         # everything else, one row per phase
@@ -93,7 +95,8 @@ def render(res: dict[str, Any]) -> str:
             out.append(
                 f"| {pname} | {p.get('kind', 'http')}{'/' + p['output_kind'] if p.get('output_kind') else ''}"
                 f"{' ' + p['ctl']['mode'] if p.get('ctl', {}).get('mode', 'vllm') != 'vllm' else ''} | "
-                f"{p.get('c')} | {p.get('requests')} | {_f(p.get('agg_tok_s'))} | {_f(p.get('tpot_p50_ms'), 2)} | "
+                f"{p.get('c')} | {p.get('requests')} | {_f(p.get('agg_tok_s'))} | "
+                f"{_f(p.get('tpot_p50_ms'), 2)} | "
                 f"{_f(p.get('lat_p50_ms'), 0)} | {_f(p.get('ttft_p50_ms'), 0)} | {p.get('finish')} | "
                 f"{_f(p.get('satisfied'))} | {_f(ws)} | {_f(p.get('compile_ms_p50'), 2)}/"
                 f"{_f(p.get('compile_ms_max'), 2)} | {_f(pr.get('bitmask_ms_p50'), 2)} "

@@ -358,7 +358,8 @@ def summarize(records: list[dict[str, Any]], wall_s: float, c: int) -> dict[str,
         "tpot_p50_ms": percentile(tpot, 50), "tpot_p95_ms": percentile(tpot, 95),
         "ms_per_token_p50": percentile(ms_tok, 50), "finish": finishes,
     }
-    # steady state: tokens finished in the middle 80 % of the wall time (drops the ramp and the tail)
+    # Tokens of requests that finished in the middle 80 % of the wall time. Only meaningful with many
+    # rounds per worker; the one-to-two-round phases here make it noise, and the report ignores it.
     ends = sorted((r["t_end"], r["tokens"]) for r in ok if "t_end" in r)
     if len(ends) >= 4 and c > 1:
         lo, hi = 0.1 * wall_s, 0.9 * wall_s

@@ -189,3 +189,21 @@ class TestChatAnankeIntegration(ChatModelIntegrationTests):
     @pytest.mark.parametrize("model", [_SAMPLED], indirect=True)
     def test_structured_output_optional_param(self, model: BaseChatModel) -> None:
         super().test_structured_output_optional_param(model)
+
+    # --- semantic limits of a 135M model (structure is checked and passes; see each reason) ------
+
+    @pytest.mark.xfail(
+        reason="json_mode guarantees only *a* JSON object; which keys it has is up to the model, and "
+        "SmolLM2-135M does not follow the instruction to use 'setup' and 'punchline' (greedy it nests "
+        '{"setup":{"setup":...}} until max_tokens; sampled it returns other keys)'
+    )
+    def test_json_mode(self, model: BaseChatModel) -> None:
+        super().test_json_mode(model)
+
+    @pytest.mark.xfail(
+        reason="tool_choice='auto' leaves calling to the model: SmolLM2-135M answers 'What is the "
+        "weather in San Francisco?' from its own (invented) knowledge instead of calling get_weather"
+    )
+    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
+    def test_agent_loop(self, model: BaseChatModel) -> None:
+        super().test_agent_loop(model)
