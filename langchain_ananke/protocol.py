@@ -219,7 +219,7 @@ class GenerateResponse(BaseModel):
     generation_time_ms: float
     metadata: dict[str, Any] = Field(default_factory=dict)
     """``tokens_per_sec``, ``model``, ``constraint_type``, ``compile_time_ms``, ``cache_hit``, ..."""
-    constraint_satisfied: bool | None
+    constraint_satisfied: bool | None = None
     """Independent re-check of the output; ``None`` when the request had no constraint."""
     constraint_error: str | None = None
     """Why the constraint is not satisfied (e.g. truncated by ``max_tokens``)."""

@@ -79,7 +79,20 @@ def _tool_choice(choice: Any) -> str:
     raise ApiError(422, "invalid_request", f"unsupported tool_choice: {choice!r}")
 
 
+#: vLLM's own constraint fields. Ignoring them would return unconstrained text as if it were
+#: constrained, so they are refused with a pointer to the supported ones.
+_FOREIGN_CONSTRAINTS = ("structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                        "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern")
+
+
 def _common(body: dict[str, Any]) -> dict[str, Any]:
+    foreign = [k for k in _FOREIGN_CONSTRAINTS if k in body]
+    if foreign:
+        raise ApiError(
+            422, "unsupported_parameter",
+            f"{', '.join(foreign)} is not supported here; use response_format (json_schema / "
+            "json_object) or tools, or POST /generate_api with constraints for regex/grammar/choice",
+        )
     if body.get("n", 1) != 1:
         raise ApiError(422, "invalid_request", "only n=1 is supported")
     out = {k: body[k] for k in _PASSTHROUGH if body.get(k) is not None}

@@ -326,14 +326,13 @@ def _engine_failed(engine: Engine) -> bool:
 
 
 def _engine_unavailable(engine: Engine) -> JSONResponse:
-    if engine.state == "ok":  # it started, then died: only a restart helps
+    """503; Retry-After only while loading (a failed or dead engine needs a restart, not a retry)."""
+    if engine.state == "ok":  # it started, then died
         return error_response(503, "engine_unavailable", "the engine process has died; restart the service")
-    return error_response(
-        503,
-        "engine_unavailable",
-        engine.error or f"engine is {engine.state}",
-        headers={"Retry-After": "5"},
-    )
+    message = engine.error or f"engine is {engine.state}"
+    if engine.state == "error":
+        return error_response(503, "engine_unavailable", f"the engine failed to start: {message}")
+    return error_response(503, "engine_unavailable", message, headers={"Retry-After": "5"})
 
 
 class _ClosingStream(StreamingResponse):
@@ -484,6 +483,12 @@ def _install_error_handlers(app: FastAPI, engine: Engine) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, "http_error", str(exc.detail))
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(_: Request, exc: RecursionError) -> JSONResponse:
+        # Deeply nested or long $ref-chained input that slipped past the body depth bound.
+        log.warning("input too deeply nested to process: %s", exc)
+        return error_response(422, "too_deep", "the request (e.g. its schema) nests too deeply to process")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

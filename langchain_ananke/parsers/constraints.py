@@ -17,7 +17,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ValidationError
 from typing_extensions import is_typeddict
 
-from langchain_ananke.protocol import Constraints as Constraints
+from langchain_ananke.protocol import Constraints
 from langchain_ananke.protocol import TokenMask as _WireTokenMask
 
 
@@ -57,6 +57,21 @@ class TokenMask:
     allowed_tokens: Sequence[int] | None = None
     forbidden_tokens: Sequence[int] | None = None
 
+
+__all__ = [
+    "Choice",
+    "ConstraintLike",
+    "Constraints",
+    "Grammar",
+    "JsonSchema",
+    "Regex",
+    "TokenMask",
+    "close_objects",
+    "is_pydantic_class",
+    "schema_name",
+    "to_constraints",
+    "to_json_schema",
+]
 
 ConstraintLike = Constraints | Mapping[str, Any] | Regex | Grammar | Choice | JsonSchema | TokenMask
 TEXT_CONSTRAINTS = (Regex, Grammar, Choice)
@@ -123,3 +138,33 @@ def to_json_schema(schema: Any) -> dict[str, Any]:
         f"unsupported schema {schema!r}: give a Pydantic class, a TypedDict, a JSON Schema dict "
         "or an OpenAI function/tool dict"
     )
+
+
+def close_objects(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy where objects with ``properties`` but no ``additionalProperties`` get ``false``.
+
+    This is what OpenAI's strict mode does. It only narrows the schema (output stays valid for the
+    original), and it stops a small model from inventing keys until ``max_tokens`` runs out. Branches
+    of ``allOf`` are left open: closing each would reject the keys of the others.
+    """
+    out = copy.deepcopy(dict(schema))
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+            return
+        if not isinstance(node, dict):
+            return
+        if (
+            isinstance(node.get("properties"), dict)
+            and "additionalProperties" not in node
+            and not {"patternProperties", "allOf", "unevaluatedProperties"} & node.keys()
+        ):
+            node["additionalProperties"] = False
+        for key, value in node.items():
+            if key not in ("allOf", "enum", "const", "default", "examples"):
+                walk(value)
+
+    walk(out)
+    return out

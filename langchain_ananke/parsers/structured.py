@@ -30,6 +30,7 @@ from langchain_ananke.errors import ConstraintNotSatisfiedError
 from langchain_ananke.parsers.constraints import (
     TEXT_CONSTRAINTS,
     Constraints,
+    close_objects,
     is_pydantic_class,
     schema_name,
     to_constraints,
@@ -202,11 +203,17 @@ def structured_runnable(
         method: ``json_schema`` (grammar-constrained), ``function_calling`` (a forced, constrained
             tool call) or ``json_mode`` (any JSON object).
         include_raw: return ``{"raw", "parsed", "parsing_error"}`` instead of raising.
-        strict: accepted for ``ChatOpenAI`` compatibility; output is always schema-exact.
+        strict: like ``ChatOpenAI``'s strict mode, objects are closed (``additionalProperties:
+            false`` where the schema does not say) unless ``strict=False``. Output is always
+            schema-exact either way; closing only stops the model from inventing keys.
         extra_bind: more keywords bound on the model (e.g. ``require_satisfied`` for ``AnankeLLM``).
     """
-    # ``strict`` changes nothing: every method here is strict, the grammar admits only valid output.
     extra = dict(extra_bind or {})
+
+    def target_schema() -> dict[str, Any]:
+        found = _json_schema(schema)
+        return found if strict is False else close_objects(found)
+
     bound: Runnable[Any, Any]
     if isinstance(schema, TEXT_CONSTRAINTS):
         bound = model.bind(constraints=to_constraints(schema), **extra)
@@ -215,14 +222,14 @@ def structured_runnable(
         if not hasattr(model, "bind_tools"):
             raise ValueError("method='function_calling' needs a chat model (ChatAnanke)")
         name = schema_name(schema)
-        tool = {"type": "function", "function": {"name": name, "parameters": _json_schema(schema),
+        tool = {"type": "function", "function": {"name": name, "parameters": target_schema(),
                                                   "description": _description(schema)}}
         bound = model.bind_tools([tool], tool_choice=name, parallel_tool_calls=False,
                                  ls_structured_output_format=_ls_format(schema, method, strict), **extra)
         parser = _parser_for(schema, "tool", name)
     elif method in ("json_schema", "json_mode"):
         constraint = (
-            Constraints(json_schema=_json_schema(schema))
+            Constraints(json_schema=target_schema())
             if method == "json_schema"
             else Constraints(json_object=True)
         )

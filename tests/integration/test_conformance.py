@@ -99,7 +99,7 @@ def test_jsonschemabench_dev_conformance(base_url: str, capsys: pytest.CaptureFi
     report.mkdir(parents=True, exist_ok=True)
     (report / "conformance-ci.json").write_text(json.dumps(rows, indent=1))
     with capsys.disabled():
-        print("\nJSONSchemaBench dev conformance (max_tokens=%d):\n%s" % (MAX_TOKENS, "\n".join(lines)))
+        print(f"\nJSONSchemaBench dev conformance (max_tokens={MAX_TOKENS}):\n" + "\n".join(lines))
 
     assert total["5xx"] == 0, [r for r in rows if r["outcome"] == "5xx"]
     lies = [r for r in rows if r.get("satisfied") and not r["independent"]]

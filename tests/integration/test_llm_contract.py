@@ -205,6 +205,15 @@ def test_unconstrained_generation_info(llm: AnankeLLM) -> None:
     assert info["model_name"] == MODEL_NAME
 
 
+def test_unconstrained_stream_matches_invoke(llm: AnankeLLM) -> None:
+    prompt = chat_prompt("Say hello.")
+    text = llm.invoke(prompt, max_tokens=8)
+    assert "".join(llm.stream(prompt, max_tokens=8)) == text
+    final = list(llm._stream(prompt, max_tokens=8))[-1]
+    assert final.generation_info is not None
+    assert final.generation_info["constraint_satisfied"] is None
+
+
 def test_stream_final_chunk_carries_metadata(llm: AnankeLLM) -> None:
     chunks = list(llm._stream(PHONE_PROMPT, constraints=PHONE))
     final = chunks[-1]

@@ -30,9 +30,15 @@ _PARAMS: dict[str, Any] = {"temperature": 0, "max_tokens": 256, "seed": 1234}
 #: until ``max_tokens``; the service then (correctly) reports the output unsatisfied and the client
 #: raises instead of returning half an object. Sampling with a fixed seed is just as deterministic
 #: (the same seed gives the same text on invoke and stream) and lets the model close its strings.
-#: Passed through the suite's own ``model`` fixture parameter (``indirect=True``).
 _SAMPLED: dict[str, Any] = {"temperature": 0.8}
-_SCHEMA_TYPES = ["pydantic", "typeddict", "json_schema"]
+#: The standard tests that get ``_SAMPLED`` (the suite forbids overriding the tests themselves, so
+#: the ``model`` fixture applies it).
+_SAMPLED_TESTS = frozenset({
+    "test_structured_output",
+    "test_structured_output_async",
+    "test_structured_output_pydantic_2_v1",
+    "test_structured_output_optional_param",
+})
 
 
 @pytest.fixture(scope="class")
@@ -109,6 +115,16 @@ class TestChatAnankeIntegration(ChatModelIntegrationTests):
         # base_url comes from ANANKE_BASE_URL, set by the class fixture above.
         return dict(_PARAMS)
 
+    @pytest.fixture
+    def model(self, request: pytest.FixtureRequest) -> BaseChatModel:
+        """The suite's ``model`` fixture, plus seeded sampling for the tests in ``_SAMPLED_TESTS``."""
+        extra: dict[str, Any] = getattr(request, "param", None) or {}
+        if request.function.__name__ in _SAMPLED_TESTS:
+            extra = {**_SAMPLED, **extra}
+        return self.chat_model_class(
+            **{**self.standard_chat_model_params, **self.chat_model_params, **extra}
+        )
+
     @property
     def has_tool_calling(self) -> bool:
         return True
@@ -169,26 +185,6 @@ class TestChatAnankeIntegration(ChatModelIntegrationTests):
     def supports_model_override(self) -> bool:
         # The service serves exactly one model; there is nothing to switch to per call.
         return False
-
-    # --- structured output: seeded sampling instead of greedy decoding (see _SAMPLED) -------------
-
-    @pytest.mark.parametrize("model", [_SAMPLED], indirect=True)
-    @pytest.mark.parametrize("schema_type", _SCHEMA_TYPES)
-    def test_structured_output(self, model: BaseChatModel, schema_type: Any) -> None:
-        super().test_structured_output(model, schema_type)
-
-    @pytest.mark.parametrize("model", [_SAMPLED], indirect=True)
-    @pytest.mark.parametrize("schema_type", _SCHEMA_TYPES)
-    async def test_structured_output_async(self, model: BaseChatModel, schema_type: Any) -> None:
-        await super().test_structured_output_async(model, schema_type)
-
-    @pytest.mark.parametrize("model", [_SAMPLED], indirect=True)
-    def test_structured_output_pydantic_2_v1(self, model: BaseChatModel) -> None:
-        super().test_structured_output_pydantic_2_v1(model)
-
-    @pytest.mark.parametrize("model", [_SAMPLED], indirect=True)
-    def test_structured_output_optional_param(self, model: BaseChatModel) -> None:
-        super().test_structured_output_optional_param(model)
 
     # --- semantic limits of a 135M model (structure is checked and passes; see each reason) ------
 

@@ -28,7 +28,7 @@ from langchain_ananke.parsers import (
     to_constraints,
     to_json_schema,
 )
-from langchain_ananke.parsers.constraints import schema_name
+from langchain_ananke.parsers.constraints import close_objects, schema_name
 from langchain_ananke.protocol import Constraints
 
 # ----------------------------------------------------------------------------- fixtures
@@ -451,7 +451,7 @@ def fixed(text: str, metadata: dict[str, Any], **extra: Any) -> FixedChatModel:
 def test_structured_runnable_binds_the_schema_and_parses() -> None:
     model = fixed('{"name": "Ada", "age": 36}', SATISFIED)
     assert structured_runnable(model, Person).invoke("who?") == Person(name="Ada", age=36)
-    assert model.calls[0]["constraints"] == Constraints(json_schema=Person.model_json_schema())
+    assert model.calls[0]["constraints"] == Constraints(json_schema=close_objects(Person.model_json_schema()))
 
 
 def test_structured_runnable_json_mode_returns_a_dict() -> None:
@@ -514,7 +514,7 @@ def test_function_calling_forces_the_tool_and_parses_its_arguments() -> None:
     assert kwargs["tool_choice"] == "Person"
     assert kwargs["parallel_tool_calls"] is False
     assert kwargs["tools"][0]["function"]["name"] == "Person"
-    assert kwargs["tools"][0]["function"]["parameters"] == Person.model_json_schema()
+    assert kwargs["tools"][0]["function"]["parameters"] == close_objects(Person.model_json_schema())
     assert kwargs["tools"][0]["function"]["description"] == "A person."
 
 
@@ -527,3 +527,40 @@ def test_function_calling_needs_bind_tools() -> None:
 def test_unknown_method_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown method"):
         structured_runnable(fixed("{}", SATISFIED), Person, method="xml")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("schema", "expected"),
+    [
+        (
+            {"type": "object", "properties": {"a": {"type": "string"}}},
+            {"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": False},
+        ),
+        (
+            {"type": "object", "properties": {}, "additionalProperties": True},
+            {"type": "object", "properties": {}, "additionalProperties": True},
+        ),
+        (
+            {"$defs": {"x": {"type": "object", "properties": {"b": {}}}}, "$ref": "#/$defs/x"},
+            {
+                "$defs": {"x": {"type": "object", "properties": {"b": {}}, "additionalProperties": False}},
+                "$ref": "#/$defs/x",
+            },
+        ),
+        (
+            {"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]},
+            {"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]},
+        ),
+        (
+            {"type": "array", "items": {"type": "object", "properties": {"c": {}}}},
+            {
+                "type": "array",
+                "items": {"type": "object", "properties": {"c": {}}, "additionalProperties": False},
+            },
+        ),
+    ],
+)
+def test_close_objects(schema: dict[str, Any], expected: dict[str, Any]) -> None:
+    original = copy.deepcopy(schema)
+    assert close_objects(schema) == expected
+    assert schema == original

@@ -1,0 +1,250 @@
+"""Raw HTTP load: constraint overhead, the peer on the same workload, and scaling.
+
+One *phase* = ``n`` requests sent by ``c`` closed-loop workers (each sends its next request when its
+previous one answers). Aggregate tok/s = output tokens of the phase / its wall time.
+
+The JSON workload uses :data:`ARRAY_SCHEMA` (``minItems`` 500 of small objects): it cannot close within
+any ``max_tokens`` used here, so every constrained request runs to ``max_tokens`` (finish ``length``).
+Our API has no ``ignore_eos``, so the unconstrained request uses the same prompt (a request for a long
+list) and may stop early; the per-token rates (ms per output token, ms per decode step) are the
+length-independent comparison and are reported next to tok/s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+
+from bench.common import SERVED_NAME, chat_prompt, load_avg, mean, pct, rnd
+
+ARRAY_SCHEMA: dict[str, Any] = {
+    "type": "array",
+    "minItems": 500,
+    "items": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "name": {"type": "string", "maxLength": 16},
+            "ok": {"type": "boolean"},
+        },
+        "required": ["id", "name", "ok"],
+        "additionalProperties": False,
+    },
+}
+ARRAY_PROMPT = chat_prompt("List 500 records as a JSON array of objects with id, name and ok fields.")
+
+Row = dict[str, Any]
+
+
+async def closed_loop(n: int, c: int, send: Callable[[int], Awaitable[Row]]) -> tuple[list[Row], float]:
+    """``n`` requests from ``c`` workers; returns the rows and the wall time."""
+    counter = iter(range(n))
+    rows: list[Row] = []
+
+    async def worker() -> None:
+        for i in counter:
+            rows.append(await send(i))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(min(c, n))))
+    return rows, time.perf_counter() - started
+
+
+# --------------------------------------------------------------------------------- our service
+def ours_body(mode: str, max_tokens: int, *, schema: dict[str, Any] | None = None, stream: bool = False,
+              prompt: str = ARRAY_PROMPT) -> dict[str, Any]:
+    body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "seed": 1,
+                            "stream": stream}
+    if mode == "json":
+        body["constraints"] = {"json_schema": schema or ARRAY_SCHEMA}
+    return body
+
+
+async def ours_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Row:
+    """One /generate_api call, streaming or not, with client- and server-side timings."""
+    started = time.perf_counter()
+    if not body.get("stream"):
+        resp = await client.post("/generate_api", json=body)
+        lat = time.perf_counter() - started
+        if resp.status_code != 200:
+            return {"status": resp.status_code, "lat_s": lat, "error": resp.text[:300], "tokens": 0}
+        return _ours_row(resp.json(), lat, None)
+    ttft = None
+    final: dict[str, Any] | None = None
+    async with client.stream("POST", "/generate_api", json=body) as resp:
+        if resp.status_code != 200:
+            await resp.aread()
+            return {"status": resp.status_code, "lat_s": time.perf_counter() - started,
+                    "error": resp.text[:300], "tokens": 0}
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            event = json.loads(line[5:])
+            if event["event"] == "token" and ttft is None and event.get("token_ids"):
+                ttft = time.perf_counter() - started
+            elif event["event"] == "done":
+                final = event["response"]
+            elif event["event"] == "error":
+                return {"status": 200, "lat_s": time.perf_counter() - started, "error": str(event),
+                        "tokens": 0}
+    lat = time.perf_counter() - started
+    assert final is not None
+    return _ours_row(final, lat, ttft)
+
+
+def _ours_row(data: dict[str, Any], lat: float, ttft: float | None) -> Row:
+    meta = data.get("metadata") or {}
+    tokens = int(data["tokens_generated"])
+    gen_ms = float(data["generation_time_ms"])
+    server_ttft = meta.get("time_to_first_token_ms")
+    row: Row = {
+        "status": 200, "lat_s": lat, "tokens": tokens, "finish": data["finish_reason"],
+        "gen_ms": gen_ms, "server_ttft_ms": server_ttft, "ttft_s": ttft,
+        "compile_ms": meta.get("compile_time_ms"), "cache_hit": meta.get("cache_hit"),
+        "satisfied": data.get("constraint_satisfied"),
+    }
+    row["ms_per_token"] = gen_ms / tokens if tokens else None
+    if server_ttft is not None and tokens > 1:
+        row["ms_per_step"] = (gen_ms - server_ttft) / (tokens - 1)
+    elif ttft is not None and tokens > 1:
+        row["ms_per_step"] = (lat - ttft) * 1000 / (tokens - 1)
+    return row
+
+
+# ---------------------------------------------------------------------------------- the peer
+def peer_body(mode: str, max_tokens: int, *, stream: bool = False, prompt: str = ARRAY_PROMPT,
+              schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": max_tokens,
+                            "temperature": 0.0, "seed": 1, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    if mode == "json":
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "bench", "schema": schema or ARRAY_SCHEMA}}
+    return body
+
+
+async def peer_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Row:
+    """One /v1/completions call on vLLM's server (timings client-side only)."""
+    started = time.perf_counter()
+    if not body.get("stream"):
+        resp = await client.post("/v1/completions", json=body)
+        lat = time.perf_counter() - started
+        if resp.status_code != 200:
+            return {"status": resp.status_code, "lat_s": lat, "error": resp.text[:300], "tokens": 0}
+        data = resp.json()
+        tokens = int(data["usage"]["completion_tokens"])
+        return {"status": 200, "lat_s": lat, "tokens": tokens, "finish": data["choices"][0]["finish_reason"],
+                "ms_per_token": lat * 1000 / tokens if tokens else None, "text": data["choices"][0]["text"]}
+    ttft = None
+    tokens = 0
+    finish = None
+    async with client.stream("POST", "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            await resp.aread()
+            return {"status": resp.status_code, "lat_s": time.perf_counter() - started,
+                    "error": resp.text[:300], "tokens": 0}
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            for choice in chunk.get("choices") or []:
+                if choice.get("text") and ttft is None:
+                    ttft = time.perf_counter() - started
+                finish = choice.get("finish_reason") or finish
+            if chunk.get("usage"):
+                tokens = int(chunk["usage"]["completion_tokens"])
+    lat = time.perf_counter() - started
+    row: Row = {"status": 200, "lat_s": lat, "tokens": tokens, "finish": finish, "ttft_s": ttft,
+                "ms_per_token": lat * 1000 / tokens if tokens else None}
+    if ttft is not None and tokens > 1:
+        row["ms_per_step"] = (lat - ttft) * 1000 / (tokens - 1)
+    return row
+
+
+# ------------------------------------------------------------------------------------ phases
+def summarize(name: str, rows: list[Row], wall: float, extra: dict[str, Any]) -> dict[str, Any]:
+    ok = [r for r in rows if r.get("status") == 200 and "error" not in r]
+    tokens = sum(r["tokens"] for r in ok)
+    lat = [r["lat_s"] for r in ok]
+    out = {
+        "phase": name, **extra,
+        "requests": len(rows), "ok": len(ok), "errors": [r.get("error") for r in rows if r not in ok][:3],
+        "wall_s": rnd(wall, 3), "out_tokens": tokens, "tok_s": rnd(tokens / wall if wall else 0, 2),
+        "mean_tokens": rnd(mean([r["tokens"] for r in ok]), 1),
+        "finish": dict(Counter(str(r.get("finish")) for r in ok)),
+        "lat_p50_s": rnd(pct(lat, 50), 3), "lat_p95_s": rnd(pct(lat, 95), 3),
+        "ms_per_token_p50": rnd(pct([r.get("ms_per_token") for r in ok], 50), 2),
+        "ms_per_step_p50": rnd(pct([r.get("ms_per_step") for r in ok], 50), 2),
+    }
+    ttft = [r["ttft_s"] * 1000 for r in ok if r.get("ttft_s") is not None]
+    if ttft:
+        out["ttft_p50_ms"], out["ttft_p95_ms"] = rnd(pct(ttft, 50), 1), rnd(pct(ttft, 95), 1)
+    sttft = [r["server_ttft_ms"] for r in ok if r.get("server_ttft_ms") is not None]
+    if sttft:
+        out["server_ttft_p50_ms"] = rnd(pct(sttft, 50), 1)
+    comp = [r["compile_ms"] for r in ok if r.get("compile_ms") is not None]
+    if comp:
+        out["compile_ms_p50"], out["compile_ms_max"] = rnd(pct(comp, 50), 2), rnd(max(comp), 2)
+    return out
+
+
+async def run_phase(
+    name: str, base_url: str, *, target: str, mode: str, c: int, n: int, max_tokens: int,
+    stream: bool = False, schema: dict[str, Any] | None = None, prompt: str = ARRAY_PROMPT,
+    unique_schema: bool = False, log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """One phase against ``target`` ("ours" or "peer"); returns its summary (rows included)."""
+    limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
+    before = load_avg()
+    async with httpx.AsyncClient(base_url=base_url, timeout=1800, limits=limits) as client:
+
+        async def send(_: int) -> Row:
+            use = schema
+            if unique_schema and schema is not None:
+                use = {**schema, "title": f"bench-{uuid.uuid4().hex[:12]}"}
+            if target == "ours":
+                return await ours_request(
+                    client, ours_body(mode, max_tokens, schema=use, stream=stream, prompt=prompt))
+            return await peer_request(
+                client, peer_body(mode, max_tokens, stream=stream, prompt=prompt, schema=use))
+
+        rows, wall = await closed_loop(n, c, send)
+    for row in rows:
+        row.pop("text", None)
+    summary = summarize(name, rows, wall, {"target": target, "mode": mode, "c": c, "max_tokens": max_tokens,
+                                           "stream": stream, "load_before": before, "load_after": load_avg()})
+    log(f"  {name:<28} {target:<5} {mode:<5} c={c:<3} n={n:<4} {summary['tok_s']:>8} tok/s "
+        f"lat p50 {summary['lat_p50_s']} s  ms/tok {summary['ms_per_token_p50']}  "
+        f"ms/step {summary['ms_per_step_p50']}  ttft {summary.get('ttft_p50_ms')}  load {before[0]}")
+    summary["rows"] = rows
+    return summary
+
+
+def combine(phases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several repetitions of one (target, mode, c) as one phase: totals over totals."""
+    rows = [r for p in phases for r in p["rows"]]
+    wall = sum(p["wall_s"] for p in phases)
+    first = phases[0]
+    extra = {k: first[k] for k in ("target", "mode", "c", "max_tokens", "stream")}
+    extra["reps"] = len(phases)
+    extra["load_before"] = first["load_before"]
+    extra["load_after"] = phases[-1]["load_after"]
+    out = summarize(first["phase"].rsplit("#", 1)[0], rows, wall, extra)
+    return out
+
+
+def make_schema(n_props: int) -> dict[str, Any]:
+    """An array (that cannot close) of objects with ``n_props`` integer/boolean/string properties."""
+    kinds = [{"type": "integer"}, {"type": "boolean"}, {"type": "string", "maxLength": 8}]
+    props = {f"p{i}": kinds[i % 3] for i in range(n_props)}
+    return {"type": "array", "minItems": 500,
+            "items": {"type": "object", "properties": props, "required": list(props),
+                      "additionalProperties": False}}
