@@ -1,0 +1,315 @@
+"""Fuzzing: schemathesis against the service's own /openapi.json, and hypothesis(-jsonschema) random
+JSON Schemas and random request bodies. The bar: zero 5xx, zero crashes, and every 200 honest.
+
+Case counts are printed (``-s``); CI runs a small bounded number, ``stress`` runs hundreds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from typing import Any
+
+import jsonschema
+import pytest
+
+from tests.reliability.conftest import Service, chat
+
+schemathesis = pytest.importorskip("schemathesis", reason="pip install schemathesis")
+hypothesis = pytest.importorskip("hypothesis")
+hypothesis_jsonschema = pytest.importorskip(
+    "hypothesis_jsonschema", reason="pip install hypothesis-jsonschema"
+)
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+CI_SCHEMATHESIS_EXAMPLES = 8  # per operation and generation mode (5 operations x 2 modes)
+CI_RANDOM_SCHEMAS = 15
+CI_RANDOM_BODIES = 15
+STRESS_FACTOR = 25
+
+
+def _fuzz_settings(examples: int) -> Any:
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,  # the same cases every run: a failure reproduces
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+
+
+def _report(label: str, counts: Counter[str], started: float) -> None:
+    print(f"{label}: {sum(counts.values())} cases in {time.monotonic() - started:.0f} s: {dict(counts)}")
+
+
+def _check_honest(data: dict[str, Any], schema: dict[str, Any] | None) -> None:
+    if data.get("finish_reason") == "length" and data.get("constraint_satisfied") is not None:
+        assert data["constraint_satisfied"] is False, data
+    if schema is not None and data.get("constraint_satisfied") is True:
+        jsonschema.validate(json.loads(data["generated_text"]), schema)
+
+
+# -------------------------------------------------------------------------------- schemathesis
+def _run_schemathesis(service: Service, examples: int) -> Counter[str]:
+    from schemathesis import GenerationMode
+
+    schema = schemathesis.openapi.from_url(f"{service.url}/openapi.json", headers=service.headers)
+    statuses: Counter[str] = Counter()
+    server_errors: list[str] = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @_fuzz_settings(examples)
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def run(case: Any) -> None:
+                response = case.call(headers=service.headers, timeout=180)
+                statuses[f"{case.method} {case.path} {response.status_code}"] += 1
+                if response.status_code >= 500:
+                    server_errors.append(
+                        f"{case.method} {case.path} {case.body!r:.300} -> {response.text[:300]}"
+                    )
+                elif response.status_code >= 400:
+                    assert response.json()["error"]["code"]
+                elif (
+                    case.path == "/generate_api"
+                    and "results" not in response.text[:20]
+                    and response.headers["content-type"].startswith("application/json")
+                ):
+                    _check_honest(response.json(), None)
+
+            run()
+    assert server_errors == [], server_errors[:5]
+    return statuses
+
+
+@pytest.mark.integration
+def test_schemathesis_openapi_no_5xx(service: Service) -> None:
+    started = time.monotonic()
+    statuses = _run_schemathesis(service, CI_SCHEMATHESIS_EXAMPLES)
+    _report("schemathesis", statuses, started)
+
+
+@pytest.mark.stress
+def test_schemathesis_openapi_no_5xx_stress(service: Service) -> None:
+    started = time.monotonic()
+    statuses = _run_schemathesis(service, CI_SCHEMATHESIS_EXAMPLES * STRESS_FACTOR)
+    _report("schemathesis", statuses, started)
+
+
+# ------------------------------------------------------------------ random JSON Schemas (hypothesis)
+def _leaf() -> dict[str, Any]:
+    return {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {
+                    "type": {"const": "string"},
+                    "minLength": {"type": "integer", "minimum": 0, "maximum": 4},
+                    "maxLength": {"type": "integer", "minimum": 0, "maximum": 12},
+                    "pattern": {"enum": ["^[a-z]+$", "^[0-9]{3}$", "^(a|b)*$", "^\\w+@\\w+$", "(x+)+y"]},
+                    "format": {"enum": ["date", "email", "uuid", "date-time", "ipv4"]},
+                },
+                "required": ["type"],
+                "additionalProperties": False,
+            },
+            {
+                "type": "object",
+                "properties": {
+                    "type": {"enum": ["integer", "number"]},
+                    "minimum": {"type": "integer", "minimum": -50, "maximum": 50},
+                    "maximum": {"type": "integer", "minimum": -50, "maximum": 50},
+                    "exclusiveMaximum": {"type": "integer", "minimum": -50, "maximum": 50},
+                    "multipleOf": {"enum": [1, 2, 5, 0.5]},
+                },
+                "required": ["type"],
+                "additionalProperties": False,
+            },
+            {
+                "type": "object",
+                "properties": {"type": {"enum": ["boolean", "null"]}},
+                "required": ["type"],
+                "additionalProperties": False,
+            },
+            {
+                "type": "object",
+                "properties": {
+                    "enum": {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": 4,
+                        "items": {"type": ["string", "integer", "null"]},
+                    }
+                },
+                "required": ["enum"],
+                "additionalProperties": False,
+            },
+            {
+                "type": "object",
+                "properties": {"const": {"type": ["string", "integer", "boolean"]}},
+                "required": ["const"],
+                "additionalProperties": False,
+            },
+            # Invalid on purpose: must be a 422, never a 500.
+            {
+                "type": "object",
+                "properties": {"type": {"enum": ["strin", "integer ", 7]}},
+                "required": ["type"],
+                "additionalProperties": False,
+            },
+        ]
+    }
+
+
+def _level(inner: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "anyOf": [
+            inner,
+            {
+                "type": "object",
+                "properties": {
+                    "type": {"const": "object"},
+                    "properties": {
+                        "type": "object",
+                        "maxProperties": 4,
+                        "propertyNames": {"pattern": "^[a-z]{1,6}$"},
+                        "additionalProperties": inner,
+                    },
+                    "required": {
+                        "type": "array",
+                        "maxItems": 4,
+                        "items": {"type": "string", "pattern": "^[a-z]{1,6}$"},
+                    },
+                    "additionalProperties": {"type": "boolean"},
+                },
+                "required": ["type"],
+                "additionalProperties": False,
+            },
+            {
+                "type": "object",
+                "properties": {
+                    "type": {"const": "array"},
+                    "items": inner,
+                    "minItems": {"type": "integer", "minimum": 0, "maximum": 3},
+                    "maxItems": {"type": "integer", "minimum": 0, "maximum": 5},
+                    "uniqueItems": {"type": "boolean"},
+                },
+                "required": ["type"],
+                "additionalProperties": False,
+            },
+            {
+                "type": "object",
+                "properties": {"anyOf": {"type": "array", "minItems": 1, "maxItems": 3, "items": inner}},
+                "required": ["anyOf"],
+                "additionalProperties": False,
+            },
+            {
+                "type": "object",
+                "properties": {"oneOf": {"type": "array", "minItems": 1, "maxItems": 3, "items": inner}},
+                "required": ["oneOf"],
+                "additionalProperties": False,
+            },
+            {
+                "type": "object",
+                "properties": {"allOf": {"type": "array", "minItems": 1, "maxItems": 2, "items": inner}},
+                "required": ["allOf"],
+                "additionalProperties": False,
+            },
+        ]
+    }
+
+
+#: JSON Schemas, up to three levels deep, as instances of this meta-schema.
+META_SCHEMA = _level(_level(_leaf()))
+
+
+def _run_random_schemas(service: Service, examples: int) -> Counter[str]:
+    outcomes: Counter[str] = Counter()
+    with service.client(timeout=180) as http:
+
+        @_fuzz_settings(examples)
+        @given(schema=hypothesis_jsonschema.from_schema(META_SCHEMA), seed=st.integers(0, 2**16))
+        def run(schema: dict[str, Any], seed: int) -> None:
+            body = {
+                "prompt": chat("Reply with JSON."),
+                "constraints": {"json_schema": schema},
+                "max_tokens": 48,
+                "seed": seed,
+            }
+            response = http.post("/generate_api", json=body)
+            assert response.status_code < 500, (schema, response.text[:500])
+            if response.status_code == 200:
+                data = response.json()
+                _check_honest(data, schema)
+                outcomes[f"200 satisfied={data['constraint_satisfied']} {data['finish_reason']}"] += 1
+            else:
+                assert response.status_code == 422, response.text[:300]
+                outcomes[f"{response.status_code} {response.json()['error']['code']}"] += 1
+
+        run()
+    return outcomes
+
+
+@pytest.mark.integration
+def test_random_schemas_give_4xx_or_honest_output(service: Service) -> None:
+    started = time.monotonic()
+    outcomes = _run_random_schemas(service, CI_RANDOM_SCHEMAS)
+    _report("random schemas", outcomes, started)
+
+
+@pytest.mark.stress
+def test_random_schemas_give_4xx_or_honest_output_stress(service: Service) -> None:
+    started = time.monotonic()
+    outcomes = _run_random_schemas(service, CI_RANDOM_SCHEMAS * STRESS_FACTOR)
+    _report("random schemas", outcomes, started)
+
+
+# -------------------------------------------------- random request bodies (the service's own schema)
+def _request_schema(service: Service) -> dict[str, Any]:
+    with service.client() as http:
+        spec = http.get("/openapi.json").json()
+    components = spec["components"]["schemas"]
+    # Inline the component references so hypothesis-jsonschema sees one self-contained schema.
+    text = json.dumps(components["GenerateRequest"])
+    for _ in range(4):
+        for name, sub in components.items():
+            text = text.replace(json.dumps({"$ref": f"#/components/schemas/{name}"}), json.dumps(sub))
+    schema: dict[str, Any] = json.loads(text)
+    schema["properties"]["max_tokens"] = {"type": "integer", "minimum": 1, "maximum": 64}
+    schema["properties"].pop("stream", None)
+    return schema
+
+
+def _run_random_bodies(service: Service, examples: int) -> Counter[str]:
+    schema = _request_schema(service)
+    outcomes: Counter[str] = Counter()
+    with service.client(timeout=180) as http:
+
+        @_fuzz_settings(examples)
+        @given(body=hypothesis_jsonschema.from_schema(schema))
+        def run(body: dict[str, Any]) -> None:
+            response = http.post("/generate_api", json=body)
+            assert response.status_code < 500, (body, response.text[:500])
+            outcomes[str(response.status_code)] += 1
+            if response.status_code == 200 and "results" not in response.json():
+                _check_honest(response.json(), None)
+
+        run()
+    return outcomes
+
+
+@pytest.mark.integration
+def test_random_request_bodies_never_5xx(service: Service) -> None:
+    started = time.monotonic()
+    outcomes = _run_random_bodies(service, CI_RANDOM_BODIES)
+    _report("random bodies", outcomes, started)
+
+
+@pytest.mark.stress
+def test_random_request_bodies_never_5xx_stress(service: Service) -> None:
+    started = time.monotonic()
+    outcomes = _run_random_bodies(service, CI_RANDOM_BODIES * STRESS_FACTOR)
+    _report("random bodies", outcomes, started)
