@@ -162,10 +162,14 @@ class _Base:
         timeout: float | None = 120.0,
         retry: RetryPolicy | None = None,
         headers: dict[str, str] | None = None,
+        modal_key: str | None = None,
+        modal_secret: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
         self._headers = {"Accept": "application/json", **(headers or {})}
+        if modal_key and modal_secret:  # Modal proxy auth (requires_proxy_auth=True deployments)
+            self._headers |= {"Modal-Key": modal_key, "Modal-Secret": modal_secret}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._auth = _OriginBound(self.base_url)
@@ -195,6 +199,27 @@ class _Base:
         if response.is_success:
             return None
         return _redirect_error(response) if response.is_redirect else _api_error(response)
+
+    def _give_up(self, error: Exception, attempt: int, started: float, wait: float) -> Exception:
+        """The error to raise: after retries, one message that names the cause and the effort."""
+        if attempt == 0 or not self._retryable(error):
+            return error
+        elapsed = time.monotonic() - started
+        cause = (
+            f"after {attempt + 1} attempts over {elapsed:.0f} s the service at {self.base_url} "
+            f"still answers: {error}"
+        )
+        if attempt < self.retry.max_retries and elapsed + wait >= self.retry.deadline:
+            return AnankeTimeoutError(f"cold-start deadline of {self.retry.deadline:.0f} s passed; {cause}")
+        if isinstance(error, AnankeAPIError):
+            return AnankeAPIError(
+                cause,
+                status_code=error.status_code,
+                code=error.code,
+                detail=error.detail,
+                request_id=error.request_id,
+            )
+        return AnankeConnectionError(cause)
 
     @staticmethod
     def _retryable(error: Exception) -> bool:
@@ -231,7 +256,7 @@ class AnankeClient(_Base):
                 return response
             wait = self.retry.delay(attempt, _retry_after(response))
             if not (self._retryable(error) and self.retry.should_retry(attempt, started, wait)):
-                raise error from exc
+                raise self._give_up(error, attempt, started, wait) from exc
             time.sleep(wait)
             attempt += 1
 
@@ -299,7 +324,7 @@ class AsyncAnankeClient(_Base):
                 return response
             wait = self.retry.delay(attempt, _retry_after(response))
             if not (self._retryable(error) and self.retry.should_retry(attempt, started, wait)):
-                raise error from exc
+                raise self._give_up(error, attempt, started, wait) from exc
             await asyncio.sleep(wait)
             attempt += 1
 

@@ -53,6 +53,12 @@ class AnankeParams(BaseModel):
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     """More request fields sent as is (e.g. ``timeout_s``)."""
     default_headers: dict[str, str] | None = None
+    modal_key: SecretStr | None = Field(default_factory=secret_from_env("ANANKE_MODAL_KEY", default=None))
+    """Modal proxy-auth token id (``ANANKE_MODAL_KEY``), sent as ``Modal-Key``."""
+    modal_secret: SecretStr | None = Field(
+        default_factory=secret_from_env("ANANKE_MODAL_SECRET", default=None)
+    )
+    """Modal proxy-auth token secret (``ANANKE_MODAL_SECRET``), sent as ``Modal-Secret``."""
 
     _client: AnankeClient | None = PrivateAttr(default=None)
     _async_client: AsyncAnankeClient | None = PrivateAttr(default=None)
@@ -64,6 +70,8 @@ class AnankeParams(BaseModel):
             "timeout": self.timeout,
             "retry": RetryPolicy(max_retries=self.max_retries, deadline=self.cold_start_timeout),
             "headers": self.default_headers,
+            "modal_key": self.modal_key.get_secret_value() if self.modal_key else None,
+            "modal_secret": self.modal_secret.get_secret_value() if self.modal_secret else None,
         }
 
     @property
