@@ -11,6 +11,7 @@ batches them.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,6 +30,17 @@ from langchain_ananke.protocol import (
 from modal_service.chat import parse_tool_calls, to_template_messages, tool_grammar
 from modal_service.constraints import CompiledConstraint, ConstraintError, Verdict, json_validator
 from modal_service.engine import Engine
+
+#: Stack for threads created from here on. llguidance compiles recursively: a 1,000-deep ``$ref``
+#: chain or a 3,000-rule Lark chain overflowed the default 8 MiB thread stack and killed the process;
+#: 256 MiB compiles both (virtual memory, only touched pages cost RAM).
+COMPILE_THREAD_STACK = 256 * 1024 * 1024
+
+
+def configure_compile_threads() -> None:
+    """Give threads created after this call (the compile workers) a deep stack. Idempotent."""
+    if threading.stack_size() < COMPILE_THREAD_STACK:
+        threading.stack_size(COMPILE_THREAD_STACK)
 
 
 class ApiError(Exception):
@@ -73,6 +85,7 @@ class Generator:
     def __init__(self, engine: Engine, limits: Limits) -> None:
         self.engine = engine
         self.limits = limits
+        configure_compile_threads()  # before the first to_thread spawns the worker threads
 
     # ------------------------------------------------------------------------- planning
     def _constraint(self, req: GenerateRequest) -> tuple[CompiledConstraint | None, bool]:
