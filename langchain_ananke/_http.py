@@ -92,8 +92,12 @@ def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     return url.scheme, url.host, url.port or default_port
 
 
+#: Headers that carry credentials: sent only to the configured origin.
+CREDENTIAL_HEADERS = ("Authorization", "Modal-Key", "Modal-Secret")
+
+
 class _OriginBound(httpx.Auth):
-    """Strips ``Authorization`` from any request not for the configured base URL's origin.
+    """Strips the credential headers from any request not for the configured base URL's origin.
 
     The clients never follow redirects either (a 3xx is an error); this keeps the key from any
     other host even if a request were ever built with an absolute URL.
@@ -104,7 +108,8 @@ class _OriginBound(httpx.Auth):
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         if _origin(request.url) != self._origin:
-            request.headers.pop("Authorization", None)
+            for name in CREDENTIAL_HEADERS:
+                request.headers.pop(name, None)
         yield request
 
 

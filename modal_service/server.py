@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import re
@@ -87,6 +88,11 @@ def _is_engine_dead(exc: BaseException) -> bool:
     return any(type(e).__name__ == "EngineDeadError" for e in (exc, exc.__cause__) if e is not None)
 
 
+def _is_engine_rejection(exc: BaseException) -> bool:
+    """vLLM refused the request's parameters (``VLLMValidationError``): the client's fault, a 422."""
+    return any(type(e).__name__ == "VLLMValidationError" for e in (exc, exc.__cause__) if e is not None)
+
+
 # ----------------------------------------------------------------------------------- admission
 #: The admission slots a request holds; set per request by :class:`_Guard`, which releases them.
 _REQUEST_SLOTS: contextvars.ContextVar[list[_Slot] | None] = contextvars.ContextVar(
@@ -148,23 +154,23 @@ class _Admission:
 # ------------------------------------------------------------------------------- the guard
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 
 
 def json_depth_exceeds(body: bytes, limit: int) -> bool:
-    """Whether JSON ``body`` nests deeper than ``limit``, in linear time and without recursion.
+    """Whether JSON ``body`` nests deeper than ``limit``: linear time, no recursion, no parsing.
 
-    Strings are dropped, then innermost ``{}``/``[]`` pairs are removed once per level. Malformed
-    bracketing stops early (False): the JSON parser answers those with a 400.
+    Strings are dropped, every bracket becomes +1 / -1, and the running sum's maximum is the depth.
     """
     skeleton = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
-    for _level in range(limit):
-        if not skeleton:
-            return False
-        shorter = skeleton.replace(b"{}", b"").replace(b"[]", b"")
-        if shorter == skeleton:
-            return False
-        skeleton = shorter
-    return bool(skeleton)
+    steps = memoryview(skeleton.translate(_DEPTH_STEP)).cast("b")
+    return max(itertools.accumulate(steps), default=0) > limit
+
+
+async def _depth_exceeds(body: bytes, limit: int) -> bool:
+    if len(body) < 64 * 1024:
+        return json_depth_exceeds(body, limit)
+    return await asyncio.to_thread(json_depth_exceeds, body, limit)  # up to ~0.2 s for 2 MiB
 
 
 def _digest(value: bytes) -> bytes:
@@ -220,7 +226,7 @@ class _Guard:
             return
         if body is None:  # the client left before sending its body
             return
-        if body and json_depth_exceeds(body, self.max_json_depth):
+        if body and await _depth_exceeds(body, self.max_json_depth):
             await error_response(422, "too_deep", f"JSON nests deeper than {self.max_json_depth} levels")(
                 scope, receive, send
             )
@@ -266,7 +272,7 @@ class _Guard:
         """Run the app with the body replayed; cancel it if the client disconnects first."""
         disconnected = asyncio.Event()
         replayed = False
-        complete = False
+        started = complete = False
         cancelled_for_disconnect = False
 
         async def replay() -> Message:
@@ -278,7 +284,8 @@ class _Guard:
             return {"type": "http.disconnect"}
 
         async def tracked_send(message: Message) -> None:
-            nonlocal complete
+            nonlocal complete, started
+            started = True
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 complete = True
             await send(message)
@@ -309,6 +316,13 @@ class _Guard:
             if not cancelled_for_disconnect or (current is not None and current.cancelling()):
                 raise
             log.info("client disconnected; request cancelled (%s %s)", scope["method"], scope["path"])
+        except Exception as exc:
+            # Answered here rather than by Starlette's outermost handler, which re-raises after
+            # answering: uvicorn would then log a traceback and reset the keep-alive connection.
+            if started:
+                log.exception("request failed after its response started")
+            else:
+                await unexpected_error_response(exc, self.engine)(scope, replay, send)
         finally:
             watcher.cancel()
             for slot in slots:
@@ -492,11 +506,19 @@ def _install_error_handlers(app: FastAPI, engine: Engine) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        if _is_engine_dead(exc):
-            log.error("the engine has died: %s", exc)
-            return _engine_unavailable(engine)
-        log.exception("unhandled error")
-        return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+        # Only reached for exceptions raised outside the guard (it answers the rest itself).
+        return unexpected_error_response(exc, engine)
+
+
+def unexpected_error_response(exc: Exception, engine: Engine) -> JSONResponse:
+    """An exception no route handled: engine death -> 503, engine rejection -> 422, else 500."""
+    if _is_engine_dead(exc):
+        log.error("the engine has died: %s", exc)
+        return _engine_unavailable(engine)
+    if _is_engine_rejection(exc):
+        return error_response(422, "invalid_request", f"the engine rejected the request: {exc}")
+    log.exception("unhandled error")
+    return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
 
 def _clean(errors: Any) -> Any:
@@ -515,12 +537,12 @@ async def _stream_response(generator: Generator, admission: _Admission, req: Gen
             async for event in events:
                 yield f"data: {event.model_dump_json(exclude_none=True)}\n\n"
         except Exception as exc:  # after the 200 header, errors travel as an error event
-            dead = _is_engine_dead(exc)
+            dead, rejected = _is_engine_dead(exc), _is_engine_rejection(exc)
             if dead:
                 log.error("the engine has died: %s", exc)
-            else:
+            elif not rejected:
                 log.exception("stream failed")
-            code = "engine_unavailable" if dead else "internal_error"
+            code = "engine_unavailable" if dead else "invalid_request" if rejected else "internal_error"
             event = StreamEvent(event="error", error=ErrorDetail(code=code, message=str(exc)))
             yield f"data: {event.model_dump_json(exclude_none=True)}\n\n"
         finally:

@@ -26,6 +26,7 @@ import asyncio
 import json
 import random
 import re
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -318,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if args.base_url is None:
         server_args = ["--max-inflight", str(args.max_inflight), "--max-tokens-cap", "256"]
-        server = ServerProcess(server_args, RESULTS / f"load-{stamp}.server.log", api_key="stress-key")
+        log_dir = Path(tempfile.mkdtemp(prefix="ananke-load-"))
+        server = ServerProcess(server_args, log_dir / "serve.log", api_key="stress-key")
+        print(f"server log: {log_dir / 'serve.log'}")
         headers = server.headers
         server.start()
         server.wait_for("ok")

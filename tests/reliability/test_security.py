@@ -25,7 +25,7 @@ KEYLESS = [
     {"Authorization": "Bearer wrong-key"},
     {"Authorization": "Basic cmVsOnRlc3Q="},
     {"Authorization": "Bearer"},
-    {"Authorization": "bearer  "},
+    {"Authorization": "Token rel-test-key-Zx81"},
     {"X-Api-Key": "rel-test-key-Zx81"},
 ]
 
@@ -254,20 +254,22 @@ async def test_async_client_does_not_follow_redirects_with_the_key(
 
 def test_key_is_stripped_from_requests_to_any_other_origin() -> None:
     """Even if the underlying httpx client were told to follow redirects, or sent an absolute URL."""
-    seen: dict[str, str | None] = {}
+    seen: dict[str, tuple[str | None, ...]] = {}
 
     def handler(request: httpx.Request) -> httpx.Response:
-        seen[str(request.url)] = request.headers.get("authorization")
+        seen[str(request.url)] = tuple(
+            request.headers.get(h) for h in ("authorization", "modal-key", "modal-secret")
+        )
         if request.url.host == "ananke.test":
             return httpx.Response(307, headers={"location": "https://evil.test/steal"})
         return httpx.Response(200, json={})
 
-    client = AnankeClient("http://ananke.test", api_key="sk-secret")
+    client = AnankeClient("http://ananke.test", api_key="sk-secret", modal_key="mk", modal_secret="ms")  # noqa: S106
     kwargs = client._client_kwargs() | {"follow_redirects": True}
     client._client = httpx.Client(**kwargs, transport=httpx.MockTransport(handler))
     client._client.post("/generate_api", json={})
     client._client.get("http://ananke.test:8080/other-port")
-    assert seen["http://ananke.test/generate_api"] == "Bearer sk-secret"
-    assert seen["https://evil.test/steal"] is None
-    assert seen["http://ananke.test:8080/other-port"] is None
+    assert seen["http://ananke.test/generate_api"] == ("Bearer sk-secret", "mk", "ms")
+    assert seen["https://evil.test/steal"] == (None, None, None)
+    assert seen["http://ananke.test:8080/other-port"] == (None, None, None)
     assert client._client_kwargs()["follow_redirects"] is False
