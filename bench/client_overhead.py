@@ -24,19 +24,44 @@ import httpx
 from bench.common import free_port, load_avg
 
 CONTENT = '{"name":"Bob","age":31,"city":"Oslo"}'
-OURS_RESPONSE = json.dumps({
-    "generated_text": CONTENT, "tokens_generated": 14, "generation_time_ms": 1.0,
-    "metadata": {"model": "fake", "constraint_type": "json_schema", "constraint_mode": "exact",
-                 "compile_time_ms": 0.1, "cache_hit": True, "attempts": 1, "time_to_first_token_ms": None},
-    "constraint_satisfied": True, "constraint_error": None, "finish_reason": "stop",
-    "usage": {"prompt_tokens": 20, "completion_tokens": 14, "total_tokens": 34}, "tool_calls": None,
-}).encode()
-OPENAI_RESPONSE = json.dumps({
-    "id": "chatcmpl-fake", "object": "chat.completion", "created": 1_700_000_000, "model": "fake",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": CONTENT, "refusal": None},
-                 "finish_reason": "stop", "logprobs": None}],
-    "usage": {"prompt_tokens": 20, "completion_tokens": 14, "total_tokens": 34},
-}).encode()
+OURS_RESPONSE = json.dumps(
+    {
+        "generated_text": CONTENT,
+        "tokens_generated": 14,
+        "generation_time_ms": 1.0,
+        "metadata": {
+            "model": "fake",
+            "constraint_type": "json_schema",
+            "constraint_mode": "exact",
+            "compile_time_ms": 0.1,
+            "cache_hit": True,
+            "attempts": 1,
+            "time_to_first_token_ms": None,
+        },
+        "constraint_satisfied": True,
+        "constraint_error": None,
+        "finish_reason": "stop",
+        "usage": {"prompt_tokens": 20, "completion_tokens": 14, "total_tokens": 34},
+        "tool_calls": None,
+    }
+).encode()
+OPENAI_RESPONSE = json.dumps(
+    {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": "fake",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": CONTENT, "refusal": None},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": {"prompt_tokens": 20, "completion_tokens": 14, "total_tokens": 34},
+    }
+).encode()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -60,7 +85,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
@@ -105,8 +130,9 @@ def run(n: int = 400, warmup: int = 50, log: Any = print) -> dict[str, Any]:
                     raise
                 time.sleep(0.1)
         ours = ChatAnanke(base_url=url, temperature=0, max_tokens=64, max_retries=0)
-        theirs = ChatOpenAI(base_url=f"{url}/v1", api_key="unused", model="fake", temperature=0,
-                            max_tokens=64, max_retries=0)
+        theirs = ChatOpenAI(
+            base_url=f"{url}/v1", api_key="unused", model="fake", temperature=0, max_tokens=64, max_retries=0
+        )
         ours_so = ours.with_structured_output(Person)
         theirs_so = theirs.with_structured_output(Person, method="json_schema")
         raw = httpx.Client(base_url=url)
@@ -114,6 +140,7 @@ def run(n: int = 400, warmup: int = 50, log: Any = print) -> dict[str, Any]:
         assert ours_so.invoke("hi") == theirs_so.invoke("hi") == Person(name="Bob", age=31, city="Oslo")
 
         from langchain_core.messages import HumanMessage
+
         msgs = [HumanMessage("hi")]
         data = json.loads(OURS_RESPONSE)
         cases: dict[str, Callable[[], Any]] = {
@@ -137,12 +164,13 @@ def run(n: int = 400, warmup: int = 50, log: Any = print) -> dict[str, Any]:
         for name, values in samples.items():
             med = statistics.median(values)
             results[name] = {
-                "median_us": round(med, 1), "mean_us": round(statistics.fmean(values), 1),
-                "p95_us": round(sorted(values)[int(len(values) * 0.95)], 1), "n": len(values),
+                "median_us": round(med, 1),
+                "mean_us": round(statistics.fmean(values), 1),
+                "p95_us": round(sorted(values)[int(len(values) * 0.95)], 1),
+                "n": len(values),
                 "over_floor_us": round(med - floor, 1) if not name.startswith(("http", "ours_re")) else None,
             }
-            log(f"  client {name:<20} median {med:8.1f} µs  over floor "
-                f"{results[name]['over_floor_us']}")
+            log(f"  client {name:<20} median {med:8.1f} µs  over floor {results[name]['over_floor_us']}")
         raw.close()
         return {"cases": results, "load_before": before, "load_after": load_avg(), "n": n}
     finally:

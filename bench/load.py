@@ -58,10 +58,21 @@ async def closed_loop(n: int, c: int, send: Callable[[int], Awaitable[Row]]) -> 
 
 
 # --------------------------------------------------------------------------------- our service
-def ours_body(mode: str, max_tokens: int, *, schema: dict[str, Any] | None = None, stream: bool = False,
-              prompt: str = ARRAY_PROMPT) -> dict[str, Any]:
-    body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "seed": 1,
-                            "stream": stream}
+def ours_body(
+    mode: str,
+    max_tokens: int,
+    *,
+    schema: dict[str, Any] | None = None,
+    stream: bool = False,
+    prompt: str = ARRAY_PROMPT,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "seed": 1,
+        "stream": stream,
+    }
     if mode == "json":
         body["constraints"] = {"json_schema": schema or ARRAY_SCHEMA}
     return body
@@ -81,8 +92,12 @@ async def ours_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Row:
     async with client.stream("POST", "/generate_api", json=body) as resp:
         if resp.status_code != 200:
             await resp.aread()
-            return {"status": resp.status_code, "lat_s": time.perf_counter() - started,
-                    "error": resp.text[:300], "tokens": 0}
+            return {
+                "status": resp.status_code,
+                "lat_s": time.perf_counter() - started,
+                "error": resp.text[:300],
+                "tokens": 0,
+            }
         async for line in resp.aiter_lines():
             if not line.startswith("data:"):
                 continue
@@ -92,8 +107,12 @@ async def ours_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Row:
             elif event["event"] == "done":
                 final = event["response"]
             elif event["event"] == "error":
-                return {"status": 200, "lat_s": time.perf_counter() - started, "error": str(event),
-                        "tokens": 0}
+                return {
+                    "status": 200,
+                    "lat_s": time.perf_counter() - started,
+                    "error": str(event),
+                    "tokens": 0,
+                }
     lat = time.perf_counter() - started
     assert final is not None
     return _ours_row(final, lat, ttft)
@@ -105,9 +124,15 @@ def _ours_row(data: dict[str, Any], lat: float, ttft: float | None) -> Row:
     gen_ms = float(data["generation_time_ms"])
     server_ttft = meta.get("time_to_first_token_ms")
     row: Row = {
-        "status": 200, "lat_s": lat, "tokens": tokens, "finish": data["finish_reason"],
-        "gen_ms": gen_ms, "server_ttft_ms": server_ttft, "ttft_s": ttft,
-        "compile_ms": meta.get("compile_time_ms"), "cache_hit": meta.get("cache_hit"),
+        "status": 200,
+        "lat_s": lat,
+        "tokens": tokens,
+        "finish": data["finish_reason"],
+        "gen_ms": gen_ms,
+        "server_ttft_ms": server_ttft,
+        "ttft_s": ttft,
+        "compile_ms": meta.get("compile_time_ms"),
+        "cache_hit": meta.get("cache_hit"),
         "satisfied": data.get("constraint_satisfied"),
     }
     row["ms_per_token"] = gen_ms / tokens if tokens else None
@@ -119,15 +144,29 @@ def _ours_row(data: dict[str, Any], lat: float, ttft: float | None) -> Row:
 
 
 # ---------------------------------------------------------------------------------- the peer
-def peer_body(mode: str, max_tokens: int, *, stream: bool = False, prompt: str = ARRAY_PROMPT,
-              schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": max_tokens,
-                            "temperature": 0.0, "seed": 1, "stream": stream}
+def peer_body(
+    mode: str,
+    max_tokens: int,
+    *,
+    stream: bool = False,
+    prompt: str = ARRAY_PROMPT,
+    schema: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": SERVED_NAME,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "seed": 1,
+        "stream": stream,
+    }
     if stream:
         body["stream_options"] = {"include_usage": True}
     if mode == "json":
-        body["response_format"] = {"type": "json_schema",
-                                   "json_schema": {"name": "bench", "schema": schema or ARRAY_SCHEMA}}
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "bench", "schema": schema or ARRAY_SCHEMA},
+        }
     return body
 
 
@@ -141,16 +180,26 @@ async def peer_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Row:
             return {"status": resp.status_code, "lat_s": lat, "error": resp.text[:300], "tokens": 0}
         data = resp.json()
         tokens = int(data["usage"]["completion_tokens"])
-        return {"status": 200, "lat_s": lat, "tokens": tokens, "finish": data["choices"][0]["finish_reason"],
-                "ms_per_token": lat * 1000 / tokens if tokens else None, "text": data["choices"][0]["text"]}
+        return {
+            "status": 200,
+            "lat_s": lat,
+            "tokens": tokens,
+            "finish": data["choices"][0]["finish_reason"],
+            "ms_per_token": lat * 1000 / tokens if tokens else None,
+            "text": data["choices"][0]["text"],
+        }
     ttft = None
     tokens = 0
     finish = None
     async with client.stream("POST", "/v1/completions", json=body) as resp:
         if resp.status_code != 200:
             await resp.aread()
-            return {"status": resp.status_code, "lat_s": time.perf_counter() - started,
-                    "error": resp.text[:300], "tokens": 0}
+            return {
+                "status": resp.status_code,
+                "lat_s": time.perf_counter() - started,
+                "error": resp.text[:300],
+                "tokens": 0,
+            }
         async for line in resp.aiter_lines():
             if not line.startswith("data:") or line.strip() == "data: [DONE]":
                 continue
@@ -162,8 +211,14 @@ async def peer_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Row:
             if chunk.get("usage"):
                 tokens = int(chunk["usage"]["completion_tokens"])
     lat = time.perf_counter() - started
-    row: Row = {"status": 200, "lat_s": lat, "tokens": tokens, "finish": finish, "ttft_s": ttft,
-                "ms_per_token": lat * 1000 / tokens if tokens else None}
+    row: Row = {
+        "status": 200,
+        "lat_s": lat,
+        "tokens": tokens,
+        "finish": finish,
+        "ttft_s": ttft,
+        "ms_per_token": lat * 1000 / tokens if tokens else None,
+    }
     if ttft is not None and tokens > 1:
         row["ms_per_step"] = (lat - ttft) * 1000 / (tokens - 1)
     return row
@@ -175,12 +230,18 @@ def summarize(name: str, rows: list[Row], wall: float, extra: dict[str, Any]) ->
     tokens = sum(r["tokens"] for r in ok)
     lat = [r["lat_s"] for r in ok]
     out = {
-        "phase": name, **extra,
-        "requests": len(rows), "ok": len(ok), "errors": [r.get("error") for r in rows if r not in ok][:3],
-        "wall_s": rnd(wall, 3), "out_tokens": tokens, "tok_s": rnd(tokens / wall if wall else 0, 2),
+        "phase": name,
+        **extra,
+        "requests": len(rows),
+        "ok": len(ok),
+        "errors": [r.get("error") for r in rows if r not in ok][:3],
+        "wall_s": rnd(wall, 3),
+        "out_tokens": tokens,
+        "tok_s": rnd(tokens / wall if wall else 0, 2),
         "mean_tokens": rnd(mean([r["tokens"] for r in ok]), 1),
         "finish": dict(Counter(str(r.get("finish")) for r in ok)),
-        "lat_p50_s": rnd(pct(lat, 50), 3), "lat_p95_s": rnd(pct(lat, 95), 3),
+        "lat_p50_s": rnd(pct(lat, 50), 3),
+        "lat_p95_s": rnd(pct(lat, 95), 3),
         "ms_per_token_p50": rnd(pct([r.get("ms_per_token") for r in ok], 50), 2),
         "ms_per_step_p50": rnd(pct([r.get("ms_per_step") for r in ok], 50), 2),
     }
@@ -197,9 +258,19 @@ def summarize(name: str, rows: list[Row], wall: float, extra: dict[str, Any]) ->
 
 
 async def run_phase(
-    name: str, base_url: str, *, target: str, mode: str, c: int, n: int, max_tokens: int,
-    stream: bool = False, schema: dict[str, Any] | None = None, prompt: str = ARRAY_PROMPT,
-    unique_schema: bool = False, log: Callable[[str], None] = print,
+    name: str,
+    base_url: str,
+    *,
+    target: str,
+    mode: str,
+    c: int,
+    n: int,
+    max_tokens: int,
+    stream: bool = False,
+    schema: dict[str, Any] | None = None,
+    prompt: str = ARRAY_PROMPT,
+    unique_schema: bool = False,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """One phase against ``target`` ("ours" or "peer"); returns its summary (rows included)."""
     limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
@@ -212,18 +283,34 @@ async def run_phase(
                 use = {**schema, "title": f"bench-{uuid.uuid4().hex[:12]}"}
             if target == "ours":
                 return await ours_request(
-                    client, ours_body(mode, max_tokens, schema=use, stream=stream, prompt=prompt))
+                    client, ours_body(mode, max_tokens, schema=use, stream=stream, prompt=prompt)
+                )
             return await peer_request(
-                client, peer_body(mode, max_tokens, stream=stream, prompt=prompt, schema=use))
+                client, peer_body(mode, max_tokens, stream=stream, prompt=prompt, schema=use)
+            )
 
         rows, wall = await closed_loop(n, c, send)
     for row in rows:
         row.pop("text", None)
-    summary = summarize(name, rows, wall, {"target": target, "mode": mode, "c": c, "max_tokens": max_tokens,
-                                           "stream": stream, "load_before": before, "load_after": load_avg()})
-    log(f"  {name:<28} {target:<5} {mode:<5} c={c:<3} n={n:<4} {summary['tok_s']:>8} tok/s "
+    summary = summarize(
+        name,
+        rows,
+        wall,
+        {
+            "target": target,
+            "mode": mode,
+            "c": c,
+            "max_tokens": max_tokens,
+            "stream": stream,
+            "load_before": before,
+            "load_after": load_avg(),
+        },
+    )
+    log(
+        f"  {name:<28} {target:<5} {mode:<5} c={c:<3} n={n:<4} {summary['tok_s']:>8} tok/s "
         f"lat p50 {summary['lat_p50_s']} s  ms/tok {summary['ms_per_token_p50']}  "
-        f"ms/step {summary['ms_per_step_p50']}  ttft {summary.get('ttft_p50_ms')}  load {before[0]}")
+        f"ms/step {summary['ms_per_step_p50']}  ttft {summary.get('ttft_p50_ms')}  load {before[0]}"
+    )
     summary["rows"] = rows
     return summary
 
@@ -237,14 +324,20 @@ def combine(phases: list[dict[str, Any]]) -> dict[str, Any]:
     extra["reps"] = len(phases)
     extra["load_before"] = first["load_before"]
     extra["load_after"] = phases[-1]["load_after"]
-    out = summarize(first["phase"].rsplit("#", 1)[0], rows, wall, extra)
-    return out
+    return summarize(first["phase"].rsplit("#", 1)[0], rows, wall, extra)
 
 
 def make_schema(n_props: int) -> dict[str, Any]:
     """An array (that cannot close) of objects with ``n_props`` integer/boolean/string properties."""
     kinds = [{"type": "integer"}, {"type": "boolean"}, {"type": "string", "maxLength": 8}]
     props = {f"p{i}": kinds[i % 3] for i in range(n_props)}
-    return {"type": "array", "minItems": 500,
-            "items": {"type": "object", "properties": props, "required": list(props),
-                      "additionalProperties": False}}
+    return {
+        "type": "array",
+        "minItems": 500,
+        "items": {
+            "type": "object",
+            "properties": props,
+            "required": list(props),
+            "additionalProperties": False,
+        },
+    }

@@ -3,9 +3,9 @@
 - (a) ``peer_json_schema``: vLLM's OpenAI server + ``ChatOpenAI(base_url=peer/v1)
   .with_structured_output(Model, method="json_schema")``;
 - (b) ``ours``: ``ChatAnanke(base_url=ours).with_structured_output(Model)``;
-- (c) ``peer_parse_retry``: plain ``ChatOpenAI`` on vLLM's server, ``json.loads`` + validation, up to 2
-  retries on failure (retries at temperature 0.7 with a new seed: at temperature 0 a retry would repeat
-  the same answer).
+- (c) ``peer_parse_retry``: plain ``ChatOpenAI`` on vLLM's server, JSON extracted leniently
+  (:func:`extract_json`: code fences, else first ``{`` to last ``}``) + validation, up to 2 retries on
+  failure (at temperature 0.7 with a new seed: at temperature 0 a retry would repeat the same answer).
 
 All three get the same chat messages (the task text and the JSON Schema in one user turn), temperature
 0, the same ``max_tokens``, 16 requests in flight. Validity is checked here, independently: the raw
@@ -76,27 +76,58 @@ def valid(model: type[BaseModel], text: str) -> bool:
     return True
 
 
+def extract_json(text: str) -> str:
+    """What a parse-and-retry user would do: ``parse_json_markdown`` (code fences), else the span from
+    the first ``{`` to the last ``}``. Returns JSON text, or raises ``ValueError``."""
+    from langchain_core.utils.json import parse_json_markdown
+
+    try:
+        return json.dumps(parse_json_markdown(text, parser=json.loads))
+    except ValueError:
+        pass
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end <= start:
+        raise ValueError("no JSON object in the output")
+    candidate = text[start : end + 1]
+    json.loads(candidate)
+    return candidate
+
+
 def _tokens(message: Any) -> int:
     usage = getattr(message, "usage_metadata", None) or {}
     return int(usage.get("output_tokens") or 0)
 
 
-async def run_method(method: str, base_url: str, *, n: int, c: int, max_tokens: int,
-                     log: Any = print) -> dict[str, Any]:
+async def run_method(
+    method: str, base_url: str, *, n: int, c: int, max_tokens: int, log: Any = print
+) -> dict[str, Any]:
     """``n`` calls (cycling through :data:`TASKS`), ``c`` in flight."""
     from langchain_openai import ChatOpenAI
 
     from langchain_ananke import ChatAnanke
 
     if method == "ours":
-        chat: Any = ChatAnanke(base_url=base_url, temperature=0, max_tokens=max_tokens, timeout=1800,
-                               max_retries=0)
+        chat: Any = ChatAnanke(
+            base_url=base_url, temperature=0, max_tokens=max_tokens, timeout=1800, max_retries=0
+        )
     else:
-        chat = ChatOpenAI(base_url=f"{base_url}/v1", api_key="unused", model=SERVED_NAME, temperature=0,
-                          max_tokens=max_tokens, timeout=1800, max_retries=0)
-    bound = {m: (chat.with_structured_output(m, include_raw=True) if method == "ours" else
-                 chat.with_structured_output(m, method="json_schema", include_raw=True))
-             for m in {t[0] for t in TASKS}}
+        chat = ChatOpenAI(
+            base_url=f"{base_url}/v1",
+            api_key="unused",
+            model=SERVED_NAME,
+            temperature=0,
+            max_tokens=max_tokens,
+            timeout=1800,
+            max_retries=0,
+        )
+    bound = {
+        m: (
+            chat.with_structured_output(m, include_raw=True)
+            if method == "ours"
+            else chat.with_structured_output(m, method="json_schema", include_raw=True)
+        )
+        for m in {t[0] for t in TASKS}
+    }
     sem = asyncio.Semaphore(c)
 
     async def one(i: int) -> dict[str, Any]:
@@ -111,14 +142,23 @@ async def run_method(method: str, base_url: str, *, n: int, c: int, max_tokens: 
                 else:
                     out = await bound[model].ainvoke(msgs)
                     raw = out["raw"]
-                    row |= {"text": raw.content, "tokens": _tokens(raw), "attempts": 1,
-                            "parsed": out["parsed"] is not None,
-                            "finish": raw.response_metadata.get("finish_reason")}
+                    row |= {
+                        "text": raw.content,
+                        "tokens": _tokens(raw),
+                        "attempts": 1,
+                        "parsed": out["parsed"] is not None,
+                        "finish": raw.response_metadata.get("finish_reason"),
+                    }
                     if out.get("parsing_error") is not None:
                         row["error"] = str(out["parsing_error"])[:200]
             except Exception as exc:
-                row |= {"text": "", "tokens": 0, "attempts": 1, "parsed": False,
-                        "error": f"{type(exc).__name__}: {exc}"[:200]}
+                row |= {
+                    "text": "",
+                    "tokens": 0,
+                    "attempts": 1,
+                    "parsed": False,
+                    "error": f"{type(exc).__name__}: {exc}"[:200],
+                }
             row["lat_s"] = time.perf_counter() - started
         row["valid"] = valid(model, row["text"])
         return row
@@ -131,19 +171,31 @@ async def run_method(method: str, base_url: str, *, n: int, c: int, max_tokens: 
     tokens = sum(r["tokens"] for r in rows)
     n_valid = sum(r["valid"] for r in rows)
     summary = {
-        "method": method, "n": n, "c": c, "max_tokens": max_tokens, "wall_s": rnd(wall, 3),
-        "valid": n_valid, "validity": rnd(n_valid / n, 4), "parsed": sum(bool(r.get("parsed")) for r in rows),
-        "out_tokens": tokens, "tok_s": rnd(tokens / wall, 2), "valid_per_s": rnd(n_valid / wall, 4),
-        "lat_p50_s": rnd(pct(lat, 50), 3), "lat_p95_s": rnd(pct(lat, 95), 3),
+        "method": method,
+        "n": n,
+        "c": c,
+        "max_tokens": max_tokens,
+        "wall_s": rnd(wall, 3),
+        "valid": n_valid,
+        "validity": rnd(n_valid / n, 4),
+        "parsed": sum(bool(r.get("parsed")) for r in rows),
+        "out_tokens": tokens,
+        "tok_s": rnd(tokens / wall, 2),
+        "valid_per_s": rnd(n_valid / wall, 4),
+        "lat_p50_s": rnd(pct(lat, 50), 3),
+        "lat_p95_s": rnd(pct(lat, 95), 3),
         "mean_tokens": rnd(mean([r["tokens"] for r in rows]), 1),
         "attempts": dict(Counter(r["attempts"] for r in rows)),
         "finish": dict(Counter(str(r.get("finish")) for r in rows)),
         "errors": sorted({r["error"] for r in rows if r.get("error")})[:5],
-        "load_before": before, "load_after": load_avg(),
+        "load_before": before,
+        "load_after": load_avg(),
         "rows": rows,
     }
-    log(f"  structured {method:<17} valid {n_valid}/{n}  {summary['tok_s']} tok/s  "
-        f"p50 {summary['lat_p50_s']} s  p95 {summary['lat_p95_s']} s  load {before[0]}")
+    log(
+        f"  structured {method:<17} valid {n_valid}/{n}  {summary['tok_s']} tok/s  "
+        f"p50 {summary['lat_p50_s']} s  p95 {summary['lat_p95_s']} s  load {before[0]}"
+    )
     return summary
 
 
@@ -158,6 +210,7 @@ async def _parse_retry(chat: Any, model: type[BaseModel], msgs: list[tuple[str, 
         text = msg.content if isinstance(msg.content, str) else ""
         finish = msg.response_metadata.get("finish_reason")
         try:
+            text = extract_json(text)
             model.model_validate(json.loads(text))
         except ValueError:
             continue
