@@ -31,7 +31,12 @@ from llguidance.gbnf_to_lark import any_to_lark, is_lark_syntax
 from vllm.sampling_params import StructuredOutputsParams
 
 from langchain_ananke.protocol import Constraints
-from modal_service.schema_tools import apply_length_caps, finite_instance_error
+from modal_service.schema_tools import (
+    apply_length_caps,
+    count_grammar_rules,
+    exceeds_depth,
+    finite_instance_error,
+)
 
 
 class ConstraintError(ValueError):
@@ -81,6 +86,10 @@ class CompilerLimits:
     step_lexer_fuel: int = 200_000
     max_grammar_size: int = 500_000
     max_lexer_states: int = 250_000
+    max_schema_depth: int = 64
+    """Nesting plus ``$ref`` hops; vLLM refuses deeper JSON, and ~1,000 crashes llguidance."""
+    max_grammar_rules: int = 500
+    """A 3,000-rule chain overflowed llguidance's stack in vLLM's engine process."""
     cache_size: int = 512
 
 
@@ -173,6 +182,12 @@ class ConstraintCompiler:
             ll = llguidance.LLMatcher.grammar_from_regex(joined)
             return self._finish(kind, StructuredOutputsParams(regex=joined), ll, regexes=patterns)
         if c.grammar is not None:
+            rules = count_grammar_rules(c.grammar)
+            if rules > self.limits.max_grammar_rules:
+                raise ConstraintError(
+                    f"grammar has {rules} rules; the limit is {self.limits.max_grammar_rules}",
+                    {"rules": rules, "limit": self.limits.max_grammar_rules},
+                )
             lark = grammar_to_lark(c.grammar)
             return self._finish(kind, StructuredOutputsParams(grammar=lark), lark_to_ll(lark))
         if c.choice is not None:
@@ -189,6 +204,11 @@ class ConstraintCompiler:
         """Exact when llguidance can enforce every keyword; otherwise (unless ``strict``) compiled
         leniently, with ``oneOf`` as ``anyOf``, and left to the full-schema check to decide."""
         _check_schema(schema)
+        if exceeds_depth(schema, self.limits.max_schema_depth):
+            raise ConstraintError(
+                f"schema nests (or chains $refs) deeper than {self.limits.max_schema_depth} levels",
+                {"limit": self.limits.max_schema_depth},
+            )
         problem = finite_instance_error(schema)
         if problem:
             raise ConstraintError(problem)

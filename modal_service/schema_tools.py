@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
@@ -134,3 +135,51 @@ def apply_length_caps(
 
     walk(out)
     return out, count
+
+
+def exceeds_depth(schema: Any, limit: int) -> bool:
+    """Whether nesting plus local ``$ref`` hops go deeper than ``limit`` along any path.
+
+    Cycles (recursive schemas) do not count: they are expanded lazily by the grammar. Long acyclic
+    chains do: llguidance (in our process and again in vLLM's engine process) recurses once per
+    level and overflowed an 8 MiB thread stack at about 1,000 levels; vLLM itself refuses JSON
+    nested deeper than 64.
+    """
+    memo: dict[str, int] = {}
+
+    def depth(node: Any, path: frozenset[str], level: int) -> int:
+        if level > limit:
+            return level
+        if isinstance(node, list):
+            return max((depth(x, path, level) for x in node), default=level)
+        if not isinstance(node, dict):
+            return level
+        best = level
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref not in path:
+            if ref in memo:
+                best = max(best, level + memo[ref])
+            else:
+                target = _resolve(schema, ref)
+                if target is not None:
+                    found = depth(target, path | {ref}, level + 1)
+                    memo[ref] = found - level
+                    best = max(best, found)
+        for key, value in node.items():
+            if key in ("$defs", "definitions", "enum", "const", "default", "examples"):
+                continue
+            if isinstance(value, dict | list):
+                best = max(best, depth(value, path, level + 1))
+            if best > limit:
+                break
+        return best
+
+    return depth(schema, frozenset(), 0) > limit
+
+
+_LARK_RULE = re.compile(r"^\s*[?!]?[A-Za-z_][A-Za-z0-9_.]*\s*(?:\{[^}]*\})?\s*(?::|::=)", re.MULTILINE)
+
+
+def count_grammar_rules(grammar: str) -> int:
+    """Rule definitions in a Lark or GBNF grammar (a cheap bound before llguidance sees it)."""
+    return len(_LARK_RULE.findall(grammar))

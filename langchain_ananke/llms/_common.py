@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from langchain_core.language_models import LangSmithParams
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.utils import from_env, secret_from_env
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
@@ -87,6 +88,10 @@ class AnankeParams(BaseModel):
         return self._async_client
 
     @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"base_url": self.base_url, "model": self.model, **self._default_params}
+
+    @property
     def _default_params(self) -> dict[str, Any]:
         params = {k: getattr(self, k) for k in SAMPLING_FIELDS if getattr(self, k) is not None}
         return params | self.model_kwargs
@@ -117,6 +122,14 @@ class AnankeParams(BaseModel):
         fields |= {k: v for k, v in kwargs.items() if v is not None}
         fields |= {"prompt": prompt, "messages": messages, "stream": stream}
         return GenerateRequest.model_validate(fields), require
+
+
+def ananke_ls_params(params: LangSmithParams) -> LangSmithParams:
+    """The base class's LangSmith params, marked as ours. The base already resolved a per-call
+    ``model`` override, then ``self.model``."""
+    params["ls_provider"] = "ananke"
+    params["ls_model_name"] = params.get("ls_model_name") or "ananke"
+    return params
 
 
 def response_metadata(resp: GenerateResponse, model: str | None = None) -> dict[str, Any]:

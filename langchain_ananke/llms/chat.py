@@ -23,7 +23,13 @@ from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
-from langchain_ananke.llms._common import AnankeParams, enforce, response_metadata, usage_metadata
+from langchain_ananke.llms._common import (
+    AnankeParams,
+    ananke_ls_params,
+    enforce,
+    response_metadata,
+    usage_metadata,
+)
 from langchain_ananke.parsers.structured import Method, structured_runnable
 from langchain_ananke.protocol import GenerateResponse, StreamEvent
 
@@ -133,16 +139,8 @@ class ChatAnanke(AnankeParams, BaseChatModel):
     def _llm_type(self) -> str:
         return "ananke-chat"
 
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return {"base_url": self.base_url, "model": self.model, **self._default_params}
-
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = super()._get_ls_params(stop=stop, **kwargs)
-        params["ls_provider"] = "ananke"
-        # The base class already resolved a per-call ``model`` override, then ``self.model``.
-        params["ls_model_name"] = params.get("ls_model_name") or "ananke"
-        return params
+        return ananke_ls_params(super()._get_ls_params(stop=stop, **kwargs))
 
     def _chat_request(self, messages: list[BaseMessage], stop: list[str] | None, stream: bool,
                       **kwargs: Any) -> Any:

@@ -10,7 +10,7 @@ from langchain_core.language_models import BaseLLM, LangSmithParams
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from langchain_core.runnables import Runnable
 
-from langchain_ananke.llms._common import AnankeParams, enforce, response_metadata
+from langchain_ananke.llms._common import AnankeParams, ananke_ls_params, enforce, response_metadata
 from langchain_ananke.parsers.structured import Method, structured_runnable
 from langchain_ananke.protocol import BatchGenerateResponse, GenerateResponse, StreamEvent
 
@@ -52,16 +52,8 @@ class AnankeLLM(AnankeParams, BaseLLM):
     def _llm_type(self) -> str:
         return "ananke"
 
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return {"base_url": self.base_url, "model": self.model, **self._default_params}
-
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = super()._get_ls_params(stop=stop, **kwargs)
-        params["ls_provider"] = "ananke"
-        # The base class already resolved a per-call ``model`` override, then ``self.model``.
-        params["ls_model_name"] = params.get("ls_model_name") or "ananke"
-        return params
+        return ananke_ls_params(super()._get_ls_params(stop=stop, **kwargs))
 
     @staticmethod
     def _results(resp: GenerateResponse | BatchGenerateResponse) -> list[GenerateResponse]:

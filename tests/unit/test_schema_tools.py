@@ -8,7 +8,13 @@ from typing import Any
 import jsonschema
 import pytest
 
-from modal_service.schema_tools import INT_BOUND, apply_length_caps, finite_instance_error
+from modal_service.schema_tools import (
+    INT_BOUND,
+    apply_length_caps,
+    count_grammar_rules,
+    exceeds_depth,
+    finite_instance_error,
+)
 
 SELF = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
 
@@ -19,16 +25,55 @@ SELF = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
         ({"type": "string"}, True),
         (SELF, False),
         ({"type": "object", "properties": {"a": {"$ref": "#"}}}, True),  # optional: {} is an instance
-        ({"$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}},
-                          "required": ["next"]}}, "$ref": "#/$defs/n"}, False),
-        ({"$defs": {"n": {"type": "object", "properties": {"kids": {"type": "array",
-                                                                      "items": {"$ref": "#/$defs/n"}}},
-                          "required": ["kids"]}}, "$ref": "#/$defs/n"}, True),
-        ({"$defs": {"n": {"type": "object", "properties": {"kids": {"type": "array", "minItems": 1,
-                                                                      "items": {"$ref": "#/$defs/n"}}},
-                          "required": ["kids"]}}, "$ref": "#/$defs/n"}, False),
-        ({"type": "object", "properties": {"a": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
-          "required": ["a"]}, True),
+        (
+            {
+                "$defs": {
+                    "n": {
+                        "type": "object",
+                        "properties": {"next": {"$ref": "#/$defs/n"}},
+                        "required": ["next"],
+                    }
+                },
+                "$ref": "#/$defs/n",
+            },
+            False,
+        ),
+        (
+            {
+                "$defs": {
+                    "n": {
+                        "type": "object",
+                        "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/n"}}},
+                        "required": ["kids"],
+                    }
+                },
+                "$ref": "#/$defs/n",
+            },
+            True,
+        ),
+        (
+            {
+                "$defs": {
+                    "n": {
+                        "type": "object",
+                        "properties": {
+                            "kids": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/n"}}
+                        },
+                        "required": ["kids"],
+                    }
+                },
+                "$ref": "#/$defs/n",
+            },
+            False,
+        ),
+        (
+            {
+                "type": "object",
+                "properties": {"a": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
+                "required": ["a"],
+            },
+            True,
+        ),
         ({"enum": []}, False),
         (False, False),
         ({"type": "object", "properties": {"a": False}, "required": ["a"]}, False),
@@ -94,3 +139,56 @@ def test_caps_only_narrow() -> None:
     jsonschema.validate(instance, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"s": "abcdef"}, capped)
+
+
+def _chain(n: int) -> dict[str, Any]:
+    defs: dict[str, Any] = {
+        f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{i + 1}"}}} for i in range(n)
+    }
+    defs[f"d{n}"] = {"type": "integer"}
+    return {"$ref": "#/$defs/d0", "$defs": defs}
+
+
+def _nested(n: int) -> dict[str, Any]:
+    node: dict[str, Any] = {"type": "integer"}
+    for _ in range(n):
+        node = {"type": "object", "properties": {"x": node}}
+    return node
+
+
+@pytest.mark.parametrize(
+    ("schema", "too_deep"),
+    [
+        (_chain(10), False),
+        (_chain(1000), True),
+        (_nested(10), False),
+        (_nested(45), True),
+        (
+            {
+                "$defs": {
+                    "n": {
+                        "type": "object",
+                        "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/n"}}},
+                    }
+                },
+                "$ref": "#/$defs/n",
+            },
+            False,
+        ),
+    ],
+)
+def test_exceeds_depth(schema: dict[str, Any], too_deep: bool) -> None:
+    assert exceeds_depth(schema, 64) is too_deep
+
+
+@pytest.mark.parametrize(
+    ("grammar", "rules"),
+    [
+        ('start: "a" b\nb: "b"', 2),
+        ("root ::= x\nx ::= [a-z]+", 2),
+        ("start: r0\n" + "\n".join(f'r{i}: "{i}" r{i + 1} | "{i}"' for i in range(30)), 31),
+        ('start: "x"\n%import common.WS\nNAME: /[a-z]+/', 2),
+    ],
+)
+def test_count_grammar_rules(grammar: str, rules: int) -> None:
+    assert count_grammar_rules(grammar) == rules
