@@ -59,7 +59,7 @@ def overhead(result: dict[str, Any]) -> str:
                 _ratio(u["ms_per_token_p50"], j["ms_per_token_p50"]),
                 f"{_f(u['lat_p50_s'], 2)} / {_f(u['lat_p95_s'], 2)}",
                 f"{_f(j['lat_p50_s'], 2)} / {_f(j['lat_p95_s'], 2)}",
-                f"{u['load_before'][0]}–{j['load_after'][0]}",
+                f"{u['load_before'][0]}→{u['load_after'][0]} / {j['load_before'][0]}→{j['load_after'][0]}",
             ]
         )
     return _table(
@@ -74,7 +74,7 @@ def overhead(result: dict[str, Any]) -> str:
             "per-token ratio (unc ms / JSON ms)",
             "latency p50/p95 unc (s)",
             "latency p50/p95 JSON (s)",
-            "load avg (1 min)",
+            "load avg (1 min) unc / JSON, before→after",
         ],
         rows,
     )

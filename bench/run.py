@@ -242,6 +242,19 @@ async def peer_phases(url: str, cfg: dict[str, Any], result: dict[str, Any]) -> 
             )
     result["peer_raw"] = peer
 
+    if not _due(result, "conformance", 1.0):
+        return
+    _log("3. conformance (vLLM server)")
+    cases = conformance.load_cases(cfg["conformance_per_category"])
+    result.setdefault("conformance", {})["peer"] = await conformance.run(
+        "peer",
+        url,
+        cases,
+        max_tokens=cfg["conformance_max_tokens"],
+        concurrency=cfg["conformance_concurrency"],
+        log=_log,
+    )
+
     if not _due(result, "structured", 1.0):
         return
     _log("2. structured output via LangChain: (a) and (c) on vLLM's server")
@@ -256,19 +269,6 @@ async def peer_phases(url: str, cfg: dict[str, Any], result: dict[str, Any]) -> 
                 log=_log,
             )
         )
-
-    if not _due(result, "conformance", 1.0):
-        return
-    _log("3. conformance (vLLM server)")
-    cases = conformance.load_cases(cfg["conformance_per_category"])
-    result.setdefault("conformance", {})["peer"] = await conformance.run(
-        "peer",
-        url,
-        cases,
-        max_tokens=cfg["conformance_max_tokens"],
-        concurrency=cfg["conformance_concurrency"],
-        log=_log,
-    )
 
 
 def _with_server(
@@ -292,6 +292,11 @@ def _with_server(
         _log(f"  ready in {server.start_s:.0f} s")
         asyncio.run(phases(server.url, cfg, result))
     finally:
+        code = server.proc.poll()
+        if code is not None:  # it died during the phases: keep the evidence in the results
+            tail = server.log.read_text(errors="replace")[-4000:]
+            result["servers"][kind] |= {"died": code, "log_tail": tail}
+            _log(f"  {kind} server exited with {code} during the run (log: {server.log})")
         server.stop()
 
 
@@ -368,12 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     _log("4. client overhead (instant fake server)")
     result["client"] = client_overhead.run(n=cfg["client_calls"], log=_log)
 
-    with tempfile.TemporaryDirectory(prefix="ananke-bench-") as tmp:
-        if not args.skip_ours:
-            _with_server("ours", args.ours_url, Path(tmp), cfg, result)
-            write_json(out_json, result)
-        if not args.skip_peer:
-            _with_server("peer", args.peer_url, Path(tmp), cfg, result)
+    logdir = Path(tempfile.mkdtemp(prefix=f"ananke-bench-{stamp}-"))  # kept: server logs
+    result["server_logs"] = str(logdir)
+    if not args.skip_ours:
+        _with_server("ours", args.ours_url, logdir, cfg, result)
+        write_json(out_json, result)
+    if not args.skip_peer:
+        _with_server("peer", args.peer_url, logdir, cfg, result)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["load_end"] = load_avg()
     result["other_processes_at_end"] = other_engines()

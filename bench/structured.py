@@ -93,6 +93,13 @@ def extract_json(text: str) -> str:
     return candidate
 
 
+def _exc_tokens(exc: Exception) -> int:
+    """Tokens the server generated for a call that raised (openai's ``LengthFinishReasonError`` keeps
+    the completion): otherwise they would be missing from the throughput."""
+    usage = getattr(getattr(exc, "completion", None), "usage", None)
+    return int(getattr(usage, "completion_tokens", 0) or 0)
+
+
 def _tokens(message: Any) -> int:
     usage = getattr(message, "usage_metadata", None) or {}
     return int(usage.get("output_tokens") or 0)
@@ -154,11 +161,13 @@ async def run_method(
             except Exception as exc:
                 row |= {
                     "text": "",
-                    "tokens": 0,
+                    "tokens": _exc_tokens(exc),
                     "attempts": 1,
                     "parsed": False,
                     "error": f"{type(exc).__name__}: {exc}"[:200],
                 }
+                if "LengthFinishReason" in type(exc).__name__:
+                    row["finish"] = "length"
             row["lat_s"] = time.perf_counter() - started
         row["valid"] = valid(model, row["text"])
         return row
