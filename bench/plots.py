@@ -42,6 +42,7 @@ def throughput_vs_concurrency(result: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("concurrent requests")
         ax.grid(alpha=0.3)
     ax1.set_ylabel("aggregate output tokens/s")
+    ax1.set_ylim(bottom=0)
     ax1.set_title("Throughput vs concurrency")
     ax2.set_ylabel("ms per output token (p50, per request)")
     ax2.set_title("Per-request token time")
@@ -156,6 +157,7 @@ def scaling(result: dict[str, Any], path: Path) -> Path:
                 label="JSON schema" if mode == "json" else "unconstrained",
             )
     ax1.set_xscale("log", base=2)
+    ax1.set_ylim(bottom=0)
     ax1.set_xlabel("output length (max_tokens)")
     ax1.set_ylabel("ms per decode step (p50, server side)")
     ax1.set_title("Output length")
@@ -179,6 +181,7 @@ def scaling(result: dict[str, Any], path: Path) -> Path:
             label="ms per decode step (p50)",
         )
         ax2b.set_ylabel("ms per decode step (p50)")
+        ax2b.set_ylim(bottom=0)
         ax2b.legend(fontsize=8, loc="lower right")
     ax2.set_xscale("log", base=2)
     ax2.set_xlabel("properties per object in the schema")
@@ -190,3 +193,22 @@ def scaling(result: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def main(argv: list[str]) -> None:
+    """``python -m bench.plots bench/results/bench-<stamp>.json``: redraw a run's plots from its raw file."""
+    import json
+
+    path = Path(argv[0])
+    result = json.loads(path.read_text())
+    stamp = result["stamp"]
+    for key, fn in (("throughput", throughput_vs_concurrency), ("structured", structured_side_by_side),
+                    ("conformance", conformance), ("scaling", scaling)):
+        if key == "throughput" or result.get(key):
+            print(fn(result, path.parent / f"{stamp}-{key}.png"))
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
