@@ -53,7 +53,7 @@ def config_for(quick: bool, args: argparse.Namespace) -> dict[str, Any]:
         "overhead_concurrency": [1, 4, 16] if quick else [1, 4, 16, 64],
         "overhead_max_tokens": 16 if quick else 24,
         "overhead_requests": {1: 1, 4: 4, 16: 16} if quick else {1: 2, 4: 4, 16: 16, 64: 64},
-        "abba_at": None if quick else 16,
+        "abba_at": [] if quick else [16],
         "ttft_concurrency": [1] if quick else [1, 16],
         "ttft_max_tokens": 8,
         "peer_concurrency": [1, 16],
@@ -105,7 +105,7 @@ async def ours_phases(url: str, cfg: dict[str, Any], result: dict[str, Any]) -> 
         # ABBA at the headline concurrency, alternating order elsewhere: drifting load hits both modes.
         order = (
             ["none", "json", "json", "none"]
-            if c == cfg["abba_at"]
+            if c in cfg["abba_at"]
             else (["none", "json"] if i % 2 == 0 else ["json", "none"])
         )
         reps: dict[str, list[dict[str, Any]]] = {"none": [], "json": []}
@@ -122,7 +122,7 @@ async def ours_phases(url: str, cfg: dict[str, Any], result: dict[str, Any]) -> 
     result["overhead"] = combined
     result["overhead_reps"] = singles
 
-    if not _due(result, "ttft", 0.5):
+    if cfg.get("only_overhead") or not _due(result, "ttft", 0.5):
         return
     _log("   time to first token (ours, streaming)")
     ttft = []
@@ -336,6 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
+        "--only-overhead",
+        action="store_true",
+        help="only the constraint-overhead phases at c=16 and 64, both A-B-B-A, on our service",
+    )
+    parser.add_argument(
         "--budget-min",
         type=float,
         default=None,
@@ -351,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     name = f"bench-{stamp}{'-quick' if args.quick else ''}"
     cfg = config_for(args.quick, args)
     cfg["budget_s"] = args.budget_min * 60 if args.budget_min else None
+    if args.only_overhead:
+        cfg |= {"only_overhead": True, "overhead_concurrency": [16, 64], "abba_at": [16, 64]}
+        args.skip_peer = True
     started = _CLOCK["t0"] = time.perf_counter()
     # SIGTERM unwinds like an exception, so the servers this run started are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -370,8 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(result['other_processes_at_start'])} other engine/test processes running"
     )
 
-    _log("4. client overhead (instant fake server)")
-    result["client"] = client_overhead.run(n=cfg["client_calls"], log=_log)
+    if not args.only_overhead:
+        _log("4. client overhead (instant fake server)")
+        result["client"] = client_overhead.run(n=cfg["client_calls"], log=_log)
 
     logdir = Path(tempfile.mkdtemp(prefix=f"ananke-bench-{stamp}-"))  # kept: server logs
     result["server_logs"] = str(logdir)
