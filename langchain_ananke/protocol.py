@@ -80,6 +80,11 @@ class Constraints(_Strict):
     length_caps: bool = True
     """Bound strings, arrays and integers the schema leaves unbounded, from the request's
     ``max_tokens``, so one field cannot eat the whole budget. Only narrows the schema."""
+    close_on_budget: bool = True
+    """When ``max_tokens`` would cut the output short, roll back up to 32 of the last tokens and
+    finish the structure with a short completion the grammar allows (minimal values such as ``""``
+    or ``0``), within the same budget. The result is verified like any output, and the response
+    metadata's ``closed_on_budget`` says what was added. Off: the truncation is reported as is."""
 
     @field_validator("regex_patterns", "choice")
     @classmethod

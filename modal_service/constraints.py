@@ -31,6 +31,7 @@ from llguidance.gbnf_to_lark import any_to_lark, is_lark_syntax
 from vllm.sampling_params import StructuredOutputsParams
 
 from langchain_ananke.protocol import Constraints
+from modal_service.closing import Closer, Closing
 from modal_service.schema_tools import (
     apply_length_caps,
     count_grammar_rules,
@@ -66,6 +67,8 @@ class CompiledConstraint:
     approximation: str | None = None
     """What the exact compile rejected (llguidance's message)."""
     caps_applied: int = 0
+    min_tokens: int | None = None
+    """Tokens in the shortest output the closing search found (None: none found in its budget)."""
 
 
 @dataclass
@@ -119,6 +122,7 @@ class ConstraintCompiler:
         self._vocab_size = vocab_size
         self._eos = eos_token_ids
         self.limits = limits or CompilerLimits()
+        self._closer = Closer(tokenizer)
         self._cache: OrderedDict[str, CompiledConstraint | ConstraintError] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -223,8 +227,13 @@ class ConstraintCompiler:
                 raise
             options |= {"lenient": True, "coerce_one_of": True}
             return self._json_attempt(
-                kind, schema, engine_base, options,
-                caps_applied=n_caps, approximate=True, approximation=exact.message,
+                kind,
+                schema,
+                engine_base,
+                options,
+                caps_applied=n_caps,
+                approximate=True,
+                approximation=exact.message,
             )
 
     def _json_attempt(
@@ -294,6 +303,7 @@ class ConstraintCompiler:
                 f"llguidance rejected the {kind} constraint: {matcher.get_error()}",
                 {"llguidance": matcher.get_error()},
             )
+        min_tokens = self._closer.smallest(ll_grammar, limit=MIN_TOKENS_SEARCH_LIMIT)
         elapsed = (time.perf_counter() - started) * 1000
         return CompiledConstraint(
             kind=kind,
@@ -301,6 +311,7 @@ class ConstraintCompiler:
             ll_grammar=ll_grammar,
             compile_ms=round(elapsed, 3),
             warnings=tuple(messages),
+            min_tokens=min_tokens,
             **extra,
         )
 
@@ -312,6 +323,16 @@ class ConstraintCompiler:
             max_grammar_size=lim.max_grammar_size,
             max_lexer_states=lim.max_lexer_states,
         )
+
+    # ----------------------------------------------------------------------------- closing
+    def close(
+        self, compiled: CompiledConstraint, token_ids: list[int], *, budget: int, window: int
+    ) -> Closing | None:
+        """Finish an output that ``max_tokens`` cut short (see :mod:`modal_service.closing`)."""
+        if compiled.ll_grammar is None:
+            return None
+        body = [t for t in token_ids if t not in self._eos]
+        return self._closer.close(compiled.ll_grammar, body, budget=budget, window=window)
 
     # ------------------------------------------------------------------------------ verify
     def verify(
@@ -346,6 +367,10 @@ class ConstraintCompiler:
         if not matcher.is_accepting():
             return Verdict(False, f"output is an incomplete {compiled.kind} match")
         return Verdict(True)
+
+
+#: How far the compile-time search for the shortest output looks (tokens).
+MIN_TOKENS_SEARCH_LIMIT = 1024
 
 
 def length_caps_for(max_tokens: int) -> tuple[int, int]:

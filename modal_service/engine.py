@@ -20,6 +20,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from modal_service import vllm_patches
 from modal_service.constraints import CompiledConstraint, CompilerLimits, ConstraintCompiler
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class Engine:
             disable_log_stats=True,
             **cfg.extra,
         )
+        vllm_patches.apply()  # before AsyncLLM forks EngineCore, which inherits the patches
         self._llm = AsyncLLM.from_engine_args(args)
         hf_tokenizer = self._llm.get_tokenizer()
         hf_tokenizer = getattr(hf_tokenizer, "tokenizer", hf_tokenizer)
@@ -147,10 +149,21 @@ class Engine:
         assert self.compiler is not None  # noqa: S101 - _build sets it
         compiled, _ = self.compiler.compile(Constraints(json_object=True), 8)
         async for _delta in self.stream(
-            "warm up", request_id=f"warmup-{uuid.uuid4().hex}", max_tokens=1, temperature=0.0,
-            top_p=1.0, seed=0, stop=None, constraint=compiled,
+            "warm up",
+            request_id=f"warmup-{uuid.uuid4().hex}",
+            max_tokens=1,
+            temperature=0.0,
+            top_p=1.0,
+            seed=0,
+            stop=None,
+            constraint=compiled,
         ):
             pass
+
+    @property
+    def is_dead(self) -> bool:
+        """The engine started, then its process died (vLLM marks its client ``errored``)."""
+        return self._llm is not None and bool(getattr(self._llm, "errored", False))
 
     def ready(self) -> ConstraintCompiler:
         """The compiler, or :class:`EngineNotReady` while loading/failed."""
@@ -160,6 +173,10 @@ class Engine:
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Text for generated tokens, as vLLM's detokenizer renders them (special tokens skipped)."""
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
         rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -59,6 +59,11 @@ class ApiError(Exception):
         self.detail, self.headers = detail, headers
 
 
+#: Tokens held back near the end of the budget while streaming, so that closing may roll them back
+#: (non-streaming output is not sent until the end, so closing may roll back all of it).
+CLOSE_WINDOW = 32
+
+
 @dataclass(frozen=True)
 class Limits:
     """Per-request bounds; each breach is a clear 4xx."""
@@ -132,6 +137,15 @@ class Generator:
                     f"model's context of {context} tokens",
                 )
         constraint, hit = self._constraint(req)
+        shortest = constraint.min_tokens if constraint is not None else None
+        if constraint is not None and shortest is not None and shortest > req.max_tokens:
+            raise ApiError(
+                422,
+                "max_tokens_too_small",
+                f"max_tokens {req.max_tokens} cannot hold this {constraint.kind}: the shortest output "
+                f"the server could construct takes {shortest} tokens",
+                {"max_tokens": req.max_tokens, "shortest_output_tokens": shortest},
+            )
         tools = {t.function.name: t.function.parameters for t in req.tools} if req.tools else None
         return [_Plan(p, n, constraint, hit, tools) for p, n in zip(prompts, counts, strict=True)]
 
@@ -143,7 +157,12 @@ class Generator:
     async def events(
         self, req: GenerateRequest, plan: _Plan, *, final_only: bool = False
     ) -> AsyncIterator[StreamEvent]:
-        """Token events, then one ``done`` event with the verified, folded response."""
+        """Token events, then one ``done`` event with the verified, folded response.
+
+        With a closable constraint, token events for the last ``window`` tokens of the budget are
+        held back until the request ends: if ``max_tokens`` cuts the output short, those tokens may
+        be rolled back and the structure finished (:meth:`_close`) before anything is sent.
+        """
         request_id = uuid.uuid4().hex
         started = time.perf_counter()
         text_parts: list[str] = []
@@ -151,6 +170,8 @@ class Generator:
         finish: str | None = None
         first_token_ms: float | None = None
         timeout = req.timeout_s or self.limits.default_timeout_s
+        window = self._close_window(req, plan)
+        sent_tokens, sent_chars = 0, 0
         stream = self.engine.stream(
             plan.prompt,
             request_id=request_id,
@@ -170,24 +191,64 @@ class Generator:
                     text_parts.append(delta.text)
                     token_ids.extend(delta.token_ids)
                     finish = delta.finish_reason or finish
-                    if delta.text or delta.token_ids:
+                    held = window and len(token_ids) > req.max_tokens - window
+                    if (delta.text or delta.token_ids) and not held:
                         yield StreamEvent(event="token", text=delta.text, token_ids=delta.token_ids)
+                        sent_tokens, sent_chars = len(token_ids), sent_chars + len(delta.text)
         except TimeoutError:
             finish = "timeout"
         finally:
             await stream.aclose()  # aborts the engine request if it is still running
-        yield StreamEvent(
-            event="done",
-            response=self._fold(
-                req,
-                plan,
-                text="".join(text_parts),
-                token_ids=token_ids,
-                finish=finish or "abort",
-                started=started,
-                first_token_ms=first_token_ms,
-            ),
+        text = "".join(text_parts)
+        closing: dict[str, int] | None = None
+        if window and finish == "length":
+            # Not streamed yet, so free to roll back: when streaming, the held-back tail; otherwise
+            # everything (a structure that needs it all is rebuilt from its start).
+            closed = await self._close(req, plan, token_ids, window=len(token_ids) - sent_tokens)
+            if closed is not None:
+                text, token_ids, closing = closed
+                finish = "stop"
+        if len(token_ids) > sent_tokens:
+            yield StreamEvent(event="token", text=text[sent_chars:], token_ids=token_ids[sent_tokens:])
+        response = self._fold(
+            req,
+            plan,
+            text=text,
+            token_ids=token_ids,
+            finish=finish or "abort",
+            started=started,
+            first_token_ms=first_token_ms,
         )
+        if closing is not None:  # the engine stopped at max_tokens; the closing search finished it
+            response.metadata |= {"request_finish_reason": "length", "closed_on_budget": closing}
+        yield StreamEvent(event="done", response=response)
+
+    def _close_window(self, req: GenerateRequest, plan: _Plan) -> int:
+        """How many trailing tokens are held back while streaming, so that closing may roll them
+        back (0: no closing). Non-streaming output is held back whole anyway."""
+        c = plan.constraint
+        if c is None or c.ll_grammar is None or (req.constraints and not req.constraints.close_on_budget):
+            return 0
+        return min(CLOSE_WINDOW, req.max_tokens // 2)
+
+    async def _close(
+        self, req: GenerateRequest, plan: _Plan, token_ids: list[int], *, window: int
+    ) -> tuple[str, list[int], dict[str, int]] | None:
+        """Roll back up to ``window`` tokens and finish the structure within ``max_tokens``."""
+        assert plan.constraint is not None  # noqa: S101 - _close_window checked
+        assert self.engine.compiler is not None  # noqa: S101 - plan() checked readiness
+        closing = await asyncio.to_thread(
+            self.engine.compiler.close, plan.constraint, token_ids, budget=req.max_tokens, window=window
+        )
+        if closing is None:
+            return None
+        kept = token_ids[: closing.keep] + closing.suffix
+        info = {
+            "dropped_tokens": len(token_ids) - closing.keep,
+            "added_tokens": len(closing.suffix),
+            "search_nodes": closing.nodes,
+        }
+        return self.engine.decode(kept), kept, info
 
     def _fold(
         self,

@@ -1,0 +1,206 @@
+"""Steer-to-close: finish a grammar-constrained output that ``max_tokens`` would cut short.
+
+When the engine stops at ``max_tokens`` mid-structure (an unclosed JSON object, say), the output is
+useless to the caller. :class:`Closer` looks for a way to finish it *within the same budget*: it
+rolls back up to ``window`` of the model's last tokens, then searches llguidance's matcher for a
+short completion from that state, trying a fixed order of closing-friendly single-character tokens
+(``"``, ``}``, ``]``, ``0``, ...) and taking forced tokens (key names, literals) as they come. The
+search is depth-first, bounded by the remaining budget and a node budget, so its cost is bounded.
+
+The completion is grammar-chosen, not model-chosen: values it has to invent are minimal (``""``,
+``0``, ``false``). The result is checked like any other output (the caller re-verifies it), and the
+response says which tokens were added this way.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import llguidance
+
+#: Tokens the search tries, best first (each kept only if the vocabulary has it as one token):
+#: what closes a string, then what closes objects and arrays, then separators, minimal values and
+#: anything printable. Merged tokens close or separate two things in one step, so a completion fits
+#: in fewer tokens. Format samples (below) go right after the plain quote.
+QUOTE_FIRST = ('""', '"}}', '"}]', '"}', '"]', '"},', '",', '":"', '":', '"')
+CLOSE_ORDER = (
+    *("}}", "]}", "}]", "},", "],", "}", "]", '},"', "0", "1", ",", ":"),
+    # Other punctuation ends identifiers and statements in general grammars (``)``, ``;``, ``>``);
+    # in JSON it is only allowed inside strings, where a quote has already been tried.
+    *(c for c in string.punctuation if c not in '"}],:[{'),
+    *"[{tfn23456789",
+    *string.ascii_lowercase,
+    *string.ascii_uppercase,
+    " ",
+)
+
+#: Minimal values for string formats, tried (each with its closing quote) before single characters:
+#: a string with ``format: email`` cannot close on ``"`` alone, and a character-by-character search
+#: would wander. Each is validated by the matcher before it is taken.
+FORMAT_SAMPLES = (
+    "a@b.co",
+    "2000-01-01T00:00:00Z",
+    "2000-01-01",
+    "00:00:00Z",
+    "http://a.co",
+    "00000000-0000-0000-0000-000000000000",
+    "0.0.0.0",  # noqa: S104 - an IPv4 sample value, not a bind address
+    "::1",
+    "P1D",
+    "a",
+)
+
+#: Longest run of one repeated token the search will build (closing brackets may nest deeper).
+MAX_RUN = 4
+MAX_CLOSER_RUN = 32
+
+
+@dataclass(frozen=True)
+class Closing:
+    """Keep the first ``keep`` generated tokens, then append ``suffix``."""
+
+    keep: int
+    suffix: list[int]
+    dropped: int
+    nodes: int
+
+
+class Closer:
+    """Finds budget-respecting completions for one tokenizer. Stateless between calls; thread-safe."""
+
+    def __init__(
+        self, tokenizer: llguidance.LLTokenizer, *, max_nodes: int = 3000, max_seconds: float = 0.5
+    ) -> None:
+        self._tok = tokenizer
+        self.max_nodes = max_nodes
+        self.max_seconds = max_seconds
+        self._quote_first = self._single_tokens(QUOTE_FIRST)
+        self._others = self._single_tokens(CLOSE_ORDER)
+        self._closers = frozenset(self._single_tokens("}]"))
+        self._samples = tuple(tokenizer.tokenize_str(json.dumps(v)[1:]) for v in FORMAT_SAMPLES)
+
+    def _single_tokens(self, texts: Iterable[str]) -> tuple[int, ...]:
+        """Token ids of the texts the vocabulary has as exactly one token, in order."""
+        out: list[int] = []
+        for text in texts:
+            ids = self._tok.tokenize_str(text)
+            if len(ids) == 1 and ids[0] not in out:
+                out.append(ids[0])
+        return tuple(out)
+
+    def close(self, ll_grammar: str, tokens: list[int], *, budget: int, window: int) -> Closing | None:
+        """A completion of ``tokens`` under ``ll_grammar`` with at most ``budget`` tokens in all.
+
+        Drops trailing tokens (up to ``window``) by as many as the last search came up short, until
+        a completion fits. None when nothing fits, or when the node or time budget runs out: the
+        caller then reports the truncation as it is.
+        """
+        matcher = llguidance.LLMatcher(self._tok, ll_grammar)
+        if matcher.is_error() or not matcher.consume_tokens(tokens) or matcher.is_error():
+            return None
+        deadline = time.perf_counter() + self.max_seconds
+        spent, dropped = 0, 0
+        window = min(window, len(tokens))
+        while True:
+            room = budget - (len(tokens) - dropped)
+            # Search without the room limit (a few nodes per token of budget: a search that mostly
+            # goes straight), so a miss says how many tokens short this level is.
+            nodes = [min(self.max_nodes - spent, 4 * budget + 16)]
+            start = nodes[0]
+            suffix = self._search(matcher, budget, nodes, deadline)
+            spent += start - nodes[0]
+            if suffix is not None and len(suffix) <= room:
+                return Closing(len(tokens) - dropped, suffix, dropped, spent)
+            if suffix is not None:
+                matcher.rollback(len(suffix))
+            if matcher.is_error() or spent >= self.max_nodes or time.perf_counter() > deadline:
+                return None
+            if dropped >= window:
+                return None
+            # Free what was missing (at least one token), and try again from there.
+            step = max(1, len(suffix) - room) if suffix is not None else 1
+            step = min(step, window - dropped)
+            if not matcher.rollback(step):
+                return None
+            dropped += step
+
+    def smallest(self, ll_grammar: str, *, limit: int) -> int | None:
+        """Tokens in the shortest output the search finds from the start (at most ``limit``),
+        counted as the tokenizer would encode that text; None when it finds none in its budget.
+
+        An upper bound on the true minimum, usually equal to it for JSON Schemas (required
+        properties only, minimal values).
+        """
+        matcher = llguidance.LLMatcher(self._tok, ll_grammar)
+        if matcher.is_error():
+            return None
+        nodes = [self.max_nodes]
+        found = self._search(matcher, limit, nodes, time.perf_counter() + self.max_seconds)
+        if found is None:
+            return None
+        return len(self._tok.tokenize_str(self._tok.decode_str(found)))
+
+    def _search(
+        self, m: llguidance.LLMatcher, room: int, nodes: list[int], deadline: float
+    ) -> list[int] | None:
+        """Depth-first, iterative (no recursion limit). On success the matcher is left after the
+        returned tokens; on failure, where it started."""
+        out: list[int] = []
+        frames: list[tuple[int, Iterator[list[int]]]] = []  # (tokens this frame consumed, untried options)
+        while True:
+            if m.is_accepting():
+                return out
+            if len(out) < room and nodes[0] > 0:
+                nodes[0] -= 1
+                if nodes[0] % 64 == 0 and time.perf_counter() > deadline:
+                    nodes[0] = 0
+                forced = m.compute_ff_tokens()
+                if forced:
+                    # Forced bytes have no alternative: take them, or this state cannot close in time.
+                    if len(out) + len(forced) <= room and m.consume_tokens(forced):
+                        frames.append((len(forced), iter(())))
+                        out.extend(forced)
+                        continue
+                else:
+                    frames.append((0, self._options(m, out)))
+            # Backtrack to the deepest frame with an untried option and take it.
+            while frames:
+                consumed, options = frames.pop()
+                if consumed:
+                    m.rollback(consumed)
+                    del out[-consumed:]
+                step = next(options, None)
+                if step is not None and nodes[0] > 0:
+                    if not m.consume_tokens(step):
+                        return None  # the matcher allowed it; a refusal means the matcher is broken
+                    frames.append((len(step), options))
+                    out.extend(step)
+                    break
+            else:
+                return None
+
+    def _options(self, m: llguidance.LLMatcher, out: list[int]) -> Iterator[list[int]]:
+        """Next steps to try, best first: closing tokens, a format sample, other characters."""
+        mask = m.compute_bitmask()
+
+        def allowed(tokens: tuple[int, ...]) -> list[int]:
+            return [t for t in tokens if (mask[t >> 3] >> (t & 7)) & 1]
+
+        yield from ([t] for t in allowed(self._quote_first))
+        for sample in self._samples:
+            if (mask[sample[0] >> 3] >> (sample[0] & 7)) & 1 and m.validate_tokens(sample) == len(sample):
+                yield sample
+        last = out[-1] if out else None
+        run = 0
+        for t in reversed(out):
+            if t != last:
+                break
+            run += 1
+        for t in allowed(self._others):
+            if t == last and run >= (MAX_CLOSER_RUN if t in self._closers else MAX_RUN):
+                continue
+            yield [t]
