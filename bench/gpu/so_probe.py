@@ -12,9 +12,12 @@ Per process it appends JSON lines to ``$ANANKE_BENCH_PROBE_DIR/probe-<pid>.jsonl
 - ``{"k": "st", "t1", "dt"}`` per engine step that returned outputs.
 
 A control file (``$ANANKE_BENCH_PROBE_DIR/ctl.json``, re-read when its mtime changes) switches how the
-masks are filled, to measure the upstream fixes on the same engine:
+masks are filled, to compare fills on the same engine:
 
-- ``{"mode": "vllm"}``: vLLM 0.26 as shipped (serial below 129 requests, threads of 16 above);
+- ``{"mode": "service"}`` (default): whatever the service runs, i.e. with
+  ``modal_service.vllm_patches``' parallel fill when it applied;
+- ``{"mode": "vllm"}``: vLLM 0.26 as shipped (serial below 129 requests, threads of 16 above), with the
+  service's patch bypassed on this manager;
 - ``{"mode": "threads", "batch": 8}``: vLLM's own thread-pool path at every batch size;
 - ``{"mode": "llexec"}``: one ``llguidance.torch.fill_next_token_bitmask_par`` call (Rust threads).
 """
@@ -28,7 +31,7 @@ import time
 from typing import Any
 
 _STATE: dict[str, Any] = {"pid": None, "buf": [], "lock": threading.Lock(), "ctl_mtime": None,
-                          "ctl": {"mode": "vllm"}, "acc_ms": 0.0, "exec": None}
+                          "ctl": {"mode": "service"}, "acc_ms": 0.0, "exec": None}
 
 
 def _dir() -> str | None:
@@ -102,13 +105,44 @@ def _llexec_fill(self: Any, requests: Any, ids: list[str]) -> Any:
     return (bitmask[:n] if n < bitmask.shape[0] else bitmask).numpy()
 
 
+def _bypass_service_patch(manager: Any) -> None:
+    """Bind vLLM's own fill methods on this manager, shadowing ``modal_service.vllm_patches``' ones."""
+    import types
+
+    from modal_service import vllm_patches
+
+    for name in ("_fill_bitmasks", "_async_submit_fill_bitmask"):
+        orig = vllm_patches.ORIGINALS.get(name)
+        if orig is not None:
+            setattr(manager, name, types.MethodType(orig, manager))
+
+
+def _switch(manager: Any, mode: str, ctl: dict[str, Any]) -> None:
+    """Set up ``manager`` for the vLLM fill modes, or restore what the service runs with."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if mode in {"vllm", "threads"}:
+        _bypass_service_patch(manager)
+        if mode == "threads":
+            manager.fill_bitmask_parallel_threshold = 0
+            manager.fill_bitmask_parallel_batch_size = int(ctl.get("batch", 8))
+        else:
+            manager.fill_bitmask_parallel_threshold = 128
+            manager.fill_bitmask_parallel_batch_size = 16
+        if getattr(manager, "executor_for_fillmask", None) is None:
+            manager.executor_for_fillmask = ThreadPoolExecutor(max_workers=8)
+    else:  # service: undo any bypass
+        for name in ("_fill_bitmasks", "_async_submit_fill_bitmask"):
+            vars(manager).pop(name, None)
+        manager.fill_bitmask_parallel_threshold, manager.fill_bitmask_parallel_batch_size = \
+            manager._probe_service
+
+
 def register() -> None:
     """Entry point (``vllm.general_plugins``): wrap the structured-output hot path once per process."""
     if not _dir() or _STATE.get("registered"):
         return
     _STATE["registered"] = True
-    from concurrent.futures import ThreadPoolExecutor
-
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.structured_output import StructuredOutputManager
     from vllm.v1.structured_output.backend_guidance import GuidanceGrammar
@@ -117,21 +151,17 @@ def register() -> None:
 
     def grammar_bitmask(self: Any, requests: Any, ids: list[str], spec: Any) -> Any:
         ctl = _control()
-        mode = ctl.get("mode", "vllm")
+        mode = ctl.get("mode", "service")
+        if "_probe_service" not in vars(self):  # the settings the service runs with
+            self._probe_service = (self.fill_bitmask_parallel_threshold,
+                                   getattr(self, "fill_bitmask_parallel_batch_size", 16))
         t0 = time.time()
         if mode == "llexec" and ids and self._grammar_bitmask is not None \
                 and self.vllm_config.num_speculative_tokens == 0 and hasattr(
                     requests[ids[0]].structured_output_request.grammar, "ll_matcher"):
             out = _llexec_fill(self, requests, ids)
         else:
-            if mode == "threads":
-                self.fill_bitmask_parallel_threshold = 0
-                self.fill_bitmask_parallel_batch_size = int(ctl.get("batch", 8))
-                if getattr(self, "executor_for_fillmask", None) is None:
-                    self.executor_for_fillmask = ThreadPoolExecutor(max_workers=8)
-            else:
-                self.fill_bitmask_parallel_threshold = 128
-                self.fill_bitmask_parallel_batch_size = 16
+            _switch(self, mode, ctl)
             out = orig_bitmask(self, requests, ids, spec)
         t1 = time.time()
         if ids:
