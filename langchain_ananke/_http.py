@@ -1,7 +1,8 @@
 """All HTTP code: sync + async httpx clients, retries, error translation, SSE decoding.
 
 Data flow: a protocol :class:`GenerateRequest` -> JSON POST -> (retry on connection errors and
-429/502/503/504 with exponential backoff + jitter, up to ``max_retries`` and a cold-start deadline)
+429/502/503/504 with exponential backoff + jitter, up to ``max_retries`` and a cold-start deadline;
+never the service's own 504 ``timeout``, raised as :class:`AnankeRequestTimeoutError`)
 -> :class:`GenerateResponse` / :class:`BatchGenerateResponse`, or for ``stream=True`` a sequence of
 :class:`StreamEvent` decoded from ``data:`` lines. A request is retried only when no response body
 has been consumed yet, so nothing is generated twice for the caller.
@@ -23,6 +24,7 @@ from langchain_ananke.errors import (
     AnankeAPIError,
     AnankeConnectionError,
     AnankeError,
+    AnankeRequestTimeoutError,
     AnankeStreamError,
     AnankeTimeoutError,
 )
@@ -68,13 +70,31 @@ def _api_error(response: httpx.Response) -> AnankeAPIError:
     except (ValueError, AttributeError):
         text = response.text[:500] if not response.is_stream_consumed or response.is_closed else ""
         message = text or message
-    return AnankeAPIError(
+    return api_error(
         message,
         status_code=response.status_code,
         code=code,
         detail=detail,
         request_id=response.headers.get("x-request-id"),
     )
+
+
+def api_error(
+    message: str, *, status_code: int, code: str, detail: Any = None, request_id: str | None = None
+) -> AnankeAPIError:
+    """The typed error for one error answer: :class:`AnankeRequestTimeoutError` for the service's
+    own timeout, :class:`AnankeAPIError` otherwise."""
+    cls = AnankeRequestTimeoutError if code == "timeout" else AnankeAPIError
+    return cls(message, status_code=status_code, code=code, detail=detail, request_id=request_id)
+
+
+#: HTTP status of a stream's ``error`` event, by code (the status the request would have had).
+_STREAM_ERROR_STATUS = {
+    "timeout": 504,
+    "engine_unavailable": 503,
+    "invalid_request": 422,
+    "invalid_constraint": 422,
+}
 
 
 def _redirect_error(response: httpx.Response) -> AnankeAPIError:
@@ -149,8 +169,12 @@ def decode_sse_line(line: str) -> StreamEvent | None:
 def _check_event(event: StreamEvent) -> StreamEvent:
     if event.event == "error":
         err = event.error
-        raise AnankeAPIError(
-            err.message if err else "stream error", status_code=500, code=err.code if err else "error"
+        code = err.code if err else "error"
+        raise api_error(
+            err.message if err else "stream error",
+            status_code=_STREAM_ERROR_STATUS.get(code, 500),
+            code=code,
+            detail=err.detail if err else None,
         )
     return event
 
@@ -217,7 +241,7 @@ class _Base:
         if attempt < self.retry.max_retries and elapsed + wait >= self.retry.deadline:
             return AnankeTimeoutError(f"cold-start deadline of {self.retry.deadline:.0f} s passed; {cause}")
         if isinstance(error, AnankeAPIError):
-            return AnankeAPIError(
+            return api_error(
                 cause,
                 status_code=error.status_code,
                 code=error.code,

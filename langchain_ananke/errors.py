@@ -40,8 +40,20 @@ class AnankeAPIError(AnankeError):
 
     @property
     def retryable(self) -> bool:
-        """Overload, scale-up and gateway errors; never 4xx input errors."""
+        """Overload, scale-up and gateway errors; never 4xx input errors, nor the service's own
+        per-request timeout (504 ``timeout``: the same request would time out again)."""
+        if self.code == "timeout":
+            return False
         return self.status_code in (429, 502, 503, 504)
+
+
+class AnankeRequestTimeoutError(AnankeAPIError, AnankeTimeoutError):
+    """The service's deadline for this request (``timeout_s``) passed and it aborted the generation.
+
+    A 504 with code ``timeout`` (or a stream's final ``error`` event with that code); ``detail``
+    holds ``timeout_s`` and ``tokens_generated``. Not retried: raise ``timeout_s`` or lower
+    ``max_tokens`` instead.
+    """
 
 
 class AnankeStreamError(AnankeError):

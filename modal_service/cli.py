@@ -125,9 +125,16 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from modal_service.engine import Engine
+    from modal_service.schema_tools import ShapeLimits
     from modal_service.server import create_app
 
     config, limits = _serve_config(args)
+    shapes = ShapeLimits(
+        max_choices=args.max_choices,
+        max_branches=args.max_branches,
+        max_enum=args.max_enum,
+        max_schema_nodes=args.max_schema_nodes,
+    )
     api_key = _api_key(args)
     warning = exposure_warning(args.host, api_key)
     if warning:
@@ -138,6 +145,7 @@ def _serve(args: argparse.Namespace) -> int:
         limits=limits,
         drain_seconds=args.drain_seconds,
         max_json_depth=args.max_json_depth,
+        shapes=shapes,
     )
     uv_config = uvicorn.Config(
         app,
@@ -161,6 +169,8 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from modal_service.schema_tools import ShapeLimits
+
     parser = argparse.ArgumentParser(prog="ananke", description="Ananke constrained-generation service")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -199,11 +209,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-prompts", type=int, default=64)
     serve.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024)
     serve.add_argument("--max-json-depth", type=int, default=100, help="deeper request bodies get 422")
+    shapes = ShapeLimits()
+    serve.add_argument(
+        "--max-choices",
+        type=int,
+        default=shapes.max_choices,
+        help="most choice entries / regex_patterns in one constraint (more: 422)",
+    )
+    serve.add_argument(
+        "--max-branches", type=int, default=shapes.max_branches, help="most branches of one anyOf/oneOf"
+    )
+    serve.add_argument("--max-enum", type=int, default=shapes.max_enum, help="most values of one enum")
+    serve.add_argument(
+        "--max-schema-nodes",
+        type=int,
+        default=shapes.max_schema_nodes,
+        help="most subschemas in one JSON Schema (or in all tool schemas of a request)",
+    )
     serve.add_argument(
         "--request-timeout",
         type=float,
         default=600.0,
-        help="server-side deadline (s) for requests without timeout_s",
+        help="server-side deadline (s) for requests without timeout_s; past it: 504 timeout",
     )
     serve.add_argument(
         "--drain-seconds",

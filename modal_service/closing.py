@@ -113,10 +113,11 @@ class Closer:
             start = nodes[0]
             suffix = self._search(matcher, budget, nodes, deadline)
             spent += start - nodes[0]
-            if suffix is not None and len(suffix) <= room:
-                return Closing(len(tokens) - dropped, suffix, dropped, spent)
             if suffix is not None:
                 matcher.rollback(len(suffix))
+                suffix = self._compact(matcher, suffix)
+                if len(suffix) <= room:
+                    return Closing(len(tokens) - dropped, suffix, dropped, spent)
             if matcher.is_error() or spent >= self.max_nodes or time.perf_counter() > deadline:
                 return None
             if dropped >= window:
@@ -130,7 +131,7 @@ class Closer:
 
     def smallest(self, ll_grammar: str, *, limit: int) -> int | None:
         """Tokens in the shortest output the search finds from the start (at most ``limit``),
-        counted as the tokenizer would encode that text; None when it finds none in its budget.
+        counted as :meth:`close` would emit them; None when it finds none in its budget.
 
         An upper bound on the true minimum, usually equal to it for JSON Schemas (required
         properties only, minimal values).
@@ -142,7 +143,20 @@ class Closer:
         found = self._search(matcher, limit, nodes, time.perf_counter() + self.max_seconds)
         if found is None:
             return None
-        return len(self._tok.tokenize_str(self._tok.decode_str(found)))
+        matcher.rollback(len(found))
+        return len(self._compact(matcher, found))
+
+    def _compact(self, m: llguidance.LLMatcher, suffix: list[int]) -> list[int]:
+        """The same text in the tokenizer's own (usually fewer) tokens, if the matcher takes them.
+
+        The search builds text from single characters and forced pieces; the model would write
+        ``{"a":""}`` in 3 tokens, not 6. Counting and emitting the encoded form keeps the budget
+        check honest and equal to :meth:`smallest`'s count.
+        """
+        encoded = self._tok.tokenize_str(self._tok.decode_str(suffix))
+        if len(encoded) < len(suffix) and m.validate_tokens(encoded) == len(encoded):
+            return encoded
+        return suffix
 
     def _search(
         self, m: llguidance.LLMatcher, room: int, nodes: list[int], deadline: float

@@ -4,7 +4,9 @@ Data flow: an OpenAI body -> :func:`chat_to_request` / :func:`completion_to_requ
 :class:`GenerateRequest`; ``response_format`` and ``tools`` become the same constraints
 ``/generate_api`` uses) -> the shared :class:`~modal_service.generation.Generator` -> OpenAI-shaped
 JSON or SSE chunks. So ``ChatOpenAI(base_url=.../v1)`` and the OpenAI SDK work unchanged. Each answer
-also carries an ``ananke`` field with ``constraint_satisfied`` from the independent re-check.
+also carries an ``ananke`` field with ``constraint_satisfied`` from the independent re-check. A request
+whose deadline passes is a 504 ``timeout`` (non-streaming) or ends its stream with an ``error`` chunk
+(the OpenAI SDK raises on it), as on ``/generate_api``.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from fastapi import Body, Depends, FastAPI
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from langchain_ananke.protocol import GenerateRequest, GenerateResponse
+from langchain_ananke.protocol import ErrorBody, ErrorDetail, GenerateRequest, GenerateResponse
 from modal_service.generation import ApiError, Generator
+from modal_service.server import answer, request_timeout, timeout_error, within_deadline
 
-_PASSTHROUGH = ("temperature", "top_p", "seed", "stop")
+#: Fields taken as they are; ``timeout_s`` (the server-side deadline) is ours (``extra_body`` in the SDK).
+_PASSTHROUGH = ("temperature", "top_p", "seed", "stop", "timeout_s")
 
 
 def _text(content: Any) -> str:
@@ -172,8 +176,10 @@ def add_openai_routes(
     admission: Any,
     require_key: Callable[..., Any],
     error_responses: dict[int | str, dict[str, Any]],
+    *,
+    precheck: Callable[[GenerateRequest], None],
 ) -> None:
-    """Mount the OpenAI-compatible routes on ``app``."""
+    """Mount the OpenAI-compatible routes on ``app``; ``precheck`` runs the cheap bounds first."""
     deps = [Depends(require_key)]
 
     @app.get("/v1/models", dependencies=deps)
@@ -186,6 +192,7 @@ def add_openai_routes(
     async def chat_completions(body: dict[str, Any] = Body(...)) -> Any:  # noqa: B008
         """OpenAI chat completions; honours ``response_format``, ``tools`` and ``tool_choice``."""
         req = chat_to_request(body)
+        precheck(req)
         return await _serve(generator, admission, req, body, chat=True)
 
     @app.post("/v1/completions", dependencies=deps, responses=error_responses)
@@ -194,12 +201,21 @@ def add_openai_routes(
         req = completion_to_request(body)
         if isinstance(req.prompt, list):
             raise ApiError(422, "invalid_request", "use /generate_api for prompt lists")
+        precheck(req)
         return await _serve(generator, admission, req, body, chat=False)
+
+
+def _timeout_frame(generator: Generator, req: GenerateRequest, resp: GenerateResponse) -> str:
+    """The deadline passed mid-stream: an error chunk in the one body shape (the SDK raises on it)."""
+    error = timeout_error(request_timeout(generator, req), resp.tokens_generated)
+    detail = ErrorDetail(code=error.code, message=error.message, detail=error.detail)
+    return "data: " + ErrorBody(error=detail).model_dump_json() + "\n\n"
 
 
 async def _serve(
     generator: Generator, admission: Any, req: GenerateRequest, body: dict[str, Any], *, chat: bool
 ) -> Any:
+    started = time.monotonic()
     plan = (await generator.aplan(req))[0]
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
@@ -207,7 +223,7 @@ async def _serve(
     head = {"id": ident, "created": created, "model": model}
     if not body.get("stream"):
         with admission.slot():
-            resp = await generator.complete_verified(req, plan)
+            resp = await answer(generator, req, plan, started)
         if chat:
             choice = {"index": 0, "message": _chat_message(resp), "finish_reason": resp.finish_reason}
             obj = "chat.completion"
@@ -219,6 +235,7 @@ async def _serve(
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     obj = "chat.completion.chunk" if chat else "text_completion"
     buffer_calls = bool(req.tools) and req.tool_choice != "none"
+    timed = within_deadline(generator, req, started)
     slot = admission.slot()
     slot.__enter__()
 
@@ -233,8 +250,10 @@ async def _serve(
         try:
             if chat:
                 yield chunk({"role": "assistant", "content": ""}, None)
-            async for event in generator.events(req, plan):
-                if event.event == "token" and not buffer_calls:
+            async for event in generator.events(timed, plan):
+                if event.event == "done" and event.response and event.response.finish_reason == "timeout":
+                    yield _timeout_frame(generator, req, event.response)
+                elif event.event == "token" and not buffer_calls:
                     yield chunk({"content": event.text} if chat else event.text, None)
                 elif event.event == "done" and event.response is not None:
                     resp = event.response

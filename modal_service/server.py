@@ -8,8 +8,12 @@ Requests flow through :class:`_Guard` (a plain ASGI middleware) first: API key (
 ``/health``) -> draining / engine state (503) -> body size, whether announced or streamed (413) ->
 JSON nesting depth (422) -> the app, run as a task that is cancelled the moment the client goes away,
 so a disconnect aborts the engine request instead of generating tokens for nobody. Inside the app:
-admission (in-flight bound, 429 above it) -> :class:`~modal_service.generation.Generator` -> JSON or
-Server-Sent Events. Every admission slot is released when its request ends, however it ends.
+cheap bounds (:class:`Prechecks`: prompt characters vs the context, constraint shape; 422 before
+anything is tokenized or compiled) -> admission (in-flight bound, 429 above it) ->
+:class:`~modal_service.generation.Generator` -> JSON or Server-Sent Events. The request's deadline
+(``timeout_s``) covers planning and generation; when it passes, a non-streaming request is a 504
+``timeout`` and a stream ends with an ``error`` event of that code. Every admission slot is released
+when its request ends, however it ends.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import itertools
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from types import TracebackType
 from typing import Any
@@ -45,6 +50,7 @@ from langchain_ananke.protocol import (
 )
 from modal_service.engine import Engine, EngineNotReady
 from modal_service.generation import ApiError, Generator, Limits
+from modal_service.schema_tools import ShapeLimits, shape_error
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +252,7 @@ class _Guard:
                 return error_response(
                     503, "shutting_down", "server is shutting down", headers={"Retry-After": "5"}
                 )
-            if self.engine.state != "ok" or _engine_failed(self.engine):
+            if self.engine.state != "ok" or self.engine.is_dead:
                 return _engine_unavailable(self.engine)
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
@@ -334,11 +340,6 @@ def _limit_error(limit: int, length: str | None = None) -> JSONResponse:
     return error_response(413, "body_too_large", f"{size}; the limit is {limit}")
 
 
-def _engine_failed(engine: Engine) -> bool:
-    """The engine died after it started (vLLM marks its client ``errored`` when EngineCore exits)."""
-    return bool(getattr(getattr(engine, "_llm", None), "errored", False))
-
-
 def _engine_unavailable(engine: Engine) -> JSONResponse:
     """503; Retry-After only while loading (a failed or dead engine needs a restart, not a retry)."""
     if engine.state == "ok":  # it started, then died
@@ -370,6 +371,122 @@ class _ClosingStream(StreamingResponse):
             self._on_close()
 
 
+# ------------------------------------------------------------------------- bounds and deadline
+class Prechecks:
+    """Cheap bounds, checked before planning (which tokenizes prompts and compiles constraints).
+
+    - Prompt characters: a token covers at most as many characters as its longest vocabulary
+      entry has (byte-level BPE and SentencePiece spell every byte or character out), so a prompt of
+      more than ``room * that`` characters cannot fit and is refused without tokenizing it (1.9 MB
+      took 3.6-10 s to tokenize on 2 shared cores).
+    - Constraint shape: :func:`~modal_service.schema_tools.shape_error` (choice entries,
+      ``anyOf``/``oneOf`` branches, ``enum`` values, schema nodes), so an oversized constraint is a
+      422 in milliseconds instead of a compile of seconds.
+    """
+
+    def __init__(self, engine: Engine, shapes: ShapeLimits) -> None:
+        self.engine = engine
+        self.shapes = shapes
+        self._chars_per_token: int | None = None
+
+    def __call__(self, req: GenerateRequest) -> None:
+        """Raise :class:`ApiError` (422) when ``req`` breaks a bound."""
+        self.check_shape(req)
+        self.check_prompt_chars(req)
+
+    def check_shape(self, req: GenerateRequest) -> None:
+        c = req.constraints
+        if c is not None:
+            choices = len(c.choice or c.regex_patterns or ())
+            schemas = [c.json_schema] if c.json_schema is not None else []
+        else:
+            choices, schemas = 0, [t.function.parameters for t in req.tools or ()]
+        problem = shape_error(self.shapes, choices=choices, schemas=schemas)
+        if problem is not None:
+            raise ApiError(422, "invalid_constraint", problem[0], problem[1])
+
+    def chars_per_token(self) -> int | None:
+        """Most characters one token can stand for (computed once); None when unknown.
+
+        A normalizer may shorten the text before tokenizing: NFC composes at most 3 characters into
+        1 (Hangul jamo), so the bound triples; with any other normalizer there is no bound.
+        """
+        if self._chars_per_token is None:
+            tokenizer = self.engine.tokenizer
+            if tokenizer is None:
+                return None
+            backend = getattr(tokenizer, "backend_tokenizer", None)
+            normalizer = type(getattr(backend, "normalizer", None)).__name__
+            factor = {"NoneType": 1, "NFC": 3}.get(normalizer)
+            if factor is None:
+                self._chars_per_token = 0
+            else:
+                self._chars_per_token = factor * max(len(t) for t in tokenizer.get_vocab())
+        return self._chars_per_token or None
+
+    def check_prompt_chars(self, req: GenerateRequest) -> None:
+        per_token = self.chars_per_token()
+        if per_token is None:
+            return
+        if req.messages is not None:
+            texts = [sum(len(m.content) for m in req.messages)]
+        else:
+            texts = [len(p) for p in (req.prompt if isinstance(req.prompt, list) else [req.prompt or ""])]
+        context = self.engine.config.max_model_len
+        room = max(context - req.max_tokens, 0)
+        for i, chars in enumerate(texts):
+            if chars > room * per_token:
+                raise ApiError(
+                    422,
+                    "context_length_exceeded",
+                    f"prompt {i} has {chars} characters, so at least {-(-chars // per_token)} tokens (a "
+                    f"token covers at most {per_token} characters); with max_tokens {req.max_tokens} it "
+                    f"exceeds the model's context of {context} tokens",
+                    {"characters": chars, "max_tokens": req.max_tokens, "context": context},
+                )
+
+
+def request_timeout(generator: Generator, req: GenerateRequest) -> float:
+    """The request's deadline in seconds: ``timeout_s``, or the server's default."""
+    return req.timeout_s or generator.limits.default_timeout_s
+
+
+def within_deadline(generator: Generator, req: GenerateRequest, started: float) -> GenerateRequest:
+    """``req`` with ``timeout_s`` set to what its deadline leaves after planning (which began at
+    ``started``, a :func:`time.monotonic` reading); a 504 when nothing is left."""
+    timeout = request_timeout(generator, req)
+    left = timeout - (time.monotonic() - started)
+    if left <= 0:
+        raise timeout_error(timeout, 0)
+    return req.model_copy(update={"timeout_s": left})
+
+
+def timeout_error(timeout: float, tokens: int) -> ApiError:
+    """504 ``timeout``: the deadline passed and the engine request was aborted."""
+    return ApiError(
+        504,
+        "timeout",
+        f"the request's timeout of {timeout:g} s passed; it was aborted in the engine after {tokens} "
+        "generated tokens (set timeout_s, or ask for fewer max_tokens)",
+        {"timeout_s": timeout, "tokens_generated": tokens},
+    )
+
+
+def timeout_event(error: ApiError) -> StreamEvent:
+    """The last frame of a stream whose deadline passed."""
+    return StreamEvent(
+        event="error", error=ErrorDetail(code=error.code, message=error.message, detail=error.detail)
+    )
+
+
+async def answer(generator: Generator, req: GenerateRequest, plan: Any, started: float) -> GenerateResponse:
+    """One non-streaming answer; a deadline that passes is a 504, never a 200 with partial output."""
+    resp = await generator.complete_verified(within_deadline(generator, req, started), plan)
+    if resp.finish_reason == "timeout":
+        raise timeout_error(request_timeout(generator, req), resp.tokens_generated)
+    return resp
+
+
 # ------------------------------------------------------------------------------------- app
 def create_app(
     engine: Engine,
@@ -379,6 +496,7 @@ def create_app(
     start_engine: bool = True,
     drain_seconds: float = 30.0,
     max_json_depth: int = MAX_JSON_DEPTH,
+    shapes: ShapeLimits | None = None,
 ) -> FastAPI:
     """Build the service around ``engine`` (started in the background unless ``start_engine=False``).
 
@@ -387,6 +505,7 @@ def create_app(
     """
     limits = limits or Limits()
     generator = Generator(engine, limits)
+    precheck = Prechecks(engine, shapes or ShapeLimits())
     admission = _Admission(limits.max_inflight)
 
     @contextlib.asynccontextmanager
@@ -437,7 +556,7 @@ def create_app(
         ``engine_unfinished`` (requests the engine is still working on)."""
         state = {"idle": "loading", "loading": "loading"}.get(engine.state, engine.state)
         detail = engine.error
-        if state == "ok" and _engine_failed(engine):
+        if state == "ok" and engine.is_dead:
             state, detail = "error", "the engine process has died; restart the service"
         elif state == "ok" and admission.draining:
             state, detail = "error", "server is shutting down"
@@ -461,14 +580,19 @@ def create_app(
     )
     async def generate_api(req: GenerateRequest) -> Any:
         """Generate under at most one constraint; ``stream=true`` answers with SSE frames."""
+        precheck(req)
         if req.stream:
             return await _stream_response(generator, admission, req)
         with admission.slot():
-            return await generator.run(req)
+            if isinstance(req.prompt, list):  # a batch: a timeout is per result (finish_reason)
+                return await generator.run(req)
+            started = time.monotonic()
+            plan = (await generator.aplan(req))[0]
+            return await answer(generator, req, plan, started)
 
     from modal_service.openai_compat import add_openai_routes
 
-    add_openai_routes(app, generator, admission, require_key, _ERROR_RESPONSES)
+    add_openai_routes(app, generator, admission, require_key, _ERROR_RESPONSES, precheck=precheck)
     return app
 
 
@@ -527,15 +651,22 @@ def _clean(errors: Any) -> Any:
 
 
 async def _stream_response(generator: Generator, admission: _Admission, req: GenerateRequest) -> Any:
-    """SSE: ``data: <StreamEvent JSON>`` frames; the last is ``done`` (or ``error``)."""
+    """SSE: ``data: <StreamEvent JSON>`` frames; the last is ``done``, or ``error`` (``timeout`` when
+    the deadline passed: the tokens sent so far are all there is)."""
+    started = time.monotonic()
     plan = (await generator.aplan(req))[0]  # errors here are plain 4xx answers, before the stream starts
+    timed = within_deadline(generator, req, started)
     slot = admission.slot().__enter__()
 
     async def frames() -> AsyncIterator[str]:
-        events = generator.events(req, plan)
+        events = generator.events(timed, plan)
         try:
             async for event in events:
-                yield f"data: {event.model_dump_json(exclude_none=True)}\n\n"
+                frame = event
+                if event.event == "done" and event.response and event.response.finish_reason == "timeout":
+                    error = timeout_error(request_timeout(generator, req), event.response.tokens_generated)
+                    frame = timeout_event(error)
+                yield f"data: {frame.model_dump_json(exclude_none=True)}\n\n"
         except Exception as exc:  # after the 200 header, errors travel as an error event
             dead, rejected = _is_engine_dead(exc), _is_engine_rejection(exc)
             if dead:

@@ -231,6 +231,7 @@ class ChatAnanke(AnankeParams, BaseChatModel):
         *,
         tool_choice: ToolChoice = None,
         parallel_tool_calls: bool | None = None,
+        strict: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools; every call the model makes is generated under the service's tool grammar.
@@ -239,7 +240,10 @@ class ChatAnanke(AnankeParams, BaseChatModel):
             tools: LangChain tools, Pydantic classes, functions or OpenAI tool dicts.
             tool_choice: ``auto`` (default), ``any``/``required``, ``none``, or a tool name.
             parallel_tool_calls: allow several calls in one answer (default True).
+            strict: accepted so ``ChatOpenAI.bind_tools(..., strict=True)`` code runs unchanged;
+                arguments always match the tool's schema exactly.
         """
+        del strict  # the tool grammar is always schema-exact
         specs = [convert_to_openai_tool(t) for t in tools]
         names = [s["function"]["name"] for s in specs]
         for spec in specs:

@@ -113,25 +113,79 @@ def test_abrupt_disconnects_leak_no_admission_slots(service: Service) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_request_timeout_is_reported_and_aborted(service: Service, stream: bool) -> None:
-    """``timeout_s`` ends the request in the engine and says so (today: 200, finish_reason timeout)."""
+def test_request_timeout_is_a_clear_error_and_aborted(service: Service, stream: bool) -> None:
+    """``timeout_s`` ends the request in the engine: a 504 ``timeout`` (non-streaming), or the stream's
+    last event is an ``error`` with that code (never ``done``)."""
     wait_until(lambda: _idle(service), 30)
     body = LONG | {"timeout_s": 0.5, "stream": stream}
     started = time.monotonic()
     with service.client() as http:
         response = http.post("/generate_api", json=body)
     elapsed = time.monotonic() - started
-    assert response.status_code == 200, response.text
     if stream:
+        assert response.status_code == 200, response.text
         frames = [json.loads(x[5:]) for x in response.text.splitlines() if x.startswith("data:")]
-        assert frames[-1]["event"] == "done"
-        data = frames[-1]["response"]
+        assert all(f["event"] != "done" for f in frames)
+        assert frames[-1]["event"] == "error"
+        error = frames[-1]["error"]
+        tokens = sum(len(f["token_ids"]) for f in frames if f["event"] == "token")
     else:
-        data = response.json()
-    assert data["finish_reason"] == "timeout"
-    assert data["constraint_satisfied"] is False
-    assert "timeout" in data["constraint_error"]
+        assert response.status_code == 504, response.text
+        error = response.json()["error"]
+        tokens = None
+    assert error["code"] == "timeout"
+    assert "timeout of 0.5 s" in error["message"]
+    assert error["detail"]["timeout_s"] == 0.5
+    assert error["detail"]["tokens_generated"] < MAX_TOKENS_CAP
+    if tokens is not None:
+        assert error["detail"]["tokens_generated"] == tokens
     assert elapsed < 30
+    drained = wait_until(lambda: _idle(service), 5)
+    n = error["detail"]["tokens_generated"]
+    print(f"{response.status_code} after {elapsed:.2f} s, {n} tokens, engine idle {drained:.2f} s later")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_route_timeout_is_a_clear_error(service: Service, stream: bool) -> None:
+    wait_until(lambda: _idle(service), 30)
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Write a very long story about the sea."}],
+        "max_tokens": MAX_TOKENS_CAP,
+        "timeout_s": 0.5,
+        "stream": stream,
+    }
+    with service.client() as http:
+        response = http.post("/v1/chat/completions", json=body)
+    if stream:
+        assert response.status_code == 200, response.text
+        frames = [x[5:].strip() for x in response.text.splitlines() if x.startswith("data:")]
+        errors = [json.loads(f)["error"] for f in frames if f != "[DONE]" and "error" in json.loads(f)]
+        assert len(errors) == 1
+        error = errors[0]
+        assert not any('"finish_reason": "timeout"' in f for f in frames)
+    else:
+        assert response.status_code == 504, response.text
+        error = response.json()["error"]
+    assert error["code"] == "timeout"
+    wait_until(lambda: _idle(service), 5)
+
+
+def test_client_raises_the_typed_timeout_error_without_retrying(service: Service) -> None:
+    from langchain_ananke.errors import AnankeRequestTimeoutError
+
+    wait_until(lambda: _idle(service), 30)
+    sent: list[httpx.Request] = []
+    client = AnankeClient(service.url, api_key=service.api_key, retry=RetryPolicy(max_retries=3))
+    client._client = httpx.Client(**client._client_kwargs(), event_hooks={"request": [sent.append]})
+    request = GenerateRequest.model_validate(LONG | {"timeout_s": 0.5})
+    with pytest.raises(AnankeRequestTimeoutError) as info:
+        client.generate(request)
+    assert info.value.status_code == 504
+    assert len(sent) == 1
+    with pytest.raises(AnankeRequestTimeoutError):
+        list(client.stream(request))
+    assert len(sent) == 2
     wait_until(lambda: _idle(service), 5)
 
 

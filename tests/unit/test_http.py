@@ -25,6 +25,7 @@ from langchain_ananke.errors import (
     AnankeAPIError,
     AnankeConnectionError,
     AnankeError,
+    AnankeRequestTimeoutError,
     AnankeStreamError,
     AnankeTimeoutError,
 )
@@ -217,6 +218,52 @@ def test_retry_after_header(headers: dict[str, str], expected: float | None) -> 
 )
 def test_api_error_retryable(status: int, retryable: bool) -> None:
     assert AnankeAPIError("x", status_code=status).retryable is retryable
+
+
+TIMEOUT_BODY = {
+    "error": {
+        "code": "timeout",
+        "message": "the request's timeout of 0.5 s passed; aborted after 7 generated tokens",
+        "detail": {"timeout_s": 0.5, "tokens_generated": 7},
+    }
+}
+
+
+def test_service_timeout_is_typed_and_not_retried(sleeps: list[float]) -> None:
+    """504 ``timeout`` is the service's own deadline: retrying would time out again. A gateway's
+    504 (any other code) is still retried (cold starts)."""
+    script = Script(httpx.Response(504, json=TIMEOUT_BODY), ok())
+    with pytest.raises(AnankeRequestTimeoutError) as info:
+        sync_client(script).generate(REQUEST)
+    err = info.value
+    assert isinstance(err, AnankeAPIError)
+    assert isinstance(err, AnankeTimeoutError)
+    assert (err.status_code, err.code) == (504, "timeout")
+    assert err.detail == {"timeout_s": 0.5, "tokens_generated": 7}
+    assert not err.retryable
+    assert len(script.requests) == 1
+    assert sleeps == []
+
+
+def test_stream_timeout_event_raises_the_typed_error() -> None:
+    script = Script(sse(TOKEN_A, {"event": "error", "error": TIMEOUT_BODY["error"]}))
+    events = sync_client(script).stream(REQUEST)
+    assert next(events).text == "4"
+    with pytest.raises(AnankeRequestTimeoutError, match=r"timeout of 0\.5 s") as info:
+        next(events)
+    assert info.value.status_code == 504
+    assert info.value.detail == {"timeout_s": 0.5, "tokens_generated": 7}
+
+
+@pytest.mark.parametrize(
+    ("code", "status"), [("engine_unavailable", 503), ("invalid_request", 422), ("internal_error", 500)]
+)
+def test_stream_error_events_carry_their_status(code: str, status: int) -> None:
+    script = Script(sse({"event": "error", "error": {"code": code, "message": "m"}}))
+    with pytest.raises(AnankeAPIError) as info:
+        list(sync_client(script).stream(REQUEST))
+    assert (info.value.status_code, info.value.code) == (status, code)
+    assert not isinstance(info.value, AnankeRequestTimeoutError)
 
 
 # ----------------------------------------------------------------------------- sync client

@@ -10,10 +10,12 @@ import pytest
 
 from modal_service.schema_tools import (
     INT_BOUND,
+    ShapeLimits,
     apply_length_caps,
     count_grammar_rules,
     exceeds_depth,
     finite_instance_error,
+    shape_error,
 )
 
 SELF = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
@@ -192,3 +194,47 @@ def test_exceeds_depth(schema: dict[str, Any], too_deep: bool) -> None:
 )
 def test_count_grammar_rules(grammar: str, rules: int) -> None:
     assert count_grammar_rules(grammar) == rules
+
+
+SMALL = ShapeLimits(max_choices=3, max_branches=2, max_enum=3, max_schema_nodes=5)
+
+
+def _object(n: int) -> dict[str, Any]:
+    return {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(n)}}
+
+
+@pytest.mark.parametrize(
+    ("choices", "schemas", "breaks"),
+    [
+        (3, [], None),
+        (4, [], "alternatives"),
+        (0, [{"anyOf": [{"type": "string"}, {"type": "null"}]}], None),
+        (0, [{"oneOf": [{"const": 1}, {"const": 2}, {"const": 3}]}], "oneOf has 3 branches"),
+        (0, [{"properties": {"a": {"items": {"anyOf": [{}, {}, {}]}}}}], "anyOf has 3 branches"),
+        (0, [{"enum": [1, 2, 3]}], None),
+        (0, [{"$defs": {"e": {"enum": ["a", "b", "c", "d"]}}}], "enum has 4 values"),
+        (0, [_object(4)], None),  # 5 nodes: the object and its 4 properties
+        (0, [_object(5)], "6 subschemas"),
+        (0, [_object(2), _object(2)], "6 subschemas"),  # tool schemas count together
+        # enum/const/default values are data, not subschemas
+        (0, [{"const": {"a": {}, "b": {}}, "default": [{}, {}, {}], "examples": [{"x": {}}] * 9}], None),
+        (0, [{"properties": {"anyOf": {"type": "string"}}}], None),  # a property named anyOf
+    ],
+)
+def test_shape_error(choices: int, schemas: list[Any], breaks: str | None) -> None:
+    problem = shape_error(SMALL, choices=choices, schemas=schemas)
+    if breaks is None:
+        assert problem is None
+    else:
+        assert problem is not None
+        assert breaks in problem[0]
+        assert "limit" in problem[0]
+        assert problem[1]["limit"] in (3, 2, 5)
+
+
+def test_shape_error_walks_deep_schemas_without_recursion() -> None:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(5_000):
+        schema = {"items": schema}
+    problem = shape_error(ShapeLimits(max_schema_nodes=10_000), schemas=[schema])
+    assert problem is None
