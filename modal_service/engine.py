@@ -235,7 +235,8 @@ class Engine:
                 await self._llm.abort(request_id)
 
     def num_unfinished_requests(self) -> int:
-        return int(self._llm.get_num_unfinished_requests()) if self._llm is not None else 0
+        # AsyncLLM.get_num_unfinished_requests is not in vLLM 0.26; its output processor is (0.26-0.32)
+        return int(self._llm.output_processor.get_num_unfinished_requests()) if self._llm is not None else 0
 
     def shutdown(self) -> None:
         if self._llm is not None:

@@ -19,6 +19,7 @@ those; its parallel path does not).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -66,7 +67,7 @@ def patch_parallel_mask_fill(manager_cls: type) -> str:
     missing = [m for m in _REQUIRED_METHODS if not callable(getattr(manager_cls, m, None))]
     if missing:
         return f"skipped: StructuredOutputManager lacks {', '.join(missing)}"
-    code = getattr(manager_cls.grammar_bitmask, "__code__", None)  # type: ignore[attr-defined]
+    code = getattr(inspect.unwrap(manager_cls.grammar_bitmask), "__code__", None)  # type: ignore[attr-defined]
     names = set(code.co_names) if code is not None else set()
     absent = [n for n in _REQUIRED_NAMES if n not in names]
     if absent:

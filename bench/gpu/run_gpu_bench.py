@@ -632,6 +632,8 @@ class Bench:
             with contextlib.suppress(Exception), urllib.request.urlopen(
                     f"http://127.0.0.1:{port}/_bench/info", timeout=2) as r:
                 info = json.loads(r.read())
+            if info.get("state") == "ok":  # ready even if /health itself fails
+                break
             if info.get("state") == "error":
                 raise RuntimeError(f"engine failed: {info.get('error')}")
             time.sleep(0.5)

@@ -24,6 +24,7 @@ masks are filled, to compare fills on the same engine:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -149,6 +150,7 @@ def register() -> None:
 
     orig_bitmask = StructuredOutputManager.grammar_bitmask
 
+    @functools.wraps(orig_bitmask)  # vllm_patches checks the wrapped method's code
     def grammar_bitmask(self: Any, requests: Any, ids: list[str], spec: Any) -> Any:
         ctl = _control()
         mode = ctl.get("mode", "service")

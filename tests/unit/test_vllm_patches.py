@@ -212,3 +212,17 @@ def test_switched_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ANANKE_VLLM_PATCHES", "0")
     assert vllm_patches.apply() == {"parallel_mask_fill": "skipped: ANANKE_VLLM_PATCHES is off"}
     assert not getattr(so.StructuredOutputManager, vllm_patches._MARK, False)
+
+
+def test_wrapped_grammar_bitmask_is_looked_through() -> None:
+    """A plugin that wraps grammar_bitmask with functools.wraps (the GPU bench's probe) still passes."""
+    import functools
+
+    orig = so.StructuredOutputManager.grammar_bitmask
+
+    @functools.wraps(orig)
+    def wrapper(*args: Any) -> Any:
+        return orig(*args)
+
+    cls = type("Wrapped", (so.StructuredOutputManager,), {"grammar_bitmask": wrapper})
+    assert vllm_patches.patch_parallel_mask_fill(cls) == "applied"
