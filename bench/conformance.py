@@ -67,7 +67,7 @@ def independent_check(schema: dict[str, Any], text: str) -> tuple[bool, str | No
 
 
 async def _ours(
-    client: httpx.AsyncClient, case: tuple[str, str, dict[str, Any]], max_tokens: int
+    client: httpx.AsyncClient, case: tuple[str, str, dict[str, Any]], max_tokens: int, *, close: bool = True
 ) -> dict[str, Any]:
     cat, name, schema = case
     body = {
@@ -75,7 +75,7 @@ async def _ours(
         "max_tokens": max_tokens,
         "temperature": 0.0,
         "seed": 1,
-        "constraints": {"json_schema": schema, "max_attempts": 2},
+        "constraints": {"json_schema": schema, "max_attempts": 2, "close_on_budget": close},
     }
     started = time.perf_counter()
     try:
@@ -110,6 +110,7 @@ async def _ours(
         "compile_ms": meta.get("compile_time_ms"),
         "cache_hit": meta.get("cache_hit"),
         "constraint_error": (data.get("constraint_error") or "")[:200],
+        "closed": "closed_on_budget" in meta,
     }
 
 
@@ -166,7 +167,13 @@ async def run(
     concurrency: int,
     log: Any = print,
 ) -> dict[str, Any]:
-    send = _ours if target == "ours" else _peer
+    if target == "ours_noclose":  # ours with closing on budget turned off: its effect, same run
+
+        async def send(client: httpx.AsyncClient, case: Any, max_tokens: int) -> dict[str, Any]:
+            return await _ours(client, case, max_tokens, close=False)
+
+    else:
+        send = _ours if target == "ours" else _peer
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     before = load_avg()
@@ -223,7 +230,7 @@ def summarize(target: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "tokens_p50": pct([r["tokens"] for r in rows if r.get("tokens") is not None], 50),
         "lat_p50_s": rnd(pct([r["lat_s"] for r in rows if r.get("lat_s") is not None], 50), 3),
     }
-    if target == "ours":
+    if target.startswith("ours"):
         comp = [r["compile_ms"] for r in rows if r.get("compile_ms") is not None]
         out |= {
             "lies": sum(bool(r.get("lie")) for r in rows),
@@ -233,6 +240,12 @@ def summarize(target: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
             "compile_n": len(comp),
             "attempts": dict(Counter(str(r.get("attempts")) for r in rows if r["status"] == 200)),
             "approximate_accepted": sum(r.get("mode") == "approximate" for r in rows),
+            "valid_closed_on_budget": sum(
+                bool(r.get("closed")) and r["outcome"].startswith("valid") for r in rows
+            ),
+            "rejected_max_tokens_too_small": sum(
+                "cannot hold" in r.get("error", "") for r in rows if r["outcome"] == "rejected"
+            ),
         }
     return out
 

@@ -279,6 +279,37 @@ def conformance_summary(result: dict[str, Any]) -> str:
             f"{peer['wall_s']}, {peer['concurrency']}" if peer else "–",
         ],
     ]
+    noclose = conf.get("ours_noclose")
+    if noclose:  # closing on budget off, same run: the effect of steering to close
+        rows += [
+            [
+                "ours, closing on budget off: valid share",
+                f"{noclose['valid_share']:.1%} ({noclose['valid']}/{noclose['n']})",
+                "–",
+            ],
+            ["ours, closing on budget off: truncated", f"**{noclose['truncated']}**", "–"],
+            [
+                "ours, closing off: rejected / 5xx / lies",
+                " / ".join(
+                    str(x)
+                    for x in (
+                        noclose["total"].get("rejected", 0),
+                        noclose["total"].get("5xx", 0),
+                        noclose["lies"],
+                    )
+                ),
+                "–",
+            ],
+        ]
+    if "valid_closed_on_budget" in ours:
+        rows += [
+            ["ours: valid outputs finished by closing on budget", str(ours["valid_closed_on_budget"]), "–"],
+            [
+                "ours: rejected up front as max_tokens_too_small",
+                str(ours["rejected_max_tokens_too_small"]),
+                "–",
+            ],
+        ]
     out = _table(["", "ours", "vLLM server (guidance)"], rows)
     for name, res in (("ours", ours), ("vLLM server", peer)):
         if res and res["rejection_messages"]:

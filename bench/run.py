@@ -89,7 +89,24 @@ def _due(result: dict[str, Any], section: str, share: float) -> bool:
     return False
 
 
+async def conformance_phase(target: str, url: str, cfg: dict[str, Any], result: dict[str, Any]) -> None:
+    _log(f"3. conformance ({target})")
+    cases = conformance.load_cases(cfg["conformance_per_category"])
+    result.setdefault("conformance", {})[target] = await conformance.run(
+        target,
+        url,
+        cases,
+        max_tokens=cfg["conformance_max_tokens"],
+        concurrency=cfg["conformance_concurrency"],
+        log=_log,
+    )
+
+
 async def ours_phases(url: str, cfg: dict[str, Any], result: dict[str, Any]) -> None:
+    if cfg.get("only_conformance"):  # with and without closing on budget, back to back
+        for target in ("ours", "ours_noclose"):
+            await conformance_phase(target, url, cfg, result)
+        return
     mt = cfg["overhead_max_tokens"]
     _log("warm-up (not reported)")
     for mode in ("none", "json"):
@@ -159,16 +176,7 @@ async def ours_phases(url: str, cfg: dict[str, Any], result: dict[str, Any]) -> 
 
     if not _due(result, "conformance", 0.5):
         return
-    _log("3. conformance (ours)")
-    cases = conformance.load_cases(cfg["conformance_per_category"])
-    result.setdefault("conformance", {})["ours"] = await conformance.run(
-        "ours",
-        url,
-        cases,
-        max_tokens=cfg["conformance_max_tokens"],
-        concurrency=cfg["conformance_concurrency"],
-        log=_log,
-    )
+    await conformance_phase("ours", url, cfg, result)
 
     if (cfg["scaling_lengths"] or cfg["scaling_props"]) and _due(result, "scaling", 0.6):
         _log("5. scaling (ours)")
@@ -210,6 +218,9 @@ async def ours_phases(url: str, cfg: dict[str, Any], result: dict[str, Any]) -> 
 
 
 async def peer_phases(url: str, cfg: dict[str, Any], result: dict[str, Any]) -> None:
+    if cfg.get("only_conformance"):
+        await conformance_phase("peer", url, cfg, result)
+        return
     mt = cfg["overhead_max_tokens"]
     for mode in ("none", "json"):
         await load.run_phase(
@@ -244,16 +255,7 @@ async def peer_phases(url: str, cfg: dict[str, Any], result: dict[str, Any]) -> 
 
     if not _due(result, "conformance", 1.0):
         return
-    _log("3. conformance (vLLM server)")
-    cases = conformance.load_cases(cfg["conformance_per_category"])
-    result.setdefault("conformance", {})["peer"] = await conformance.run(
-        "peer",
-        url,
-        cases,
-        max_tokens=cfg["conformance_max_tokens"],
-        concurrency=cfg["conformance_concurrency"],
-        log=_log,
-    )
+    await conformance_phase("peer", url, cfg, result)
 
     if not _due(result, "structured", 1.0):
         return
@@ -336,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
+        "--only-conformance",
+        action="store_true",
+        help="only conformance: ours with and without closing on budget, then vLLM's server",
+    )
+    parser.add_argument(
         "--only-overhead",
         action="store_true",
         help="only the constraint-overhead phases at c=16 and 64, both A-B-B-A, on our service",
@@ -378,7 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(result['other_processes_at_start'])} other engine/test processes running"
     )
 
-    if not args.only_overhead:
+    if args.only_conformance:
+        cfg["only_conformance"] = True
+    if not (args.only_overhead or args.only_conformance):
         _log("4. client overhead (instant fake server)")
         result["client"] = client_overhead.run(n=cfg["client_calls"], log=_log)
 

@@ -22,11 +22,14 @@ from dataclasses import dataclass
 
 import llguidance
 
-#: Tokens the search tries, best first (each kept only if the vocabulary has it as one token):
-#: what closes a string, then what closes objects and arrays, then separators, minimal values and
-#: anything printable. Merged tokens close or separate two things in one step, so a completion fits
-#: in fewer tokens. Format samples (below) go right after the plain quote.
-QUOTE_FIRST = ('""', '"}}', '"}]', '"}', '"]', '"},', '",', '":"', '":', '"')
+#: Tokens the search tries, best first (each kept only if the vocabulary has it as one token). Two
+#: orders, picked per state. Inside free text (a letter such as ``x`` is allowed: no JSON literal
+#: starts with it), close the string first, together with what follows it where one token can.
+#: Elsewhere, close objects and arrays before opening anything (an optional key, an empty string).
+#: Merged tokens close or separate two things in one step, so a completion fits in fewer tokens.
+#: Format samples (below) go right after these; then everything else (``CLOSE_ORDER``).
+IN_TEXT_FIRST = ('"}}', '"}]', '"}', '"]', '"},', '",', '":"', '":', '"')
+STRUCTURE_FIRST = ("}}", "]}", "}]", "}", "]", '""', '":"', '":', '"')
 CLOSE_ORDER = (
     *("}}", "]}", "}]", "},", "],", "}", "]", '},"', "0", "1", ",", ":"),
     # Other punctuation ends identifiers and statements in general grammars (``)``, ``;``, ``>``);
@@ -78,7 +81,9 @@ class Closer:
         self._tok = tokenizer
         self.max_nodes = max_nodes
         self.max_seconds = max_seconds
-        self._quote_first = self._single_tokens(QUOTE_FIRST)
+        self._in_text_first = self._single_tokens(IN_TEXT_FIRST)
+        self._structure_first = self._single_tokens(STRUCTURE_FIRST)
+        self._text_probe = self._single_tokens("x")[0]
         self._others = self._single_tokens(CLOSE_ORDER)
         self._closers = frozenset(self._single_tokens("}]"))
         self._samples = tuple(tokenizer.tokenize_str(json.dumps(v)[1:]) for v in FORMAT_SAMPLES)
@@ -95,35 +100,44 @@ class Closer:
     def close(self, ll_grammar: str, tokens: list[int], *, budget: int, window: int) -> Closing | None:
         """A completion of ``tokens`` under ``ll_grammar`` with at most ``budget`` tokens in all.
 
-        Drops trailing tokens (up to ``window``) by as many as the last search came up short, until
-        a completion fits. None when nothing fits, or when the node or time budget runs out: the
+        Drops trailing tokens (up to ``window``) by as many as the last search came up short (or,
+        when a level finds nothing, by 1, 2, 4, ...), until a completion fits; the whole window is
+        always tried last. None when nothing fits, or when the node or time budget runs out: the
         caller then reports the truncation as it is.
         """
         matcher = llguidance.LLMatcher(self._tok, ll_grammar)
         if matcher.is_error() or not matcher.consume_tokens(tokens) or matcher.is_error():
             return None
         deadline = time.perf_counter() + self.max_seconds
-        spent, dropped = 0, 0
         window = min(window, len(tokens))
+        # The search may use more raw tokens than the room: its single characters re-encode into
+        # fewer tokens (see _compact), and only the re-encoded length has to fit.
+        limit = 2 * budget + 16
+        per_level = 4 * limit + 16  # a search that mostly goes straight; hopeless levels fail fast
+        spent, dropped, miss_step = 0, 0, 1
         while True:
             room = budget - (len(tokens) - dropped)
-            # Search without the room limit (a few nodes per token of budget: a search that mostly
-            # goes straight), so a miss says how many tokens short this level is.
-            nodes = [min(self.max_nodes - spent, 4 * budget + 16)]
+            # The last level (everything the window allows dropped) keeps a node reserve.
+            allowance = self.max_nodes - spent - (per_level if dropped < window else 0)
+            nodes = [max(0, min(allowance, per_level))]
             start = nodes[0]
-            suffix = self._search(matcher, budget, nodes, deadline)
+            if dropped == window:  # the last level gets its own time, like its node reserve
+                deadline = time.perf_counter() + self.max_seconds / 2
+            suffix = self._search(matcher, limit, nodes, deadline) if start else None
             spent += start - nodes[0]
             if suffix is not None:
                 matcher.rollback(len(suffix))
                 suffix = self._compact(matcher, suffix)
                 if len(suffix) <= room:
                     return Closing(len(tokens) - dropped, suffix, dropped, spent)
-            if matcher.is_error() or spent >= self.max_nodes or time.perf_counter() > deadline:
+            if matcher.is_error() or dropped >= window:
                 return None
-            if dropped >= window:
-                return None
-            # Free what was missing (at least one token), and try again from there.
-            step = max(1, len(suffix) - room) if suffix is not None else 1
+            if suffix is not None:  # free what was missing
+                step = max(1, len(suffix) - room)
+            else:  # no completion in this level's nodes: back off faster and faster
+                step, miss_step = miss_step, miss_step * 2
+            if allowance <= per_level or time.perf_counter() > deadline:
+                step = window - dropped  # out of nodes or time but the reserve: straight to the last
             step = min(step, window - dropped)
             if not matcher.rollback(step):
                 return None
@@ -168,7 +182,7 @@ class Closer:
         while True:
             if m.is_accepting():
                 return out
-            if len(out) < room and nodes[0] > 0:
+            if len(out) < room and nodes[0] > 0 and not _repeats(out):
                 nodes[0] -= 1
                 if nodes[0] % 64 == 0 and time.perf_counter() > deadline:
                     nodes[0] = 0
@@ -204,7 +218,9 @@ class Closer:
         def allowed(tokens: tuple[int, ...]) -> list[int]:
             return [t for t in tokens if (mask[t >> 3] >> (t & 7)) & 1]
 
-        yield from ([t] for t in allowed(self._quote_first))
+        in_text = (mask[self._text_probe >> 3] >> (self._text_probe & 7)) & 1
+        first = allowed(self._in_text_first if in_text else self._structure_first)
+        yield from ([t] for t in first)
         for sample in self._samples:
             if (mask[sample[0] >> 3] >> (sample[0] & 7)) & 1 and m.validate_tokens(sample) == len(sample):
                 yield sample
@@ -215,6 +231,15 @@ class Closer:
                 break
             run += 1
         for t in allowed(self._others):
+            if t in first:
+                continue
             if t == last and run >= (MAX_CLOSER_RUN if t in self._closers else MAX_RUN):
                 continue
             yield [t]
+
+
+def _repeats(out: list[int], longest: int = 16) -> bool:
+    """Whether ``out`` ends with a piece written twice in a row (``{"a":[{"a":[``): a loop the
+    search should leave, such as an optional recursive property it keeps opening."""
+    n = len(out)
+    return any(out[n - k :] == out[n - 2 * k : n - k] for k in range(3, min(longest, n // 2) + 1))
