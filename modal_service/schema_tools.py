@@ -195,9 +195,10 @@ def count_grammar_rules(grammar: str) -> int:
 class ShapeLimits:
     """Per-kind size bounds, checked before compiling (:func:`shape_error`).
 
-    Compile time grows with each of these; the defaults keep a compile under about half a second on
-    2 shared CPU cores (measured: docs/RELIABILITY.md), while a 20,000-entry ``choice`` took 1.8-1.9 s
-    and an ``anyOf`` of 500 objects 1.6-1.8 s.
+    Compile time grows with each of these. The per-kind defaults keep a compile under about half a
+    second on 2 shared CPU cores (measured: docs/RELIABILITY.md), where a 20,000-entry ``choice``
+    took 1.8-1.9 s and an ``anyOf`` of 500 objects 1.6-1.8 s. The node bound is a backstop for
+    large schemas that are not pathological, so it is generous.
     """
 
     max_choices: int = 5_000
@@ -206,9 +207,10 @@ class ShapeLimits:
     """Branches of one ``anyOf`` or ``oneOf`` (100 object branches compile in 0.3-0.4 s)."""
     max_enum: int = 20_000
     """Values of one ``enum`` (20,000 compile in 0.23-0.24 s)."""
-    max_schema_nodes: int = 400
-    """Subschemas in one JSON Schema, or in all of a request's tool schemas together (385 compile
-    in 0.4 s; 517 object-heavy ones took 1.1 s)."""
+    max_schema_nodes: int = 512
+    """Subschemas in one JSON Schema, or in all of a request's tool schemas together (an object of
+    255 required properties compiles in 0.8 s, one of 399 in 1.2 s; llguidance's own grammar
+    limit refuses about 1,000)."""
 
 
 #: Keys whose values are data, not subschemas: never walked.

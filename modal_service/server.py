@@ -456,18 +456,23 @@ def within_deadline(generator: Generator, req: GenerateRequest, started: float) 
     ``started``, a :func:`time.monotonic` reading); a 504 when nothing is left."""
     timeout = request_timeout(generator, req)
     left = timeout - (time.monotonic() - started)
-    if left <= 0:
+    if left <= 0:  # planning (tokenize, compile) took it all
         raise timeout_error(timeout, 0)
     return req.model_copy(update={"timeout_s": left})
 
 
-def timeout_error(timeout: float, tokens: int) -> ApiError:
-    """504 ``timeout``: the deadline passed and the engine request was aborted."""
+def timeout_error(timeout: float, tokens: int | None) -> ApiError:
+    """504 ``timeout``: the deadline passed and the engine request was aborted.
+
+    ``tokens``: how many were generated (streamed) before; None when unknown (a non-streaming request
+    asks the engine for its final output only, so an aborted one reports none).
+    """
+    done = "before any output" if tokens == 0 else f"after {tokens} generated tokens" if tokens else ""
     return ApiError(
         504,
         "timeout",
-        f"the request's timeout of {timeout:g} s passed; it was aborted in the engine after {tokens} "
-        "generated tokens (set timeout_s, or ask for fewer max_tokens)",
+        f"the request's timeout of {timeout:g} s passed and it was aborted in the engine {done}".rstrip()
+        + " (raise timeout_s, or ask for fewer max_tokens)",
         {"timeout_s": timeout, "tokens_generated": tokens},
     )
 
@@ -483,7 +488,7 @@ async def answer(generator: Generator, req: GenerateRequest, plan: Any, started:
     """One non-streaming answer; a deadline that passes is a 504, never a 200 with partial output."""
     resp = await generator.complete_verified(within_deadline(generator, req, started), plan)
     if resp.finish_reason == "timeout":
-        raise timeout_error(request_timeout(generator, req), resp.tokens_generated)
+        raise timeout_error(request_timeout(generator, req), resp.tokens_generated or None)
     return resp
 
 
