@@ -7,12 +7,13 @@ with :func:`response_metadata` / :func:`usage_metadata`.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from langchain_core.language_models import LangSmithParams
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.utils import from_env, secret_from_env
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 
 from langchain_ananke._http import DEFAULT_BASE_URL, AnankeClient, AsyncAnankeClient, RetryPolicy
 from langchain_ananke.errors import ConstraintNotSatisfiedError
@@ -21,8 +22,15 @@ from langchain_ananke.protocol import GenerateRequest, GenerateResponse
 
 #: Per-call keywords the request builder understands (besides the sampling fields).
 CALL_KWARGS = frozenset(
-    {"constraints", "tools", "tool_choice", "parallel_tool_calls", "require_satisfied",
-     "ls_structured_output_format", "timeout_s"}
+    {
+        "constraints",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "require_satisfied",
+        "ls_structured_output_format",
+        "timeout_s",
+    }
 )
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "stop")
 
@@ -63,6 +71,31 @@ class AnankeParams(BaseModel):
 
     _client: AnankeClient | None = PrivateAttr(default=None)
     _async_client: AsyncAnankeClient | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_parameters(cls, values: Any) -> Any:
+        """Accept ChatOpenAI's ``max_completion_tokens``; warn about (and drop) unknown parameters
+        instead of ignoring them silently, so a typo or an OpenAI-only option is visible."""
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        if "max_completion_tokens" in values:
+            alias = values.pop("max_completion_tokens")
+            values.setdefault("max_tokens", alias)
+        fields = cls.model_fields
+        known = set(fields) | {f.alias for f in fields.values() if f.alias}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            warnings.warn(
+                f"{cls.__name__} ignores unknown parameters: {', '.join(unknown)} "
+                "(extra request fields go in model_kwargs)",
+                UserWarning,
+                stacklevel=2,
+            )
+            for key in unknown:
+                del values[key]
+        return values
 
     def _client_args(self) -> dict[str, Any]:
         return {
