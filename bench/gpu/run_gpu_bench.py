@@ -128,6 +128,7 @@ PHASES: dict[str, list[dict[str, Any]]] = {
     "32b-compile": [
         *_matrix(1, 64, 8, 256),
         _p("c64_json_vllm", "http", 64, 128, "json", 2, ctl=UPSTREAM),
+        _p("c256_json_vllm", "http", 256, 256, "json", 2, ctl=UPSTREAM),
         _p("raw_c1_unc", "raw", 1, 2, "unc", 2),
     ],
     "7b-graphs": [
@@ -529,7 +530,12 @@ def parse_server_log(path: Path) -> dict[str, Any]:
 
 
 class Bench:
-    def __init__(self, out_dir: Path, deadline: float, fake: bool, only: list[str] | None) -> None:
+    def __init__(  # noqa: PLR0917
+        self, out_dir: Path, deadline: float, fake: bool, only: list[str] | None, first_bursts: bool,
+        windows: list[float] | None,
+    ) -> None:
+        self.first_bursts = first_bursts
+        self.windows = windows or []
         self.out = out_dir
         self.deadline = deadline
         self.fake = fake
@@ -658,10 +664,18 @@ class Bench:
         log(f"engine {name} ready: engine {info.get('engine_start_s')}s, process {res['ready_wall_s']}s")
         self.save()
         # warm-up; the very first constrained request initialises the llguidance backend in EngineCore
-        for wname, mode, c, n in (("cold_first_json", "json", 1, 1), ("warmup_unc", "unc", 8, 8),
-                                  ("warmup_json", "json", 8, 8)):
-            recs, wall = asyncio.run(http_phase(port, c, n, mode, 120))
+        # The first burst at a new concurrency level stalled for seconds in run 2 (API process, not the
+        # engine): the first_* rounds take that hit, measured, before the phases.
+        warmups = [("cold_first_json", "json", 1, 1, MAX_TOKENS), ("warmup_unc", "unc", 8, 8, MAX_TOKENS),
+                   ("warmup_json", "json", 8, 8, MAX_TOKENS)]
+        if self.first_bursts:
+            warmups += [(f"first_c{c}_unc", "unc", c, c, 32) for c in (64, 256)]
+            warmups += [(f"second_c{c}_unc", "unc", c, c, 32) for c in (64, 256)]
+        for wname, mode, c, n, max_tokens in warmups:
+            recs, wall = asyncio.run(http_phase(port, c, n, mode, 120, max_tokens=max_tokens))
             res["phases"][wname] = summarize(recs, wall, c)
+            log(f"  {wname:<22} c={c:<3} {res['phases'][wname].get('agg_tok_s')} tok/s  "
+                f"wall {res['phases'][wname].get('wall_s')} s")
         log(f"{name} warm-up done; first JSON request "
             f"{res['phases']['cold_first_json'].get('lat_p50_ms')} ms")
         phases = PHASES[name]
@@ -733,7 +747,10 @@ class Bench:
         self.device_info()
         self.save()
         by_name = {e["name"]: e for e in ENGINES}
-        for eng in (by_name[n] for n in engines or DEFAULT_ENGINES):
+        for i, name in enumerate(engines or DEFAULT_ENGINES):
+            eng = by_name[name]
+            if i < len(self.windows):
+                eng = {**eng, "end_by": self.windows[i]}
             try:
                 self.run_engine(eng)
             except Exception as exc:
@@ -757,10 +774,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="in this order, from: " + ", ".join(e["name"] for e in ENGINES))
     ap.add_argument("--only", nargs="*", help="only these phase names (plus warm-up)")
     ap.add_argument("--fake", action="store_true", help="fake engine, for checking the driver locally")
+    ap.add_argument("--first-bursts", action="store_true",
+                    help="before the phases: two short unconstrained rounds at c=64 and at c=256")
+    ap.add_argument("--windows", nargs="*", type=float,
+                    help="latest end (s after start) of each engine in --engines, replacing end_by")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    Bench(out, args.deadline_s, args.fake, args.only).run(args.engines)
+    Bench(out, args.deadline_s, args.fake, args.only, args.first_bursts, args.windows).run(args.engines)
     return 0
 
 
