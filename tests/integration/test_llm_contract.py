@@ -19,6 +19,7 @@ from langchain_core.outputs import LLMResult
 from pydantic import BaseModel, Field
 
 from langchain_ananke import AnankeLLM, Choice, ConstraintNotSatisfiedError, Regex
+from langchain_ananke.errors import AnankeAPIError
 from tests.conftest import chat_prompt
 
 pytestmark = pytest.mark.integration
@@ -261,36 +262,58 @@ def test_with_structured_output_include_raw(llm: AnankeLLM) -> None:
 # ------------------------------------------------------- truncation raises, never a half object
 def test_too_few_tokens_raises(llm: AnankeLLM) -> None:
     structured = llm.with_structured_output(Person)
-    with pytest.raises(ConstraintNotSatisfiedError) as info:
+    with pytest.raises(AnankeAPIError) as info:  # refused before any token is generated
         structured.invoke(PERSON_PROMPT, max_tokens=3)
-    assert info.value.finish_reason == "length"
-    assert info.value.llm_output  # the partial text is kept for debugging, never parsed into a Person
+    assert info.value.status_code == 422
+    assert info.value.code == "max_tokens_too_small"
 
 
 def test_too_few_tokens_raises_streaming(llm: AnankeLLM) -> None:
     structured = llm.with_structured_output(Person)
     got: list[Any] = []
-    with pytest.raises(ConstraintNotSatisfiedError):
+    with pytest.raises(AnankeAPIError):
         got.extend(structured.stream(PERSON_PROMPT, max_tokens=3))
     assert not any(isinstance(p, Person) for p in got)
 
 
 async def test_too_few_tokens_raises_async(llm: AnankeLLM) -> None:
     structured = llm.with_structured_output(Person)
-    with pytest.raises(ConstraintNotSatisfiedError):
+    with pytest.raises(AnankeAPIError):
         await structured.ainvoke(PERSON_PROMPT, max_tokens=3)
-    with pytest.raises(ConstraintNotSatisfiedError):
+    with pytest.raises(AnankeAPIError):
         await structured.abatch([PERSON_PROMPT, PERSON_PROMPT], max_tokens=3)
 
 
+class Bio(BaseModel):
+    name: str
+    bio: str
+
+
+BIO_PROMPT = chat_prompt("Write a long biography of Ada Lovelace as JSON with name and bio.")
+
+
+def test_budget_cut_structured_output_is_closed_not_half(llm: AnankeLLM) -> None:
+    # The model writes on past max_tokens (the bio is unbounded): the server finishes the object
+    # within the budget, and the parser gets a whole, valid Bio, never half of one.
+    schema = {"json_schema": Bio.model_json_schema(), "length_caps": False}
+    result = llm.generate([BIO_PROMPT], constraints=schema, max_tokens=20)
+    info = result.generations[0][0].generation_info
+    assert info is not None
+    assert info["constraint_satisfied"] is True
+    assert info["tokens_generated"] <= 20
+    assert info["metadata"]["closed_on_budget"]["added_tokens"] >= 1
+    Bio.model_validate_json(result.generations[0][0].text)
+    assert isinstance(llm.with_structured_output(Bio).invoke(BIO_PROMPT, max_tokens=20), Bio)
+
+
 def test_require_satisfied_on_plain_invoke(llm: AnankeLLM) -> None:
-    # Without require_satisfied the truncated text is returned, with the verdict in its metadata.
-    result = llm.generate([PERSON_PROMPT], constraints={"json_schema": Person.model_json_schema()},
-                          max_tokens=3)
+    # Without require_satisfied the truncated text is returned, with the verdict in its metadata
+    # (closing on budget off, so the budget-cut text comes back as it is).
+    cut = {"json_schema": Person.model_json_schema(), "close_on_budget": False}
+    result = llm.generate([PERSON_PROMPT], constraints=cut, max_tokens=8)
     info = result.generations[0][0].generation_info
     assert info is not None
     assert info["constraint_satisfied"] is False
     assert info["finish_reason"] == "length"
     with pytest.raises(ConstraintNotSatisfiedError):
-        llm.invoke(PERSON_PROMPT, constraints={"json_schema": Person.model_json_schema()},
-                   max_tokens=3, require_satisfied=True)
+        llm.invoke(PERSON_PROMPT, constraints=cut, max_tokens=8, require_satisfied=True)

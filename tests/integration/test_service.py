@@ -131,12 +131,25 @@ def test_json_schema_features_validate(http: httpx.Client) -> None:
     assert "\n" not in data["generated_text"]  # compact by default: no runaway whitespace
 
 
+def test_max_tokens_below_the_shortest_instance_is_422(http: httpx.Client) -> None:
+    body = {"prompt": chat_prompt("Describe a pet as JSON."), "max_tokens": 4,
+            "constraints": {"json_schema": FEATURE_SCHEMA}}
+    err = error(http, body, 422)
+    assert err["code"] == "max_tokens_too_small"
+    assert err["detail"]["shortest_output_tokens"] > 4
+
+
+#: One unbounded string: the model writes on until max_tokens.
+BIO_SCHEMA = {"type": "object", "properties": {"bio": {"type": "string"}}, "required": ["bio"]}
+
+
 def test_truncated_output_is_never_valid(http: httpx.Client) -> None:
+    # Closing on budget off: the budget-cut output is reported as it is.
     data = gen(
         http,
         prompt=chat_prompt("Describe a pet as JSON."),
-        max_tokens=4,
-        constraints={"json_schema": FEATURE_SCHEMA},
+        max_tokens=12,
+        constraints={"json_schema": BIO_SCHEMA, "length_caps": False, "close_on_budget": False},
     )
     assert data["finish_reason"] == "length"
     assert data["constraint_satisfied"] is False
