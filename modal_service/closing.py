@@ -154,7 +154,8 @@ class Closer:
         if matcher.is_error():
             return None
         nodes = [self.max_nodes]
-        found = self._search(matcher, limit, nodes, time.perf_counter() + self.max_seconds)
+        # Half the time of a close: this runs at compile time, on every new constraint.
+        found = self._search(matcher, limit, nodes, time.perf_counter() + self.max_seconds / 2)
         if found is None:
             return None
         matcher.rollback(len(found))
