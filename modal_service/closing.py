@@ -143,14 +143,13 @@ class Closer:
                 return None
             dropped += step
 
-    def smallest(self, ll_grammar: str, *, limit: int) -> int | None:
+    def smallest(self, matcher: llguidance.LLMatcher, *, limit: int) -> int | None:
         """Tokens in the shortest output the search finds from the start (at most ``limit``),
         counted as :meth:`close` would emit them; None when it finds none in its budget.
 
         An upper bound on the true minimum, usually equal to it for JSON Schemas (required
-        properties only, minimal values).
+        properties only, minimal values). ``matcher`` is fresh (nothing consumed); it is used up.
         """
-        matcher = llguidance.LLMatcher(self._tok, ll_grammar)
         if matcher.is_error():
             return None
         nodes = [self.max_nodes]
@@ -185,7 +184,7 @@ class Closer:
                 return out
             if len(out) < room and nodes[0] > 0 and not _repeats(out):
                 nodes[0] -= 1
-                if nodes[0] % 64 == 0 and time.perf_counter() > deadline:
+                if time.perf_counter() > deadline:  # a mask can take milliseconds: check each node
                     nodes[0] = 0
                 forced = m.compute_ff_tokens()
                 if forced:

@@ -303,7 +303,14 @@ class ConstraintCompiler:
                 f"llguidance rejected the {kind} constraint: {matcher.get_error()}",
                 {"llguidance": matcher.get_error()},
             )
-        min_tokens = self._closer.smallest(ll_grammar, limit=MIN_TOKENS_SEARCH_LIMIT)
+        # Only where the grammar's size bounds its forced text (schemas, tool specs, choices): a
+        # regex or Lark repetition like ((ab){1000}){1000} forces megabytes, and a single mask
+        # there takes 0.2 s. Those are still closed on budget at request time.
+        min_tokens = (
+            self._closer.smallest(matcher, limit=MIN_TOKENS_SEARCH_LIMIT)
+            if kind in SHORTEST_OUTPUT_KINDS
+            else None
+        )
         elapsed = (time.perf_counter() - started) * 1000
         return CompiledConstraint(
             kind=kind,
@@ -371,6 +378,8 @@ class ConstraintCompiler:
 
 #: How far the compile-time search for the shortest output looks (tokens).
 MIN_TOKENS_SEARCH_LIMIT = 1024
+#: Constraint kinds whose shortest output is searched at compile time (for max_tokens_too_small).
+SHORTEST_OUTPUT_KINDS = frozenset({"json_schema", "json_object", "tools", "choice"})
 
 
 def length_caps_for(max_tokens: int) -> tuple[int, int]:

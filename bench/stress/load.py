@@ -61,13 +61,20 @@ def make_request(i: int, rng: random.Random) -> dict[str, Any]:
     if kind == "plain":
         body["prompt"] = _chat(f"Say something about the number {i}.")
     elif kind == "regex":
-        body |= {"prompt": _chat("A phone number:"), "constraints": {"regex": PHONE}}
+        # At least the pattern's 8 tokens: fewer is refused up front (422 max_tokens_too_small).
+        body |= {
+            "prompt": _chat("A phone number:"),
+            "constraints": {"regex": PHONE},
+            "max_tokens": rng.choice([8, 16, 24]),
+        }
     elif kind == "schema":
-        # Some get too few tokens on purpose: they must come back marked unsatisfied ("length").
+        # Some get too few tokens on purpose, with closing on budget off: they must come back
+        # marked unsatisfied ("length"). With closing on, the rest are finished within budget.
+        tight = rng.random() < 0.5
         body |= {
             "prompt": _chat("Describe a person as JSON."),
-            "constraints": {"json_schema": PERSON},
-            "max_tokens": rng.choice([6, 32]),
+            "constraints": {"json_schema": PERSON, "close_on_budget": not tight},
+            "max_tokens": 10 if tight else 32,
         }
     else:
         body |= {"prompt": _chat("Pick a colour."), "constraints": {"choice": CHOICES}}
