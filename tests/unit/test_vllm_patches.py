@@ -226,3 +226,23 @@ def test_wrapped_grammar_bitmask_is_looked_through() -> None:
 
     cls = type("Wrapped", (so.StructuredOutputManager,), {"grammar_bitmask": wrapper})
     assert vllm_patches.patch_parallel_mask_fill(cls) == "applied"
+
+
+def test_not_applied_where_engine_core_is_spawned(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    status = vllm_patches.apply()["parallel_mask_fill"]
+    assert status.startswith("skipped: VLLM_WORKER_MULTIPROC_METHOD=spawn")
+    assert not getattr(so.StructuredOutputManager, vllm_patches._MARK, False)
+
+
+def test_cpu_build_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("GPU build: the patch applies here")
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
+    assert vllm_patches.apply() == {
+        "parallel_mask_fill": "skipped: vLLM's CPU platform spawns EngineCore, "
+        "so a patch made here would not reach it"
+    }
+    assert not getattr(so.StructuredOutputManager, vllm_patches._MARK, False)
