@@ -110,18 +110,21 @@ class Closer:
             return None
         deadline = time.perf_counter() + self.max_seconds
         window = min(window, len(tokens))
-        # The search may use more raw tokens than the room: its single characters re-encode into
-        # fewer tokens (see _compact), and only the re-encoded length has to fit.
-        limit = 2 * budget + 16
-        per_level = 4 * limit + 16  # a search that mostly goes straight; hopeless levels fail fast
+        # The level with the whole window dropped keeps a reserve of nodes (and its own time).
+        reserve = min(self.max_nodes // 2, 4 * budget + 96)
         spent, dropped, miss_step = 0, 0, 1
         while True:
             room = budget - (len(tokens) - dropped)
-            # The last level (everything the window allows dropped) keeps a node reserve.
-            allowance = self.max_nodes - spent - (per_level if dropped < window else 0)
-            nodes = [max(0, min(allowance, per_level))]
+            last = dropped >= window
+            # The search may use more raw tokens than the room: its single characters re-encode
+            # into fewer tokens (see _compact), and only the re-encoded length has to fit. Twice
+            # the room plus a margin also shows how far short a level is. The nodes allow a search
+            # that mostly goes straight; hopeless levels fail fast.
+            limit = 2 * room + 32
+            allowance = self.max_nodes - spent - (0 if last else reserve)
+            nodes = [max(0, allowance if last else min(allowance, 2 * limit + 32))]
             start = nodes[0]
-            if dropped == window:  # the last level gets its own time, like its node reserve
+            if last:
                 deadline = time.perf_counter() + self.max_seconds / 2
             suffix = self._search(matcher, limit, nodes, deadline) if start else None
             spent += start - nodes[0]
@@ -130,13 +133,13 @@ class Closer:
                 suffix = self._compact(matcher, suffix)
                 if len(suffix) <= room:
                     return Closing(len(tokens) - dropped, suffix, dropped, spent)
-            if matcher.is_error() or dropped >= window:
+            if matcher.is_error() or last:
                 return None
             if suffix is not None:  # free what was missing
                 step = max(1, len(suffix) - room)
-            else:  # no completion in this level's nodes: back off faster and faster
+            else:  # nothing within this level's reach: back off faster and faster
                 step, miss_step = miss_step, miss_step * 2
-            if allowance <= per_level or time.perf_counter() > deadline:
+            if allowance - (start - nodes[0]) <= 0 or time.perf_counter() > deadline:
                 step = window - dropped  # out of nodes or time but the reserve: straight to the last
             step = min(step, window - dropped)
             if not matcher.rollback(step):
@@ -182,17 +185,21 @@ class Closer:
         while True:
             if m.is_accepting():
                 return out
-            if len(out) < room and nodes[0] > 0 and not _repeats(out):
+            if len(out) < room and nodes[0] > 0 and not self._runaway(out):
                 nodes[0] -= 1
                 if time.perf_counter() > deadline:  # a mask can take milliseconds: check each node
                     nodes[0] = 0
                 forced = m.compute_ff_tokens()
                 if forced:
                     # Forced bytes have no alternative: take them, or this state cannot close in time.
-                    if len(out) + len(forced) <= room and m.consume_tokens(forced):
-                        frames.append((len(forced), iter(())))
-                        out.extend(forced)
-                        continue
+                    if len(out) + len(forced) <= room:
+                        taken = m.try_consume_tokens(forced)
+                        if taken == len(forced):
+                            frames.append((len(forced), iter(())))
+                            out.extend(forced)
+                            continue
+                        if taken:
+                            m.rollback(taken)
                 else:
                     frames.append((0, self._options(m, out)))
             # Backtrack to the deepest frame with an untried option and take it.
@@ -202,14 +209,35 @@ class Closer:
                     m.rollback(consumed)
                     del out[-consumed:]
                 step = next(options, None)
+                while step is not None and nodes[0] > 0:
+                    # The mask can allow a token the parser then refuses (seen: '"}' after a
+                    # string whose object still lacks keys); try_consume leaves no error state.
+                    taken = m.try_consume_tokens(step)
+                    if taken == len(step):
+                        break
+                    if taken:
+                        m.rollback(taken)
+                    step = next(options, None)
                 if step is not None and nodes[0] > 0:
-                    if not m.consume_tokens(step):
-                        return None  # the matcher allowed it; a refusal means the matcher is broken
                     frames.append((len(step), options))
                     out.extend(step)
                     break
             else:
                 return None
+
+    def _runaway(self, out: list[int], longest: int = 16) -> bool:
+        """Whether ``out`` ends with a piece written twice in a row that opens more brackets than it
+        closes (``{"a":[{"a":[``): a recursion the search keeps entering, such as an optional
+        recursive property. A balanced repeat (``{"id":0},{"id":0},``, items of an array with
+        ``minItems``) is progress and is kept."""
+        n = len(out)
+        for k in range(3, min(longest, n // 2) + 1):
+            if out[n - k :] == out[n - 2 * k : n - k]:
+                piece = self._tok.decode_bytes(out[n - k :])
+                opened = piece.count(b"{") + piece.count(b"[") - piece.count(b"}") - piece.count(b"]")
+                if opened > 0:
+                    return True
+        return False
 
     def _options(self, m: llguidance.LLMatcher, out: list[int]) -> Iterator[list[int]]:
         """Next steps to try, best first: closing tokens, a format sample, other characters."""
@@ -236,10 +264,3 @@ class Closer:
             if t == last and run >= (MAX_CLOSER_RUN if t in self._closers else MAX_RUN):
                 continue
             yield [t]
-
-
-def _repeats(out: list[int], longest: int = 16) -> bool:
-    """Whether ``out`` ends with a piece written twice in a row (``{"a":[{"a":[``): a loop the
-    search should leave, such as an optional recursive property it keeps opening."""
-    n = len(out)
-    return any(out[n - k :] == out[n - 2 * k : n - k] for k in range(3, min(longest, n // 2) + 1))
