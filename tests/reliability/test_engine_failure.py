@@ -87,7 +87,6 @@ def test_engine_death_while_serving_is_reported(service_handle: Service) -> None
 
 
 @pytest.mark.stress
-@pytest.mark.xfail(strict=False, reason="kills vLLM's EngineCore today (reported): needs a structural bound")
 def test_deep_constraints_do_not_kill_the_engine(service_handle: Service) -> None:
     """The API process compiles these on 256 MiB-stack threads, but vLLM compiles them again in
     EngineCore on default 8 MiB stacks. They must be refused up front (422) or survive there."""
