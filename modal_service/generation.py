@@ -105,14 +105,18 @@ class Generator:
             raise ApiError(422, "invalid_constraint", exc.message, exc.detail) from exc
         return None, False
 
-    def plan(self, req: GenerateRequest) -> list[_Plan]:
-        """Validate limits, render prompts and compile the constraint (once for all prompts)."""
+    def check_max_tokens(self, req: GenerateRequest) -> None:
+        """The ``max_tokens`` cap: a 422 before anything else looks at the request."""
         if req.max_tokens > self.limits.max_tokens:
             raise ApiError(
                 422,
                 "invalid_request",
                 f"max_tokens {req.max_tokens} exceeds the cap {self.limits.max_tokens}",
             )
+
+    def plan(self, req: GenerateRequest) -> list[_Plan]:
+        """Validate limits, render prompts and compile the constraint (once for all prompts)."""
+        self.check_max_tokens(req)
         if req.messages is not None:
             messages = to_template_messages(req.messages, req.tools, req.tool_choice)
             prompts = [self.engine.apply_chat_template(messages)]

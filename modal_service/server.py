@@ -384,13 +384,15 @@ class Prechecks:
       422 in milliseconds instead of a compile of seconds.
     """
 
-    def __init__(self, engine: Engine, shapes: ShapeLimits) -> None:
-        self.engine = engine
+    def __init__(self, generator: Generator, shapes: ShapeLimits) -> None:
+        self.generator = generator
+        self.engine = generator.engine
         self.shapes = shapes
         self._chars_per_token: int | None = None
 
     def __call__(self, req: GenerateRequest) -> None:
         """Raise :class:`ApiError` (422) when ``req`` breaks a bound."""
+        self.generator.check_max_tokens(req)  # first: the prompt bound below depends on it
         self.check_shape(req)
         self.check_prompt_chars(req)
 
@@ -510,7 +512,7 @@ def create_app(
     """
     limits = limits or Limits()
     generator = Generator(engine, limits)
-    precheck = Prechecks(engine, shapes or ShapeLimits())
+    precheck = Prechecks(generator, shapes or ShapeLimits())
     admission = _Admission(limits.max_inflight)
 
     @contextlib.asynccontextmanager

@@ -9,7 +9,7 @@ import pytest
 
 from langchain_ananke.protocol import GenerateRequest
 from modal_service.engine import Engine, EngineConfig
-from modal_service.generation import ApiError
+from modal_service.generation import ApiError, Generator, Limits
 from modal_service.schema_tools import ShapeLimits
 from modal_service.server import Prechecks, timeout_error, timeout_event
 
@@ -39,7 +39,7 @@ class Lowercase:
 def _prechecks(longest: int = 10, normalizer: Any = None, context: int = 100) -> Prechecks:
     engine = Engine(EngineConfig(model="/nowhere", max_model_len=context))
     engine.tokenizer = _Tokenizer(longest, normalizer)
-    return Prechecks(engine, ShapeLimits(max_choices=3, max_branches=2))
+    return Prechecks(Generator(engine, Limits()), ShapeLimits(max_choices=3, max_branches=2))
 
 
 @pytest.mark.parametrize(
@@ -74,7 +74,15 @@ def test_normalizers_loosen_or_disable_the_bound() -> None:
 
 def test_no_tokenizer_yet_means_no_prompt_bound() -> None:
     engine = Engine(EngineConfig(model="/nowhere", max_model_len=10))
-    Prechecks(engine, ShapeLimits())(GenerateRequest(prompt="x" * 10_000))
+    Prechecks(Generator(engine, Limits()), ShapeLimits())(GenerateRequest(prompt="x" * 10_000, max_tokens=8))
+
+
+def test_max_tokens_cap_comes_before_the_prompt_bound() -> None:
+    # max_tokens over the cap (and over the context): the answer names the cap, not the context.
+    with pytest.raises(ApiError) as info:
+        _prechecks()(GenerateRequest(prompt="x", max_tokens=10**6))
+    assert (info.value.status, info.value.code) == (422, "invalid_request")
+    assert "cap" in info.value.message
 
 
 @pytest.mark.parametrize(
