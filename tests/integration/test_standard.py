@@ -191,7 +191,7 @@ class TestChatAnankeIntegration(ChatModelIntegrationTests):
     @pytest.mark.xfail(
         reason="json_mode guarantees only *a* JSON object; which keys it has is up to the model, and "
         "SmolLM2-135M does not follow the instruction to use 'setup' and 'punchline' (greedy it nests "
-        '{"setup":{"setup":...}} until max_tokens; sampled it returns other keys)'
+        '{"setup":{"setup":...}}; sampled it returns other keys)'
     )
     def test_json_mode(self, model: BaseChatModel) -> None:
         super().test_json_mode(model)
