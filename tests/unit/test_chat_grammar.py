@@ -7,13 +7,14 @@ model is needed.
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar
+from typing import Any
 
 import llguidance
 import pytest
 
 from langchain_ananke.protocol import ChatMessage, ToolCall, ToolSpec
 from modal_service.chat import CALL_CLOSE, CALL_OPEN, parse_tool_calls, to_template_messages, tool_grammar
+from tests.unit.byte_tokenizer import BYTE_TOKENIZER
 
 WEATHER = ToolSpec.model_validate(
     {
@@ -133,19 +134,7 @@ def test_non_ascii_arguments_are_rendered_verbatim() -> None:
 # ----------------------------------------------------------------------------- tool_grammar
 
 
-class _ByteTokenizer:
-    """One token per byte plus an end-of-sequence token: enough for llguidance to match text."""
-
-    eos_token_id: ClassVar[int] = 256
-    bos_token_id: ClassVar[int | None] = None
-    tokens: ClassVar[list[bytes]] = [bytes([i]) for i in range(256)] + [b"<eos>"]
-    special_token_ids: ClassVar[list[int]] = [256]
-
-    def __call__(self, text: str | bytes) -> list[int]:
-        return list(text.encode() if isinstance(text, str) else text)
-
-
-TOKENIZER = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteTokenizer()))
+TOKENIZER = BYTE_TOKENIZER
 
 
 def admits(grammar: str, text: str) -> bool:

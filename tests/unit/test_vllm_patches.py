@@ -8,7 +8,7 @@ mask, with vLLM's unpatched path. Grammars run over a byte-level tokenizer (no m
 from __future__ import annotations
 
 import types
-from typing import Any, ClassVar
+from typing import Any
 
 import llguidance
 import llguidance.torch as llguidance_torch
@@ -16,22 +16,13 @@ import pytest
 import torch
 
 from modal_service import vllm_patches
+from tests.unit.byte_tokenizer import BYTE_TOKENIZER
 
 so = pytest.importorskip("vllm.v1.structured_output")
 backend_guidance = pytest.importorskip("vllm.v1.structured_output.backend_guidance")
 
 
-class _ByteTokenizer:
-    eos_token_id: ClassVar[int] = 256
-    bos_token_id: ClassVar[int | None] = None
-    tokens: ClassVar[list[bytes]] = [bytes([i]) for i in range(256)] + [b"<eos>"]
-    special_token_ids: ClassVar[list[int]] = [256]
-
-    def __call__(self, text: str | bytes) -> list[int]:
-        return list(text.encode() if isinstance(text, str) else text)
-
-
-TOKENIZER = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteTokenizer()))
+TOKENIZER = BYTE_TOKENIZER
 VOCAB = 257
 SCHEMA = {
     "type": "object",
