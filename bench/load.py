@@ -38,6 +38,8 @@ ARRAY_SCHEMA: dict[str, Any] = {
         "additionalProperties": False,
     },
 }
+RECORDS_SCHEMA: dict[str, Any] = {"type": "array", "items": ARRAY_SCHEMA["items"]}
+"""The same records without ``minItems``: a cut output can be closed (the closing-cost phase)."""
 ARRAY_PROMPT = chat_prompt("List 500 records as a JSON array of objects with id, name and ok fields.")
 
 Row = dict[str, Any]
@@ -65,6 +67,7 @@ def ours_body(
     schema: dict[str, Any] | None = None,
     stream: bool = False,
     prompt: str = ARRAY_PROMPT,
+    close: bool = True,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "prompt": prompt,
@@ -74,7 +77,7 @@ def ours_body(
         "stream": stream,
     }
     if mode == "json":
-        body["constraints"] = {"json_schema": schema or ARRAY_SCHEMA}
+        body["constraints"] = {"json_schema": schema or ARRAY_SCHEMA, "close_on_budget": close}
     return body
 
 
@@ -134,6 +137,8 @@ def _ours_row(data: dict[str, Any], lat: float, ttft: float | None) -> Row:
         "compile_ms": meta.get("compile_time_ms"),
         "cache_hit": meta.get("cache_hit"),
         "satisfied": data.get("constraint_satisfied"),
+        "closed": "closed_on_budget" in meta,
+        "text": data.get("generated_text", ""),
     }
     row["ms_per_token"] = gen_ms / tokens if tokens else None
     if server_ttft is not None and tokens > 1:
@@ -270,9 +275,14 @@ async def run_phase(
     schema: dict[str, Any] | None = None,
     prompt: str = ARRAY_PROMPT,
     unique_schema: bool = False,
+    close: bool = True,
+    validate: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """One phase against ``target`` ("ours" or "peer"); returns its summary (rows included)."""
+    """One phase against ``target`` ("ours" or "peer"); returns its summary (rows included).
+
+    ``close``: our ``close_on_budget`` (JSON phases). ``validate``: judge every output with
+    ``jsonschema`` against the phase's schema, independently of the server (``valid`` count)."""
     limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
     before = load_avg()
     async with httpx.AsyncClient(base_url=base_url, timeout=1800, limits=limits) as client:
@@ -283,7 +293,8 @@ async def run_phase(
                 use = {**schema, "title": f"bench-{uuid.uuid4().hex[:12]}"}
             if target == "ours":
                 return await ours_request(
-                    client, ours_body(mode, max_tokens, schema=use, stream=stream, prompt=prompt)
+                    client,
+                    ours_body(mode, max_tokens, schema=use, stream=stream, prompt=prompt, close=close),
                 )
             return await peer_request(
                 client, peer_body(mode, max_tokens, stream=stream, prompt=prompt, schema=use)
@@ -291,7 +302,9 @@ async def run_phase(
 
         rows, wall = await closed_loop(n, c, send)
     for row in rows:
-        row.pop("text", None)
+        text = row.pop("text", None)
+        if validate and row.get("status") == 200:
+            row["valid"] = json_valid(text or "", schema or ARRAY_SCHEMA)
     summary = summarize(
         name,
         rows,
@@ -302,10 +315,14 @@ async def run_phase(
             "c": c,
             "max_tokens": max_tokens,
             "stream": stream,
+            "close": close if mode == "json" and target == "ours" else None,
             "load_before": before,
             "load_after": load_avg(),
         },
     )
+    if validate:
+        summary["valid"] = sum(bool(r.get("valid")) for r in rows)
+        summary["closed"] = sum(bool(r.get("closed")) for r in rows)
     log(
         f"  {name:<28} {target:<5} {mode:<5} c={c:<3} n={n:<4} {summary['tok_s']:>8} tok/s "
         f"lat p50 {summary['lat_p50_s']} s  ms/tok {summary['ms_per_token_p50']}  "
@@ -315,12 +332,23 @@ async def run_phase(
     return summary
 
 
+def json_valid(text: str, schema: dict[str, Any]) -> bool:
+    """Parses as JSON and validates against ``schema`` (``jsonschema``, independent of the server)."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text), schema)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
+
+
 def combine(phases: list[dict[str, Any]]) -> dict[str, Any]:
     """Several repetitions of one (target, mode, c) as one phase: totals over totals."""
     rows = [r for p in phases for r in p["rows"]]
     wall = sum(p["wall_s"] for p in phases)
     first = phases[0]
-    extra = {k: first[k] for k in ("target", "mode", "c", "max_tokens", "stream")}
+    extra = {k: first[k] for k in ("target", "mode", "c", "max_tokens", "stream", "close")}
     extra["reps"] = len(phases)
     extra["load_before"] = first["load_before"]
     extra["load_after"] = phases[-1]["load_after"]

@@ -12,7 +12,7 @@ max_model_len              4096                                  ``--max-model-l
 kv_cache_memory_bytes      1 GiB (``--kv-cache-gib 1.0``)        ``--kv-cache-memory-bytes 1073741824``
 enforce_eager              True                                  ``--enforce-eager``
 max_num_seqs               256                                   ``--max-num-seqs 256``
-dtype                      auto                                  ``--dtype auto``
+dtype                      auto (float32 on a CPU without bf16)  ``--dtype`` the same resolved value
 seed                       0                                     ``--seed 0``
 structured outputs         guidance                              ``--structured-outputs-config``
 disable_log_stats          True                                  ``--disable-log-stats``
@@ -29,7 +29,9 @@ import sys
 
 
 def peer_argv(model: str, port: int, served_model_name: str) -> list[str]:
-    """vLLM server flags equal to our engine's settings."""
+    """vLLM server flags equal to our engine's settings (the bench runs on a CPU)."""
+    from modal_service.engine import resolve_dtype
+
     return [
         "--model",
         model,
@@ -47,7 +49,7 @@ def peer_argv(model: str, port: int, served_model_name: str) -> list[str]:
         "--max-num-seqs",
         "256",
         "--dtype",
-        "auto",
+        str(resolve_dtype("auto", is_cpu=True)),
         "--seed",
         "0",
         "--structured-outputs-config",

@@ -150,6 +150,36 @@ def peer_raw(result: dict[str, Any]) -> str:
     )
 
 
+def closing_table(result: dict[str, Any]) -> str:
+    rows = []
+    for p in result.get("closing", []):
+        rows.append(
+            [
+                "on (default)" if p["close"] else "off",
+                f"{p['ok']}/{p['requests']}",
+                f"**{p['valid']}**",
+                str(p["closed"]),
+                _f(p["tok_s"]),
+                _f(p["mean_tokens"]),
+                f"{_f(p['lat_p50_s'], 2)} / {_f(p['lat_p95_s'], 2)}",
+                str(p["finish"]),
+            ]
+        )
+    return _table(
+        [
+            "closing on budget",
+            "answered",
+            "valid (jsonschema)",
+            "closed by the search",
+            "tok/s",
+            "mean tokens",
+            "latency p50/p95 (s)",
+            "engine finish",
+        ],
+        rows,
+    )
+
+
 def structured_table(result: dict[str, Any]) -> str:
     labels = {
         "ours": "(b) ChatAnanke.with_structured_output",
@@ -412,6 +442,8 @@ def markdown(result: dict[str, Any]) -> str:
         ttft(result),
         "## 2. Ours vs vLLM's OpenAI server, same raw workload",
         peer_raw(result),
+        "### Closing on budget (ours, JSON record list cut by max_tokens)",
+        closing_table(result),
         "### Structured output through LangChain",
         structured_table(result),
         f"## 3. Conformance (JSONSchemaBench dev, max_tokens {cfg['conformance_max_tokens']})",

@@ -1,13 +1,17 @@
 """One command for every benchmark table: ``python -m bench.run [--quick]`` (``make bench`` /
 ``make bench-quick``).
 
-Order (one engine at a time, both started here on free loopback ports with the same engine settings):
+Both engines run at once, each on a free loopback port with the same engine settings: our service
+(``ananke serve``) and vLLM's own OpenAI server (``bench/peer_server.py``). Only one is loaded at a time;
+their phases alternate, mirrored (A B B A), so both meet the same load on a shared machine. Order:
 
 1. client overhead against an instant fake server (no engine);
-2. our service (``ananke serve``): constraint overhead at 1/4/16(/64) concurrent, TTFT (streaming),
-   LangChain structured output (b), scaling (full run only), JSONSchemaBench conformance;
-3. vLLM's own OpenAI server (``bench/peer_server.py``): the same raw workload at 1 and 16 concurrent,
-   LangChain (a) and (c), the same conformance set.
+2. the raw workload at 1/4/16/64 concurrent, unconstrained and JSON, ours and vLLM's interleaved:
+   constraint overhead (ours), ours against vLLM; then TTFT (streaming) the same way;
+3. closing on budget (ours): a record list cut by ``max_tokens``, closing on/off, valid share and cost;
+4. LangChain structured output: (b) ChatAnanke and (a) ChatOpenAI on vLLM interleaved, then (c);
+5. JSONSchemaBench conformance, all 300 schemas: ours, then vLLM's;
+6. scaling (ours): output length and schema size.
 
 Raw results go to ``bench/results/bench-<UTC stamp>[-quick].json`` (a new file per run, never
 overwritten), PNG plots next to it (``<stamp>-*.png``), and the tables as Markdown
@@ -30,6 +34,7 @@ from bench import client_overhead, conformance, load, plots, report, structured
 from bench.common import (
     RESULTS,
     Server,
+    chat_prompt,
     load_avg,
     machine_info,
     other_engines,
@@ -45,22 +50,23 @@ def _log(msg: str) -> None:
 
 
 def config_for(quick: bool, args: argparse.Namespace) -> dict[str, Any]:
-    """Workload sizes. On the 2-core CPU box the engine makes ~14 tok/s at c=1 and ~19 tok/s at c=16
-    (bf16 on AVX2), so every phase is small; the full run fits 20 minutes, the quick one 5."""
+    """Workload sizes for the 2-core CPU box. The engine runs float32 there (no bf16 instructions):
+    ~13 tok/s at c=1 and ~80 tok/s at c=16 on one quiet core. The full run fits 20 minutes, the
+    quick one 5."""
     per_cat = args.conformance_per_category
     cfg: dict[str, Any] = {
         "quick": quick,
-        "overhead_concurrency": [1, 4, 16] if quick else [1, 4, 16, 64],
+        "interleaved": True,
+        "overhead_concurrency": [1, 16] if quick else [1, 4, 16, 64],
         "overhead_max_tokens": 16 if quick else 24,
-        "overhead_requests": {1: 1, 4: 4, 16: 16} if quick else {1: 2, 4: 4, 16: 16, 64: 64},
-        "abba_at": [] if quick else [16],
+        "overhead_requests": {1: 1, 16: 16} if quick else {1: 2, 4: 8, 16: 32, 64: 64},
         "ttft_concurrency": [1] if quick else [1, 16],
         "ttft_max_tokens": 8,
-        "peer_concurrency": [1, 16],
+        "closing_c": 0 if quick else 16,
         "structured_n": 8 if quick else 16,
         "structured_c": 8 if quick else 16,
         "structured_max_tokens": 96,
-        "conformance_per_category": per_cat if per_cat is not None else (1 if quick else 6),
+        "conformance_per_category": per_cat if per_cat is not None else (1 if quick else 0),
         "conformance_max_tokens": args.conformance_max_tokens or (32 if quick else 48),
         "conformance_concurrency": 32,
         "client_calls": 200 if quick else 400,
@@ -102,204 +108,231 @@ async def conformance_phase(target: str, url: str, cfg: dict[str, Any], result: 
     )
 
 
-async def ours_phases(url: str, cfg: dict[str, Any], result: dict[str, Any]) -> None:
-    if cfg.get("only_conformance"):  # with and without closing on budget, back to back
-        for target in ("ours", "ours_noclose"):
-            await conformance_phase(target, url, cfg, result)
-        return
-    mt = cfg["overhead_max_tokens"]
-    _log("warm-up (not reported)")
-    for mode in ("none", "json"):
-        await load.run_phase(
-            f"warmup_{mode}", url, target="ours", mode=mode, c=4, n=4, max_tokens=8, log=lambda _m: None
-        )
+def _abba(targets: list[str], modes: list[str]) -> list[tuple[str, str]]:
+    """The interleaved order of one concurrency level: every (target, mode) twice, mirrored
+    (A B C D D C B A), so a load drift during the level hits every cell alike."""
+    first = [(t, m) for m in modes for t in (targets if m == modes[0] else targets[::-1])]
+    return first + first[::-1]
 
-    _log("1. constraint overhead (ours, non-streaming)")
-    combined: list[dict[str, Any]] = []
-    singles: list[dict[str, Any]] = []
-    for i, c in enumerate(cfg["overhead_concurrency"]):
-        n = cfg["overhead_requests"][c]
-        # ABBA at the headline concurrency, alternating order elsewhere: drifting load hits both modes.
-        order = (
-            ["none", "json", "json", "none"]
-            if c in cfg["abba_at"]
-            else (["none", "json"] if i % 2 == 0 else ["json", "none"])
-        )
-        reps: dict[str, list[dict[str, Any]]] = {"none": [], "json": []}
-        for rep, mode in enumerate(order):
-            reps[mode].append(
-                await load.run_phase(
-                    f"c{c}_{mode}#{rep}", url, target="ours", mode=mode, c=c, n=n, max_tokens=mt, log=_log
-                )
+
+async def _raw_level(
+    urls: dict[str, str], c: int, n: int, cfg: dict[str, Any], *, stream: bool = False, max_tokens: int
+) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    reps: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for rep, (target, mode) in enumerate(_abba(list(urls), ["none", "json"])):
+        name = f"{'ttft_' if stream else ''}{'' if target == 'ours' else 'peer_'}c{c}_{mode}#{rep}"
+        reps.setdefault((target, mode), []).append(
+            await load.run_phase(
+                name,
+                urls[target],
+                target=target,
+                mode=mode,
+                c=c,
+                n=n,
+                max_tokens=max_tokens,
+                stream=stream,
+                close=False,  # the array cannot close in max_tokens: equal lengths, no futile search
+                log=_log,
             )
-        for mode in ("none", "json"):
-            combined.append(load.combine(reps[mode]) if len(reps[mode]) > 1 else reps[mode][0])
-            if len(reps[mode]) > 1:
-                singles.extend(reps[mode])
-    result["overhead"] = combined
-    result["overhead_reps"] = singles
+        )
+    return reps
 
+
+async def raw_phases(urls: dict[str, str], cfg: dict[str, Any], result: dict[str, Any]) -> None:
+    """Constraint overhead (ours) and the same workload on vLLM's server, interleaved per level."""
+    _log("warm-up (not reported)")
+    for target, url in urls.items():
+        for mode in ("none", "json"):
+            await load.run_phase(
+                f"warmup_{mode}",
+                url,
+                target=target,
+                mode=mode,
+                c=4,
+                n=4,
+                max_tokens=8,
+                close=False,
+                log=lambda _m: None,
+            )
+    _log("1. constraint overhead, ours and vLLM's server interleaved (non-streaming)")
+    for c in cfg["overhead_concurrency"]:
+        reps = await _raw_level(
+            urls, c, cfg["overhead_requests"][c], cfg, max_tokens=cfg["overhead_max_tokens"]
+        )
+        for (target, _mode), phases in reps.items():
+            key = "overhead" if target == "ours" else "peer_raw"
+            result.setdefault(key, []).append(load.combine(phases))
+            result.setdefault(f"{key}_reps", []).extend(phases)
     if cfg.get("only_overhead") or not _due(result, "ttft", 0.5):
         return
-    _log("   time to first token (ours, streaming)")
-    ttft = []
+    _log("   time to first token (streaming)")
     for c in cfg["ttft_concurrency"]:
-        for mode in ("none", "json"):
-            ttft.append(
-                await load.run_phase(
-                    f"ttft_c{c}_{mode}",
-                    url,
-                    target="ours",
-                    mode=mode,
-                    c=c,
-                    n=max(c, 2),
-                    max_tokens=cfg["ttft_max_tokens"],
-                    stream=True,
-                    log=_log,
-                )
-            )
-    result["ttft"] = ttft
+        reps = await _raw_level(urls, c, max(c, 2), cfg, stream=True, max_tokens=cfg["ttft_max_tokens"])
+        for (target, _mode), phases in reps.items():
+            result.setdefault("ttft" if target == "ours" else "peer_raw", []).append(load.combine(phases))
 
-    if not _due(result, "structured", 0.5):
+
+async def closing_phases(url: str, cfg: dict[str, Any], result: dict[str, Any]) -> None:
+    """What closing on budget costs and buys: a record list cut by max_tokens, closing on/off, A-B-B-A."""
+    if not cfg["closing_c"] or not _due(result, "closing", 0.6):
         return
-    _log("2. structured output via LangChain: (b) ChatAnanke")
-    result["structured"] = [
-        await structured.run_method(
-            "ours",
-            url,
-            n=cfg["structured_n"],
-            c=cfg["structured_c"],
-            max_tokens=cfg["structured_max_tokens"],
-            log=_log,
-        )
-    ]
-
-    if not _due(result, "conformance", 0.5):
-        return
-    await conformance_phase("ours", url, cfg, result)
-
-    if (cfg["scaling_lengths"] or cfg["scaling_props"]) and _due(result, "scaling", 0.6):
-        _log("5. scaling (ours)")
-        length = []
-        for mt_ in cfg["scaling_lengths"]:
-            for mode in ("none", "json"):
-                length.append(
-                    await load.run_phase(
-                        f"len{mt_}_{mode}",
-                        url,
-                        target="ours",
-                        mode=mode,
-                        c=cfg["scaling_c"],
-                        n=cfg["scaling_c"],
-                        max_tokens=mt_,
-                        stream=True,
-                        log=_log,
-                    )
-                )
-        sizes = []
-        for k in cfg["scaling_props"]:
-            phase = await load.run_phase(
-                f"props{k}",
+    _log("   closing on budget: cut record lists, on / off")
+    c = cfg["closing_c"]
+    reps: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+    for rep, close in enumerate([True, False, False, True]):
+        reps[close].append(
+            await load.run_phase(
+                f"close_{'on' if close else 'off'}#{rep}",
                 url,
                 target="ours",
                 mode="json",
-                c=2,
-                n=2,
-                max_tokens=cfg["scaling_schema_max_tokens"],
-                schema=load.make_schema(k),
-                unique_schema=True,
-                stream=True,
-                prompt=load.chat_prompt(f"List 500 records as a JSON array; each has fields p0..p{k - 1}."),
+                c=c,
+                n=c,
+                max_tokens=cfg["overhead_max_tokens"],
+                schema=load.RECORDS_SCHEMA,
+                close=close,
+                validate=True,
                 log=_log,
             )
-            phase["n_props"] = k
-            sizes.append(phase)
-        result["scaling"] = {"length": length, "schema_size": sizes}
-
-
-async def peer_phases(url: str, cfg: dict[str, Any], result: dict[str, Any]) -> None:
-    if cfg.get("only_conformance"):
-        await conformance_phase("peer", url, cfg, result)
-        return
-    mt = cfg["overhead_max_tokens"]
-    for mode in ("none", "json"):
-        await load.run_phase(
-            f"warmup_{mode}", url, target="peer", mode=mode, c=4, n=4, max_tokens=8, log=lambda _m: None
         )
-    _log("1'. the same raw workload on vLLM's server")
-    peer = []
-    for c in cfg["peer_concurrency"]:
-        n = cfg["overhead_requests"][c]
-        for mode in ("none", "json"):
-            peer.append(
-                await load.run_phase(
-                    f"peer_c{c}_{mode}", url, target="peer", mode=mode, c=c, n=n, max_tokens=mt, log=_log
-                )
-            )
-    for c in cfg["ttft_concurrency"]:
-        for mode in ("none", "json"):
-            peer.append(
-                await load.run_phase(
-                    f"peer_ttft_c{c}_{mode}",
-                    url,
-                    target="peer",
-                    mode=mode,
-                    c=c,
-                    n=max(c, 2),
-                    max_tokens=cfg["ttft_max_tokens"],
-                    stream=True,
-                    log=_log,
-                )
-            )
-    result["peer_raw"] = peer
+    result["closing"] = []
+    for phases in reps.values():
+        merged = load.combine(phases)
+        merged["valid"] = sum(p["valid"] for p in phases)
+        merged["closed"] = sum(p["closed"] for p in phases)
+        result["closing"].append(merged)
 
-    if not _due(result, "conformance", 1.0):
-        return
-    await conformance_phase("peer", url, cfg, result)
 
-    if not _due(result, "structured", 1.0):
+async def structured_phases(urls: dict[str, str], cfg: dict[str, Any], result: dict[str, Any]) -> None:
+    """LangChain structured output: (b) ours and (a) vLLM interleaved b-a-a-b, then (c) on vLLM."""
+    if not _due(result, "structured", 0.7):
         return
-    _log("2. structured output via LangChain: (a) and (c) on vLLM's server")
-    for method in ("peer_json_schema", "peer_parse_retry"):
-        result.setdefault("structured", []).append(
+    _log("2. structured output via LangChain: (b) ChatAnanke, (a) and (c) on vLLM's server")
+    methods = [m for m in ("ours", "peer_json_schema") if ("ours" if m == "ours" else "peer") in urls]
+    order = methods + methods[::-1]
+    if "peer" in urls:
+        order.append("peer_parse_retry")
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for method in order:
+        runs.setdefault(method, []).append(
             await structured.run_method(
                 method,
-                url,
+                urls["ours" if method == "ours" else "peer"],
                 n=cfg["structured_n"],
                 c=cfg["structured_c"],
                 max_tokens=cfg["structured_max_tokens"],
                 log=_log,
             )
         )
+    result["structured"] = [structured.combine(r) if len(r) > 1 else r[0] for r in runs.values()]
+    result["structured_reps"] = [r for rs in runs.values() for r in rs]
 
 
-def _with_server(
-    kind: str, url: str | None, logdir: Path, cfg: dict[str, Any], result: dict[str, Any]
-) -> None:
-    """Start the server (unless ``url`` is given), run its phases, stop it."""
-    phases = ours_phases if kind == "ours" else peer_phases
-    if url is not None:
-        result["servers"][kind] = {"url": "given", "load": load_avg()}
-        asyncio.run(phases(url, cfg, result))
+async def scaling_phases(url: str, cfg: dict[str, Any], result: dict[str, Any]) -> None:
+    if not (cfg["scaling_lengths"] or cfg["scaling_props"]) or not _due(result, "scaling", 0.8):
         return
-    _log(f"starting {'our service' if kind == 'ours' else 'vLLM OpenAI server (peer)'} ...")
-    if kind == "ours":
-        server: Server = start_ours(logdir)
-    else:
-        from modal_service.model_prep import resolve_model
+    _log("5. scaling (ours)")
+    length = []
+    for mt_ in cfg["scaling_lengths"]:
+        for mode in ("none", "json"):
+            length.append(
+                await load.run_phase(
+                    f"len{mt_}_{mode}",
+                    url,
+                    target="ours",
+                    mode=mode,
+                    c=cfg["scaling_c"],
+                    n=cfg["scaling_c"],
+                    max_tokens=mt_,
+                    stream=True,
+                    close=False,
+                    log=_log,
+                )
+            )
+    sizes = []
+    for k in cfg["scaling_props"]:
+        phase = await load.run_phase(
+            f"props{k}",
+            url,
+            target="ours",
+            mode="json",
+            c=2,
+            n=2,
+            max_tokens=cfg["scaling_schema_max_tokens"],
+            schema=load.make_schema(k),
+            unique_schema=True,
+            stream=True,
+            close=False,
+            prompt=chat_prompt(f"List 500 records as a JSON array; each has fields p0..p{k - 1}."),
+            log=_log,
+        )
+        phase["n_props"] = k
+        sizes.append(phase)
+    result["scaling"] = {"length": length, "schema_size": sizes}
 
-        server = start_peer(resolve_model(None), logdir)
+
+async def all_phases(urls: dict[str, str], cfg: dict[str, Any], result: dict[str, Any]) -> None:
+    """Every section against the servers in ``urls`` ("ours", "peer"), both up at once."""
+    if cfg.get("only_conformance"):
+        for target in ("ours", "ours_noclose", "peer"):
+            if target.removesuffix("_noclose") in urls:
+                await conformance_phase(target, urls[target.removesuffix("_noclose")], cfg, result)
+        return
+    await raw_phases(urls, cfg, result)
+    if cfg.get("only_overhead"):
+        return
+    if "ours" in urls:
+        await closing_phases(urls["ours"], cfg, result)
+    await structured_phases(urls, cfg, result)
+    for target in ("ours", "peer"):
+        if target in urls and _due(result, f"conformance ({target})", 0.8):
+            await conformance_phase(target, urls[target], cfg, result)
+    if "ours" in urls:
+        await scaling_phases(urls["ours"], cfg, result)
+
+
+def _with_servers(
+    wanted: dict[str, str | None], logdir: Path, cfg: dict[str, Any], result: dict[str, Any]
+) -> None:
+    """Start the servers not given by URL (at the same time), run every phase, stop them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from modal_service.model_prep import resolve_model
+
+    urls = {k: u for k, u in wanted.items() if u is not None}
+    for kind in urls:
+        result["servers"][kind] = {"url": "given", "load": load_avg()}
+    to_start = [k for k, u in wanted.items() if u is None]
+    servers: dict[str, Server] = {}
+    if to_start:
+        _log(f"starting {', '.join(to_start)} ...")
+        starters = {
+            "ours": lambda: start_ours(logdir),
+            "peer": lambda: start_peer(resolve_model(None), logdir),
+        }
+        with ThreadPoolExecutor(len(to_start)) as pool:
+            futures = {k: pool.submit(starters[k]) for k in to_start}
+            for kind, fut in futures.items():
+                try:
+                    servers[kind] = fut.result()
+                except Exception as exc:
+                    result["servers"][kind] = {"failed": f"{type(exc).__name__}: {exc}"}
+                    _log(f"  {kind} failed to start: {exc}")
     try:
-        result["servers"][kind] = {"start_s": round(server.start_s, 1), "load": load_avg()}
-        _log(f"  ready in {server.start_s:.0f} s")
-        asyncio.run(phases(server.url, cfg, result))
+        for kind, server in servers.items():
+            result["servers"][kind] = {"start_s": round(server.start_s, 1), "load": load_avg()}
+            _log(f"  {kind} ready in {server.start_s:.0f} s (both started together)")
+            urls[kind] = server.url
+        urls = {k: urls[k] for k in ("ours", "peer") if k in urls}
+        asyncio.run(all_phases(urls, cfg, result))
     finally:
-        code = server.proc.poll()
-        if code is not None:  # it died during the phases: keep the evidence in the results
-            tail = server.log.read_text(errors="replace")[-4000:]
-            result["servers"][kind] |= {"died": code, "log_tail": tail}
-            _log(f"  {kind} server exited with {code} during the run (log: {server.log})")
-        server.stop()
+        for kind, server in servers.items():
+            code = server.proc.poll()
+            if code is not None:  # it died during the phases: keep the evidence in the results
+                tail = server.log.read_text(errors="replace")[-4000:]
+                result["servers"][kind] |= {"died": code, "log_tail": tail}
+                _log(f"  {kind} server exited with {code} during the run (log: {server.log})")
+            server.stop()
 
 
 def _plots(result: dict[str, Any], out: Path, stamp: str) -> dict[str, str]:
@@ -334,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         "--conformance-per-category",
         type=int,
         default=None,
-        help="schemas per category (default 10; quick 1; 0 = all 300)",
+        help="schemas per category (default 0 = all 300; quick 1)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
@@ -345,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only-overhead",
         action="store_true",
-        help="only the constraint-overhead phases at c=16 and 64, both A-B-B-A, on our service",
+        help="only the raw-workload phases at c=16 and 64 (ours and vLLM's server, interleaved)",
     )
     parser.add_argument(
         "--budget-min",
@@ -364,8 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_for(args.quick, args)
     cfg["budget_s"] = args.budget_min * 60 if args.budget_min else None
     if args.only_overhead:
-        cfg |= {"only_overhead": True, "overhead_concurrency": [16, 64], "abba_at": [16, 64]}
-        args.skip_peer = True
+        cfg |= {"only_overhead": True, "overhead_concurrency": [16, 64]}
     started = _CLOCK["t0"] = time.perf_counter()
     # SIGTERM unwinds like an exception, so the servers this run started are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -393,11 +425,10 @@ def main(argv: list[str] | None = None) -> int:
 
     logdir = Path(tempfile.mkdtemp(prefix=f"ananke-bench-{stamp}-"))  # kept: server logs
     result["server_logs"] = str(logdir)
-    if not args.skip_ours:
-        _with_server("ours", args.ours_url, logdir, cfg, result)
-        write_json(out_json, result)
+    wanted = {} if args.skip_ours else {"ours": args.ours_url}
     if not args.skip_peer:
-        _with_server("peer", args.peer_url, logdir, cfg, result)
+        wanted["peer"] = args.peer_url
+    _with_servers(wanted, logdir, cfg, result)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["load_end"] = load_avg()
     result["other_processes_at_end"] = other_engines()

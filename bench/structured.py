@@ -176,17 +176,28 @@ async def run_method(
     started = time.perf_counter()
     rows = await asyncio.gather(*(one(i) for i in range(n)))
     wall = time.perf_counter() - started
+    summary = summarize(method, list(rows), wall, c=c, max_tokens=max_tokens, before=before)
+    log(
+        f"  structured {method:<17} valid {summary['valid']}/{n}  {summary['tok_s']} tok/s  "
+        f"p50 {summary['lat_p50_s']} s  p95 {summary['lat_p95_s']} s  load {before[0]}"
+    )
+    return summary
+
+
+def summarize(
+    method: str, rows: list[dict[str, Any]], wall: float, *, c: int, max_tokens: int, before: list[float]
+) -> dict[str, Any]:
     lat = [r["lat_s"] for r in rows]
     tokens = sum(r["tokens"] for r in rows)
     n_valid = sum(r["valid"] for r in rows)
-    summary = {
+    return {
         "method": method,
-        "n": n,
+        "n": len(rows),
         "c": c,
         "max_tokens": max_tokens,
         "wall_s": rnd(wall, 3),
         "valid": n_valid,
-        "validity": rnd(n_valid / n, 4),
+        "validity": rnd(n_valid / len(rows), 4),
         "parsed": sum(bool(r.get("parsed")) for r in rows),
         "out_tokens": tokens,
         "tok_s": rnd(tokens / wall, 2),
@@ -201,11 +212,22 @@ async def run_method(
         "load_after": load_avg(),
         "rows": rows,
     }
-    log(
-        f"  structured {method:<17} valid {n_valid}/{n}  {summary['tok_s']} tok/s  "
-        f"p50 {summary['lat_p50_s']} s  p95 {summary['lat_p95_s']} s  load {before[0]}"
+
+
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Repeats of one method as one: rows pooled, wall times summed."""
+    rows = [r for run in runs for r in run["rows"]]
+    out = summarize(
+        runs[0]["method"],
+        rows,
+        sum(run["wall_s"] for run in runs),
+        c=runs[0]["c"],
+        max_tokens=runs[0]["max_tokens"],
+        before=runs[0]["load_before"],
     )
-    return summary
+    out["load_after"] = runs[-1]["load_after"]
+    out["reps"] = len(runs)
+    return out
 
 
 async def _parse_retry(chat: Any, model: type[BaseModel], msgs: list[tuple[str, str]]) -> dict[str, Any]:

@@ -38,6 +38,7 @@ def _serve_config(args: argparse.Namespace) -> tuple[EngineConfig, Limits]:
         max_model_len=args.max_model_len,
         kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)) if args.kv_cache_gib else None,
         enforce_eager=not args.compile,
+        dtype=args.dtype,
     )
     limits = Limits(
         max_tokens=args.max_tokens_cap,
@@ -202,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="KV cache size in GiB (CPU backend); 0 = engine default",
+    )
+    serve.add_argument(
+        "--dtype",
+        default="auto",
+        help="model dtype (default auto: vLLM's choice, but float32 on a CPU without bf16 instructions)",
     )
     serve.add_argument("--compile", action="store_true", help="torch.compile the model (slow start)")
     serve.add_argument("--max-tokens-cap", type=int, default=2048)

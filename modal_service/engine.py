@@ -43,6 +43,8 @@ class EngineConfig:
     """Skip torch.compile/graph capture: ~40 s engine start on CPU instead of ~170 s."""
     max_num_seqs: int = 256
     dtype: Any = "auto"
+    """``auto`` is vLLM's choice, except on a CPU without bf16 instructions: there it is float32
+    (see :func:`resolve_dtype`)."""
     load_format: str = "auto"
     seed: int = 0
     compiler_limits: CompilerLimits = field(default_factory=CompilerLimits)
@@ -64,6 +66,36 @@ class Delta:
     finish_reason: str | None
 
 
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+"""x86 flags that give the CPU fast bf16 matmuls."""
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The first ``flags`` line of ``/proc/cpuinfo``; empty where there is none (not Linux/x86)."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def resolve_dtype(requested: Any, *, is_cpu: bool, flags: frozenset[str] | None = None) -> Any:
+    """The dtype to give vLLM.
+
+    vLLM's ``auto`` runs float32 checkpoints in bfloat16 on its CPU backend. On a CPU without
+    ``avx512_bf16``/``amx_bf16`` those matmuls are emulated, and the engine was measured 4.7-4.9x
+    slower than in float32 at 16 concurrent (BENCHMARKS.md, dtype probe). So ``auto`` becomes
+    ``float32`` there. An explicit dtype, and every GPU, is passed through unchanged.
+    """
+    if requested != "auto" or not is_cpu:
+        return requested
+    flags = cpu_flags() if flags is None else flags
+    return "auto" if flags & BF16_CPU_FLAGS else "float32"
+
+
 class EngineNotReady(RuntimeError):
     """The engine is loading or has failed; answered with 503."""
 
@@ -80,6 +112,8 @@ class Engine:
         self.tokenizer: Any = None
         self.compiler: ConstraintCompiler | None = None
         self.eos_token_ids: frozenset[int] = frozenset()
+        self.dtype: str | None = None
+        """The dtype the engine runs in (``model_config.dtype``), once started."""
 
     @property
     def model_name(self) -> str:
@@ -104,9 +138,13 @@ class Engine:
         import llguidance.hf
         from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
         cfg = self.config
+        dtype = resolve_dtype(cfg.dtype, is_cpu=current_platform.is_cpu())
+        if dtype != cfg.dtype:
+            log.info("dtype %s -> %s: this CPU has no bf16 instructions", cfg.dtype, dtype)
         args = AsyncEngineArgs(
             model=cfg.model,
             served_model_name=[cfg.name],
@@ -116,7 +154,7 @@ class Engine:
             tensor_parallel_size=cfg.tensor_parallel_size,
             enforce_eager=cfg.enforce_eager,
             max_num_seqs=cfg.max_num_seqs,
-            dtype=cfg.dtype,
+            dtype=dtype,
             load_format=cfg.load_format,
             seed=cfg.seed,
             structured_outputs_config=StructuredOutputsConfig(backend="guidance"),
@@ -128,6 +166,7 @@ class Engine:
         hf_tokenizer = self._llm.get_tokenizer()
         hf_tokenizer = getattr(hf_tokenizer, "tokenizer", hf_tokenizer)
         self.tokenizer = hf_tokenizer
+        self.dtype = str(self._llm.model_config.dtype).removeprefix("torch.")
         eos = {hf_tokenizer.eos_token_id}
         gen_eos = self._llm.model_config.hf_config.eos_token_id
         eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}

@@ -560,7 +560,7 @@ def create_app(
     async def health() -> JSONResponse:
         """``loading`` until the engine is ready, then ``ok``; ``error`` if it failed, died or the
         server is draining. Also reports load: ``inflight`` (admitted requests) and
-        ``engine_unfinished`` (requests the engine is still working on)."""
+        ``engine_unfinished`` (requests the engine is still working on), and the ``dtype`` it runs in."""
         state = {"idle": "loading", "loading": "loading"}.get(engine.state, engine.state)
         detail = engine.error
         if state == "ok" and engine.is_dead:
@@ -572,6 +572,7 @@ def create_app(
             "inflight": admission.inflight,
             "engine_unfinished": engine.num_unfinished_requests() if engine.state == "ok" else 0,
             "draining": admission.draining,
+            "dtype": getattr(engine, "dtype", None),
         }
         return JSONResponse(
             body.model_dump() | load,

@@ -257,9 +257,18 @@ def _description(schema: Any) -> str:
 
 
 def _ls_format(schema: Any, method: str, strict: bool | None) -> dict[str, Any]:
-    """Tracing info, as ``ChatOpenAI`` binds it: the schema as given (LangChain converts it with
-    ``convert_to_json_schema`` for the callbacks' ``ls_structured_output_format`` option)."""
-    return {"kwargs": {"method": method, "strict": strict}, "schema": schema}
+    """Tracing info, as ``ChatOpenAI`` binds it, with the schema already converted.
+
+    LangChain runs ``convert_to_json_schema`` on it for the callbacks on *every* call; for a Pydantic
+    class that rebuilds ``model_json_schema()`` each time (0.6 ms, most of this path's client
+    overhead). Converting once here gives the same dict (the conversion is idempotent) and leaves
+    LangChain a ~7 µs pass. A schema it cannot convert is passed as given (LangChain drops it).
+    """
+    try:
+        converted = convert_to_json_schema(schema)
+    except ValueError:
+        converted = schema
+    return {"kwargs": {"method": method, "strict": strict}, "schema": converted}
 
 
 def raise_on_unsatisfied(message: AIMessage) -> AIMessage:

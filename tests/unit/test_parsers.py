@@ -13,6 +13,7 @@ from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatResult, Generation
 from langchain_core.runnables import RunnableLambda
+from langchain_core.utils.function_calling import convert_to_json_schema
 from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
@@ -452,6 +453,15 @@ def test_structured_runnable_binds_the_schema_and_parses() -> None:
     model = fixed('{"name": "Ada", "age": 36}', SATISFIED)
     assert structured_runnable(model, Person).invoke("who?") == Person(name="Ada", age=36)
     assert model.calls[0]["constraints"] == Constraints(json_schema=close_objects(Person.model_json_schema()))
+
+
+def test_structured_runnable_binds_the_tracing_schema_already_converted() -> None:
+    # LangChain converts ls_structured_output_format["schema"] on every call; a class would rebuild
+    # its JSON Schema each time, a converted dict passes through unchanged.
+    runnable = structured_runnable(fixed("{}", SATISFIED), Person)
+    fmt = runnable.first.kwargs["ls_structured_output_format"]  # type: ignore[attr-defined]
+    assert fmt == {"kwargs": {"method": "json_schema", "strict": None}, "schema": convert_to_json_schema(Person)}
+    assert convert_to_json_schema(fmt["schema"]) == fmt["schema"]
 
 
 def test_structured_runnable_json_mode_returns_a_dict() -> None:
