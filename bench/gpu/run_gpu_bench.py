@@ -11,6 +11,12 @@ JSON strings, grammar compile time; and, from ``so_probe`` inside EngineCore, th
 masks per step. Bench-only routes added to the same app run the same requests straight on vLLM's
 ``AsyncLLM`` (no HTTP, no wrapper) for the wrapper-overhead ratio.
 
+Since run 4, every phase also carries the server's own timeline (``/_bench/trace``: when requests
+arrived, were planned and on how many threads, reached the engine, got a first token; how late the
+event loop ran) and, for the warm-up rounds, stack samples of the API process and EngineCore
+(``so_probe``'s sampler). ``--first-bursts`` meets each new concurrency level on the raw route first,
+then on ours; ``--gemv`` times cuBLAS bf16 GEMVs over a 32B step's weights before the engines start.
+
 Device call (after the payload parts; see bench/gpu/README.md)::
 
     . .gpu/last/env.sh && python3 -m bench.gpu.run_gpu_bench --out $OUT
@@ -95,6 +101,11 @@ ENGINES: list[dict[str, Any]] = [
      "end_by": 555, "start_est": 50, "step": {1: 6, 8: 7, 64: 12, 256: 25}},
     {"name": "32b-eager", "arch": "qwen2.5-coder-32b", "enforce_eager": True, "extra": {},
      "end_by": 555, "start_est": 80, "step": {1: 40, 8: 42, 64: 50, 256: 70}},
+    # The app's setting on vLLM's V1 model runner (0.26 picks the V2 runner for dense models): a cheap
+    # single-stream variant (different input preparation and sampler, same model kernels).
+    {"name": "32b-compile-v1", "arch": "qwen2.5-coder-32b", "enforce_eager": False, "extra": {},
+     "env": {"VLLM_USE_V2_MODEL_RUNNER": "0"}, "diag": False,
+     "end_by": 555, "start_est": 100, "step": {1: 17, 8: 19, 64: 28, 256: 45}},
 ]
 DEFAULT_ENGINES = ["32b-graphs", "32b-compile", "7b-graphs"]
 UPSTREAM = {"mode": "vllm"}  # so_probe: vLLM's own mask fill, the service's patch bypassed
@@ -126,7 +137,15 @@ PHASES: dict[str, list[dict[str, Any]]] = {
         _p("raw_c1_unc", "raw", 1, 2, "unc", 2),
     ],
     "32b-compile": [
-        *_matrix(1, 64, 8, 256),
+        *_matrix(1),
+        # Run 4: A-B-B-A blocks at c=64 (unconstrained / JSON), so the ratio has a spread, then closing
+        # on budget on / off / on (every JSON request is cut at max_tokens).
+        *[_p(f"c64_{m}_{4 * b + i}", "http", 64, 128, m, 1) for b in range(3)
+          for i, m in enumerate(("unc", "json", "json", "unc"), start=1)],
+        _p("c64_json_close_1", "http", 64, 128, "json_close", 1),
+        _p("c64_json_off_1", "http", 64, 128, "json", 1),
+        _p("c64_json_close_2", "http", 64, 128, "json_close", 1),
+        *_matrix(64, 8, 256),
         _p("c64_json_vllm", "http", 64, 128, "json", 2, ctl=UPSTREAM),
         _p("c256_json_vllm", "http", 256, 256, "json", 2, ctl=UPSTREAM),
         _p("raw_c1_unc", "raw", 1, 2, "unc", 2),
@@ -138,11 +157,76 @@ PHASES: dict[str, list[dict[str, Any]]] = {
         *[{**ph, "prio": 2} for ph in _matrix(8)],
         _p("raw_c64_unc", "raw", 64, 128, "unc", 2),
     ],
+    "32b-compile-v1": [*_matrix(1), _p("raw_c1_unc", "raw", 1, 2, "unc", 1)],
     "32b-eager": [
         *_matrix(64, 1),
         _p("c64_json_vllm", "http", 64, 128, "json", 1, ctl=UPSTREAM),
     ],
 }
+
+
+# bf16 GEMVs (M=1, torch F.linear = cuBLAS, what vLLM's unquantized linear layers run) over every
+# weight matrix one 32B decode step reads, distinct buffers (61 GiB, far beyond L2), in one CUDA graph:
+# the step time of the weight reads alone with these kernels, to set against the engine's step.
+GEMV_CODE = r"""
+import json, time, torch
+import torch.nn.functional as F
+H, KV, I, V, L = 5120, 1024, 27648, 152064, 64
+dt = torch.bfloat16
+shapes = {"qkv": (H + 2 * KV, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H, I)}
+W = {k: [torch.empty(s, dtype=dt, device="cuda").fill_(0.01) for _ in range(L)] for k, s in shapes.items()}
+W["lm_head"] = [torch.empty((V, H), dtype=dt, device="cuda").fill_(0.01)]
+x = {k: torch.randn(1, w[0].shape[1], dtype=dt, device="cuda") for k, w in W.items()}
+def timed(kinds):
+    def run():
+        for k in kinds:
+            for w in W[k]:
+                F.linear(x[k], w)
+    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()
+    torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    for _ in range(3): g.replay()
+    torch.cuda.synchronize(); t = time.perf_counter()
+    for _ in range(20): g.replay()
+    torch.cuda.synchronize(); ms = (time.perf_counter() - t) / 20 * 1000
+    nbytes = sum(w.numel() * 2 for k in kinds for w in W[k])
+    return {"ms": round(ms, 3), "gb": round(nbytes / 1e9, 3), "tbps": round(nbytes / ms / 1e9, 3),
+            "gemvs": sum(len(W[k]) for k in kinds)}
+out = {k: timed([k]) for k in W}
+out["all"] = timed(list(W))
+print(json.dumps(out))
+"""
+
+
+def host_facts() -> dict[str, Any]:
+    """Facts of this host that bear on the first-burst stall: CPUs as Python sees them (the default
+    executor has min(32, cpu_count + 4) threads), the listen backlog cap, THP, and what creating 32
+    threads costs with the default stack and with the service's 256 MiB compile stack."""
+    import threading
+
+    out: dict[str, Any] = {"cpu_count": os.cpu_count()}
+    with contextlib.suppress(Exception):
+        out["affinity_cpus"] = len(os.sched_getaffinity(0))
+    for key, path in {"somaxconn": "/proc/sys/net/core/somaxconn",
+                      "thp": "/sys/kernel/mm/transparent_hugepage/enabled",
+                      "overcommit": "/proc/sys/vm/overcommit_memory"}.items():
+        with contextlib.suppress(Exception):
+            out[key] = Path(path).read_text().strip()
+    for label, size in (("threads32_default_ms", 0), ("threads32_256mib_ms", 256 << 20)):
+        old = threading.stack_size(size)
+        t = time.perf_counter()
+        ths = [threading.Thread(target=time.sleep, args=(0.001,)) for _ in range(32)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+        out[label] = round((time.perf_counter() - t) * 1000, 2)
+        threading.stack_size(old)
+    return out
 
 
 def log(msg: str) -> None:
@@ -189,6 +273,8 @@ def constraints_for(mode: str, i: int) -> dict[str, Any] | None:
         return None
     if mode == "json_closing":
         return {"json_schema": CLOSING_SCHEMA}
+    if mode.startswith("json_new:"):  # a schema no request has used yet, the same for the whole burst
+        return {"json_schema": {**CLOSING_SCHEMA, "title": mode.split(":", 1)[1]}}
     schema = LIST_SCHEMA
     if mode == "json_unique":  # a new schema per request: compiles on the hot path, no cache hit
         schema = {**LIST_SCHEMA, "title": f"records-{i}-{time.time_ns()}"}
@@ -321,6 +407,7 @@ def add_bench_routes(app: Any, engine: Any, fake: bool) -> None:
                         finish = out.outputs[0].finish_reason
             done = time.perf_counter()
             records.append({"latency_ms": (done - started) * 1000, "tokens": tokens, "finish": finish,
+                            "t_start": started - t_begin,
                             "ttft_ms": (first - started) * 1000 if (first and delta) else None,
                             "gen_ms": (done - started) * 1000, "t_end": done - t_begin})
 
@@ -356,7 +443,70 @@ def serve(spec: dict[str, Any]) -> None:
     engine = _FakeEngine.make(config) if spec.get("fake") else Engine(config)
     app = create_app(engine, limits=Limits(max_tokens=2048, max_inflight=1024))
     add_bench_routes(app, engine, bool(spec.get("fake")))
-    uvicorn.run(app, host="127.0.0.1", port=spec["port"], log_level="warning", access_log=False)
+    from bench.gpu import so_probe
+
+    so_probe.start_sampler()
+    uvicorn.run(_traced(app, engine), host="127.0.0.1", port=spec["port"], log_level="warning",
+                access_log=False)
+
+
+#: Per-request timestamps in the server process (wall clock), read and cleared by ``/_bench/trace``.
+TRACE: list[dict[str, Any]] = []
+
+
+def _traced(app: Any, engine: Any) -> Any:
+    """Timestamps of each ``/generate_api`` request: arrival, planning (which thread), engine call,
+    end; plus the event loop's lateness. Wraps the app, ``Generator.plan`` and ``Engine.stream``."""
+    import threading
+
+    generator = app.state.generator
+    plan, stream = generator.plan, engine.stream
+
+    def traced_plan(req: Any) -> Any:
+        t0 = time.time()
+        try:
+            return plan(req)
+        finally:
+            TRACE.append({"k": "plan", "t0": t0, "t1": time.time(), "th": threading.current_thread().name})
+
+    async def traced_stream(prompt: str, **kw: Any) -> Any:
+        t0, first = time.time(), None
+        async for delta in stream(prompt, **kw):
+            first = first or time.time()
+            yield delta
+        TRACE.append({"k": "engine", "t0": t0, "first": first, "t1": time.time()})
+
+    generator.plan, engine.stream = traced_plan, traced_stream
+    loop_lag: dict[str, Any] = {"task": None}
+
+    async def watch_loop() -> None:
+        while True:
+            t = time.time()
+            await asyncio.sleep(0.01)
+            late = (time.time() - t - 0.01) * 1000
+            if late > 50:
+                TRACE.append({"k": "loop", "t": time.time(), "ms": round(late, 1)})
+
+    async def wrapper(scope: Any, receive: Any, send: Any) -> None:
+        if loop_lag["task"] is None:
+            loop_lag["task"] = asyncio.ensure_future(watch_loop())
+        if scope["type"] == "http" and scope["path"] == "/_bench/trace":
+            body = json.dumps(TRACE[:]).encode()
+            TRACE.clear()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        if scope["type"] != "http" or scope["path"] != "/generate_api":
+            await app(scope, receive, send)
+            return
+        t0 = time.time()
+        try:
+            await app(scope, receive, send)
+        finally:
+            TRACE.append({"k": "http", "t0": t0, "t1": time.time()})
+
+    return wrapper
 
 
 # ------------------------------------------------------------------------------------------ client side
@@ -403,6 +553,18 @@ def summarize(records: list[dict[str, Any]], wall_s: float, c: int) -> dict[str,
         out["compile_ms_p50"] = percentile(comp, 50)
         out["compile_ms_max"] = max(comp)
         out["cache_hits"] = sum(1 for r in records if r.get("cache_hit"))
+    closed = [r["closed"] for r in records if r.get("closed")]
+    if closed:
+        out["closed_on_budget"] = len(closed)
+        for key in ("dropped_tokens", "added_tokens", "search_nodes"):
+            vals = [cl[key] for cl in closed if key in cl]
+            if vals:
+                out[f"closing_{key}_p50"], out[f"closing_{key}_max"] = percentile(vals, 50), max(vals)
+    if lat:
+        out["lat_min_ms"], out["lat_max_ms"] = round(min(lat), 1), round(max(lat), 1)
+    starts = [r["t_start"] for r in records if "t_start" in r]
+    if starts:
+        out["last_start_s"] = round(max(starts), 3)
     errs = [r["error"] for r in records if r.get("error")]
     if errs:
         out["first_error"] = errs[0][:300]
@@ -443,7 +605,7 @@ async def http_phase(  # noqa: PLR0917
                     data = {}
                 done = time.perf_counter()
                 rec["latency_ms"] = (done - started) * 1000
-                rec["t_end"] = done - t_begin
+                rec["t_start"], rec["t_end"] = started - t_begin, done - t_begin
                 if "error" not in rec:
                     md = data.get("metadata", {})
                     text = data.get("generated_text", "")
@@ -451,7 +613,7 @@ async def http_phase(  # noqa: PLR0917
                                ttft_ms=md.get("time_to_first_token_ms"), finish=data.get("finish_reason"),
                                satisfied=data.get("constraint_satisfied"),
                                compile_ms=md.get("compile_time_ms"), cache_hit=md.get("cache_hit"),
-                               text=text)
+                               text=text, closed=md.get("closed_on_budget"))
                     if cons is not None and mode != "json_flex":
                         rec["ws"] = ws_outside_strings(text)
                     elif mode == "json_flex":
@@ -463,13 +625,13 @@ async def http_phase(  # noqa: PLR0917
 
 
 async def raw_phase(  # noqa: PLR0917
-    port: int, c: int, n: int, mode: str, output_kind: str, timeout_s: float
+    port: int, c: int, n: int, mode: str, output_kind: str, timeout_s: float, max_tokens: int = MAX_TOKENS
 ) -> tuple[list[dict], float]:
     import aiohttp
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as sess, sess.post(
         f"http://127.0.0.1:{port}/_bench/raw",
-        json={"c": c, "n": n, "mode": mode, "max_tokens": MAX_TOKENS, "output_kind": output_kind},
+        json={"c": c, "n": n, "mode": mode, "max_tokens": max_tokens, "output_kind": output_kind},
     ) as resp:
         data = await resp.json(content_type=None)
         if resp.status != 200:
@@ -477,19 +639,29 @@ async def raw_phase(  # noqa: PLR0917
     return data["records"], data["wall_s"]
 
 
-def probe_summary(probe_dir: Path, t0: float, t1: float, c: int) -> dict[str, Any] | None:
-    bm, st = [], []
+def _probe_records(probe_dir: Path) -> list[dict[str, Any]]:
+    recs: list[dict[str, Any]] = []
     for f in probe_dir.glob("probe-*.jsonl"):
+        pid = f.stem.split("-", 1)[1]
         for line in f.read_text(encoding="utf-8").splitlines():
             try:
                 r = json.loads(line)
             except ValueError:
                 continue
-            if r["k"] == "bm" and t0 <= r["t0"] <= t1:
-                bm.append(r)
-            elif r["k"] == "st" and t0 <= r["t1"] <= t1:
-                st.append(r)
-    if not bm and not st:
+            r["pid"] = pid
+            recs.append(r)
+    return recs
+
+
+def probe_summary(  # noqa: PLR0917
+    probe_dir: Path, t0: float, t1: float, c: int, api_pid: Any = None,
+    recs: list[dict[str, Any]] | None = None,
+) -> dict[str, Any] | None:
+    recs = _probe_records(probe_dir) if recs is None else recs
+    bm = [r for r in recs if r["k"] == "bm" and t0 <= r["t0"] <= t1]
+    st = [r for r in recs if r["k"] == "st" and t0 <= r["t1"] <= t1]
+    sampled = [r for r in recs if r["k"] in ("stk", "lag") and t0 <= r["t"] <= t1]
+    if not bm and not st and not sampled:
         return None
     out: dict[str, Any] = {"bitmask_calls": len(bm), "steps": len(st)}
     if bm:
@@ -503,7 +675,74 @@ def probe_summary(probe_dir: Path, t0: float, t1: float, c: int) -> dict[str, An
         ts = sorted(r["t1"] for r in st)
         gaps = [(b - a) * 1000 for a, b in itertools.pairwise(ts)]
         out["step_interval_ms_p50"] = round(percentile(gaps, 50) or 0, 3)
+    if st:  # where the engine spent a stall: one long step, or no steps at all
+        out["step_ms_max"] = round(max(r["dt"] for r in st), 1)
+        out["first_step_s"] = round(min(r["t1"] for r in st) - t0, 3)
+        out["last_step_s"] = round(max(r["t1"] for r in st) - t0, 3)
+        if len(st) > 1:
+            ts = sorted(r["t1"] for r in st)
+            out["step_gap_ms_max"] = round(max((b - a) * 1000 for a, b in itertools.pairwise(ts)), 1)
+    stacks = stack_summary(sampled, api_pid)
+    if stacks:
+        out["stacks"] = stacks
     return out
+
+
+_IDLE = ("threading.py:wait", "queue.py:get", "selectors.py:select", "base_events.py:_run_once",
+         "runners.py:run",  # uvloop: the event loop is in C (idle, or in a C callback)
+         "so_probe.py:_flusher", "socket.py:recv", "poll", "thread.py:_worker")
+
+
+def stack_summary(recs: list[dict[str, Any]], api_pid: Any, top: int = 8) -> dict[str, Any]:
+    """Per process (API / EngineCore): samples, sampler lateness, and the most frequent busy stacks
+    (a thread whose innermost frame is an idle wait is counted as idle)."""
+    out: dict[str, Any] = {}
+    for pid in sorted({r["pid"] for r in recs}):
+        mine = [r for r in recs if r["pid"] == pid]
+        name = "api" if str(pid) == str(api_pid) else f"pid{pid}"
+        counts: dict[str, int] = {}
+        idle = 0
+        for r in mine:
+            if r["k"] != "stk":
+                continue
+            leaf = r["s"].split(" < ", 1)[0]
+            if any(mark in leaf for mark in _IDLE):
+                idle += 1
+                continue
+            thread = re.sub(r"[_-]?\d+$", "", r["th"])
+            key = f"{thread}: {r['s']}"
+            counts[key] = counts.get(key, 0) + 1
+        lags = [r["ms"] for r in mine if r["k"] == "lag"]
+        ticks = len({r["t"] for r in mine if r["k"] == "stk"})
+        out[name] = {"ticks": ticks, "idle_samples": idle, "sampler_late_ms_max": max(lags, default=0),
+                     "sampler_late_ms_sum": round(sum(lags), 1),
+                     "busy": sorted(counts.items(), key=lambda kv: -kv[1])[:top]}
+    return out
+
+
+def trace_summary(trace: list[dict[str, Any]], t0: float) -> dict[str, Any]:
+    """Server-side timeline of a phase, in seconds after its start: when requests arrived, were
+    planned (on how many threads), reached the engine and got their first token."""
+
+    def spread(vals: list[float]) -> list[float] | None:
+        if not vals:
+            return None
+        return [round(min(vals), 3), round(percentile(vals, 50) or 0, 3), round(max(vals), 3)]
+
+    http = [r for r in trace if r["k"] == "http"]
+    plans = [r for r in trace if r["k"] == "plan"]
+    eng = [r for r in trace if r["k"] == "engine"]
+    loop = [r["ms"] for r in trace if r["k"] == "loop" and r["t"] >= t0]
+    return {
+        "arrive_s": spread([r["t0"] - t0 for r in http]),
+        "plan_start_s": spread([r["t0"] - t0 for r in plans]),
+        "plan_ms": spread([(r["t1"] - r["t0"]) * 1000 for r in plans]),
+        "plan_threads": len({r["th"] for r in plans}),
+        "engine_call_s": spread([r["t0"] - t0 for r in eng]),
+        "first_token_s": spread([r["first"] - t0 for r in eng if r.get("first")]),
+        "engine_ms": spread([(r["t1"] - r["t0"]) * 1000 for r in eng]),
+        "loop_late_ms_max": max(loop, default=0), "loop_late_ms_sum": round(sum(loop), 1),
+    }
 
 
 def parse_server_log(path: Path) -> dict[str, Any]:
@@ -532,8 +771,9 @@ def parse_server_log(path: Path) -> dict[str, Any]:
 class Bench:
     def __init__(  # noqa: PLR0917
         self, out_dir: Path, deadline: float, fake: bool, only: list[str] | None, first_bursts: bool,
-        windows: list[float] | None,
+        windows: list[float] | None, gemv: bool = False,
     ) -> None:
+        self.gemv = gemv
         self.first_bursts = first_bursts
         self.windows = windows or []
         self.out = out_dir
@@ -553,6 +793,8 @@ class Bench:
         tmp.replace(self.out / "results.json")
 
     def device_info(self) -> None:
+        self.results["host"] = host_facts()
+        log(f"host {self.results['host']}")
         if self.fake:
             return
         with contextlib.suppress(Exception):
@@ -570,6 +812,7 @@ class Bench:
             "print(2*20*x.numel()/dt/1e12, torch.cuda.get_device_name(), torch.__version__,"
             " torch.version.cuda)\n"
         )
+        res = None
         try:
             res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                                  timeout=90)
@@ -580,6 +823,38 @@ class Bench:
             log(f"device copy bandwidth {float(bw):.2f} TB/s on {self.results['device']}")
         except Exception as exc:
             self.results["copy_bandwidth_error"] = f"{exc}"
+        if self.gemv:
+            res = None
+            try:
+                res = subprocess.run([sys.executable, "-c", GEMV_CODE], check=False, capture_output=True,
+                                     text=True, timeout=120)
+                self.results["gemv"] = json.loads(res.stdout.strip().splitlines()[-1])
+                log(f"gemv {self.results['gemv']}")
+            except Exception as exc:
+                self.results["gemv_error"] = f"{type(exc).__name__}: {exc} {res.stderr[-500:] if res else ''}"
+
+    def warmups(self, eng: dict[str, Any]) -> list[tuple[str, str, str, int, int, int]]:
+        """(name, kind, mode, c, n, max_tokens) of the warm-up rounds, all measured and traced.
+
+        With ``--first-bursts`` (the first-burst stall: run 2 and 3 saw the first burst at a new
+        concurrency level take 5-26 s longer), the engine's own route meets each new level first
+        (``raw_first_*``, no HTTP, no wrapper), then our HTTP route at the same level, then again:
+        a stall on the raw route is vLLM's, one only on ours is ours. Then 256 concurrent requests
+        with one new schema, twice (compile of a schema many requests share at once)."""
+        rounds = [("cold_first_json", "http", "json", 1, 1, MAX_TOKENS)]
+        if not self.first_bursts or not eng.get("diag", True):
+            return [*rounds, ("warmup_unc", "http", "unc", 8, 8, 32),
+                    ("warmup_json", "http", "json", 8, 8, MAX_TOKENS)]
+        tag = f"{eng['name']}-{int(time.time())}"
+        for c in (8, 256):
+            rounds += [(f"raw_first_c{c}_unc", "raw", "unc", c, c, 32),
+                       (f"first_c{c}_unc", "http", "unc", c, c, 32),
+                       (f"second_c{c}_unc", "http", "unc", c, c, 32)]
+        rounds += [("first_c256_json_new", "http", f"json_new:{tag}", 256, 256, 64),
+                   ("second_c256_json_new", "http", f"json_new:{tag}", 256, 256, 64),
+                   ("warm_c64_unc", "http", "unc", 64, 64, 32),
+                   ("warm_c64_json", "http", "json", 64, 64, MAX_TOKENS)]
+        return rounds
 
     def est(self, eng: dict[str, Any], ph: dict[str, Any]) -> float:
         c = ph["c"]
@@ -606,11 +881,13 @@ class Bench:
         env["PYTHONPATH"] = os.pathsep.join(
             [str(ROOT), str(plugin_dir), *filter(None, [env.get("PYTHONPATH")])])
         env["ANANKE_BENCH_PROBE_DIR"] = str(probe_dir)
+        env.update(eng.get("env", {}))
         spec = {"model": model, "enforce_eager": eng["enforce_eager"], "extra": eng["extra"],
                 "port": port, "fake": self.fake}
         log_path = self.out / f"server-{name}.log"
         res: dict[str, Any] = {"arch": eng["arch"], "enforce_eager": eng["enforce_eager"],
-                               "extra": eng["extra"], "weights": weight_bytes(eng["arch"]), "phases": {}}
+                               "extra": eng["extra"], "env": eng.get("env", {}),
+                               "weights": weight_bytes(eng["arch"]), "phases": {}}
         self.results["engines"][name] = res
         t_launch = time.time()
         with open(log_path, "w", encoding="utf-8") as logf:
@@ -664,18 +941,10 @@ class Bench:
         log(f"engine {name} ready: engine {info.get('engine_start_s')}s, process {res['ready_wall_s']}s")
         self.save()
         # warm-up; the very first constrained request initialises the llguidance backend in EngineCore
-        # The first burst at a new concurrency level stalled for seconds in run 2 (API process, not the
-        # engine): the first_* rounds take that hit, measured, before the phases.
-        warmups = [("cold_first_json", "json", 1, 1, MAX_TOKENS), ("warmup_unc", "unc", 8, 8, MAX_TOKENS),
-                   ("warmup_json", "json", 8, 8, MAX_TOKENS)]
-        if self.first_bursts:
-            warmups += [(f"first_c{c}_unc", "unc", c, c, 32) for c in (64, 256)]
-            warmups += [(f"second_c{c}_unc", "unc", c, c, 32) for c in (64, 256)]
-        for wname, mode, c, n, max_tokens in warmups:
-            recs, wall = asyncio.run(http_phase(port, c, n, mode, 120, max_tokens=max_tokens))
-            res["phases"][wname] = summarize(recs, wall, c)
-            log(f"  {wname:<22} c={c:<3} {res['phases'][wname].get('agg_tok_s')} tok/s  "
-                f"wall {res['phases'][wname].get('wall_s')} s")
+        for wname, kind, mode, c, n, max_tokens in self.warmups(eng):
+            self._phase(res, {"name": wname, "kind": kind, "c": c, "n": n, "mode": mode,
+                              "max_tokens": max_tokens, "ctl": {"mode": "service", "sample": True}},
+                        port, 60, probe_dir)
         log(f"{name} warm-up done; first JSON request "
             f"{res['phases']['cold_first_json'].get('lat_p50_ms')} ms")
         phases = PHASES[name]
@@ -689,10 +958,12 @@ class Bench:
                     continue
                 self._phase(res, ph, port, est, probe_dir)
         time.sleep(0.6)  # let the probe flush its last records
+        recs = _probe_records(probe_dir)
         for summary in res["phases"].values():
             win = summary.pop("_window", None)
             if win:
-                summary["probe"] = probe_summary(probe_dir, win[0], win[1], summary["c"])
+                summary["probe"] = probe_summary(
+                    probe_dir, win[0], win[1], summary["c"], info.get("pid"), recs)
 
     def _phase(self, res: dict[str, Any], ph: dict[str, Any], port: int, est: float, probe_dir: Path) -> None:
         ctl = ph.get("ctl", {"mode": "service"})
@@ -700,23 +971,37 @@ class Bench:
         time.sleep(0.05)
         t0 = time.time()
         try:
+            max_tokens = ph.get("max_tokens", MAX_TOKENS)
             if ph["kind"] == "raw":
                 recs, wall = asyncio.run(raw_phase(port, ph["c"], ph["n"], ph["mode"],
-                                                   ph.get("output_kind", "final"), max(60, 4 * est)))
+                                                   ph.get("output_kind", "final"), max(60, 4 * est),
+                                                   max_tokens))
             else:
-                recs, wall = asyncio.run(http_phase(port, ph["c"], ph["n"], ph["mode"], max(60, 4 * est)))
+                recs, wall = asyncio.run(http_phase(port, ph["c"], ph["n"], ph["mode"], max(60, 4 * est),
+                                                    max_tokens=max_tokens))
             summary = summarize(recs, wall, ph["c"])
         except Exception as exc:
             summary = {"c": ph["c"], "error": f"{type(exc).__name__}: {exc}"}
-        summary.update(kind=ph["kind"], mode=ph["mode"], ctl=ctl, est_s=round(est, 1),
+        with contextlib.suppress(Exception):
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_bench/trace", timeout=10) as r:
+                summary["server"] = trace_summary(json.loads(r.read()), t0)
+        summary.update(kind=ph["kind"], mode=ph["mode"], ctl=ctl, est_s=round(est, 1), t0_unix=t0,
                        _window=(t0, time.time()))
         if ph.get("output_kind"):
             summary["output_kind"] = ph["output_kind"]
         res["phases"][ph["name"]] = summary
         (probe_dir / "ctl.json").write_text(json.dumps({"mode": "service"}))
-        log(f"  {ph['name']:<22} c={ph['c']:<3} {summary.get('agg_tok_s')} tok/s  tpot p50 "
-            f"{summary.get('tpot_p50_ms')} ms  lat p50 {summary.get('lat_p50_ms')} ms  "
-            f"finish {summary.get('finish')}  {summary.get('error', '')}")
+        srv = summary.get("server") or {}
+        log(f"  {ph['name']:<22} c={ph['c']:<3} {summary.get('agg_tok_s')} tok/s  "
+            f"wall {summary.get('wall_s')} s  "
+            f"lat p50/max {summary.get('lat_p50_ms') and round(summary['lat_p50_ms'])}/"
+            f"{summary.get('lat_max_ms') and round(summary['lat_max_ms'])} ms  "
+            f"finish {summary.get('finish')}  "
+            f"plan start {srv.get('plan_start_s')} engine call {srv.get('engine_call_s')} "
+            f"first tok {srv.get('first_token_s')} loop late max {srv.get('loop_late_ms_max')}  "
+            f"{summary.get('error', '')}")
         self.save()
 
     def _stop(self, proc: subprocess.Popen[bytes], res: dict[str, Any]) -> None:
@@ -776,12 +1061,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fake", action="store_true", help="fake engine, for checking the driver locally")
     ap.add_argument("--first-bursts", action="store_true",
                     help="before the phases: two short unconstrained rounds at c=64 and at c=256")
+    ap.add_argument("--gemv", action="store_true",
+                    help="before the engines: cuBLAS bf16 GEMVs over a 32B step's weights in a CUDA graph")
     ap.add_argument("--windows", nargs="*", type=float,
                     help="latest end (s after start) of each engine in --engines, replacing end_by")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    Bench(out, args.deadline_s, args.fake, args.only, args.first_bursts, args.windows).run(args.engines)
+    bench = Bench(out, args.deadline_s, args.fake, args.only, args.first_bursts, args.windows, args.gemv)
+    bench.run(args.engines)
     return 0
 
 

@@ -9,7 +9,10 @@ Per process it appends JSON lines to ``$ANANKE_BENCH_PROBE_DIR/probe-<pid>.jsonl
 - ``{"k": "bm", "t0", "t1", "n", "acc_ms", "mode"}`` per ``StructuredOutputManager.grammar_bitmask`` call:
   the CPU time of one step's token masks for ``n`` constrained requests, plus the time
   ``GuidanceGrammar.accept_tokens`` took since the previous record (the grammar advance of the step);
-- ``{"k": "st", "t1", "dt"}`` per engine step that returned outputs.
+- ``{"k": "st", "t1", "dt"}`` per engine step that returned outputs;
+- while ``ctl.json`` has ``"sample": true``, ``{"k": "stk", "t", "th", "s"}`` every 50 ms per Python
+  thread (its innermost frames, a poor man's profiler for the first-burst stall) and
+  ``{"k": "lag", "t", "ms"}`` when the sampler itself woke over 100 ms late (the GIL was held).
 
 A control file (``$ANANKE_BENCH_PROBE_DIR/ctl.json``, re-read when its mtime changes) switches how the
 masks are filled, to compare fills on the same engine:
@@ -27,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -82,6 +86,40 @@ def _control() -> dict[str, Any]:
         except (OSError, ValueError):
             pass
     return _STATE["ctl"]
+
+
+def _stack(frame: Any, depth: int = 10) -> str:
+    parts = []
+    while frame is not None and len(parts) < depth:
+        code = frame.f_code
+        parts.append(f"{os.path.basename(code.co_filename)}:{code.co_name}:{frame.f_lineno}")
+        frame = frame.f_back
+    return " < ".join(parts)
+
+
+def _sampler() -> None:
+    me = threading.get_ident()
+    period = 0.05
+    while True:
+        t = time.time()
+        time.sleep(period)
+        late = (time.time() - t - period) * 1000
+        if not _control().get("sample"):
+            continue
+        now = time.time()
+        if late > 100:
+            _record({"k": "lag", "t": now, "ms": round(late, 1)})
+        names = {th.ident: th.name for th in threading.enumerate()}
+        for ident, frame in sys._current_frames().items():
+            if ident != me:
+                _record({"k": "stk", "t": now, "th": names.get(ident, str(ident)), "s": _stack(frame)})
+
+
+def start_sampler() -> None:
+    """Start the stack sampler of this process once (it records only while ctl says ``sample``)."""
+    if _dir() and _STATE.get("sampler_pid") != os.getpid():
+        _STATE["sampler_pid"] = os.getpid()
+        threading.Thread(target=_sampler, daemon=True, name="so-probe-sampler").start()
 
 
 def _llexec_fill(self: Any, requests: Any, ids: list[str]) -> Any:
@@ -144,6 +182,8 @@ def register() -> None:
     if not _dir() or _STATE.get("registered"):
         return
     _STATE["registered"] = True
+    start_sampler()
+    os.register_at_fork(after_in_child=start_sampler)  # EngineCore forks: threads do not survive it
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.structured_output import StructuredOutputManager
     from vllm.v1.structured_output.backend_guidance import GuidanceGrammar
@@ -183,6 +223,7 @@ def register() -> None:
 
     def timed_step(orig: Any) -> Any:
         def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+            start_sampler()  # in case the fork hook did not run (spawned EngineCore)
             t0 = time.time()
             result = orig(self, *args, **kwargs)
             if result and result[0]:
