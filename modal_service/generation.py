@@ -91,6 +91,12 @@ class Generator:
         self.engine = engine
         self.limits = limits
         configure_compile_threads()  # before the first to_thread spawns the worker threads
+        # Planning threads take turns at the tokenizer. vLLM (0.26-0.32) makes its tokenizer
+        # thread-safe with a pool of deep copies (2 by default, enough for its own users) and
+        # deep-copies the whole tokenizer for a caller that finds the pool empty: ~2 s of Python
+        # under the GIL for Qwen2.5's vocabulary. Twenty planning threads at once made the first
+        # 256-request burst on the H200 wait 25 s with the event loop blocked (bench/gpu run 4).
+        self._tokenizer_turn = threading.Lock()
 
     # ------------------------------------------------------------------------- planning
     def _constraint(self, req: GenerateRequest) -> tuple[CompiledConstraint | None, bool]:
@@ -119,7 +125,8 @@ class Generator:
         self.check_max_tokens(req)
         if req.messages is not None:
             messages = to_template_messages(req.messages, req.tools, req.tool_choice)
-            prompts = [self.engine.apply_chat_template(messages)]
+            with self._tokenizer_turn:
+                prompts = [self.engine.apply_chat_template(messages)]
         elif isinstance(req.prompt, list):
             prompts = req.prompt
         else:
@@ -131,7 +138,8 @@ class Generator:
                 f"{len(prompts)} prompts in one batch; the limit is {self.limits.max_batch_prompts}",
             )
         context = self.engine.config.max_model_len
-        counts = [self.engine.count_tokens(p) for p in prompts]
+        with self._tokenizer_turn:
+            counts = [self.engine.count_tokens(p) for p in prompts]
         for i, n in enumerate(counts):
             if n + req.max_tokens > context:
                 raise ApiError(
