@@ -109,6 +109,7 @@ ENGINES: list[dict[str, Any]] = [
 ]
 DEFAULT_ENGINES = ["32b-graphs", "32b-compile", "7b-graphs"]
 UPSTREAM = {"mode": "vllm"}  # so_probe: vLLM's own mask fill, the service's patch bypassed
+SAMPLED = {"mode": "service", "sample": True}  # so_probe: stack samples of both processes
 
 
 def _p(name: str, kind: str, c: int, n: int, mode: str, prio: int, **kw: Any) -> dict[str, Any]:  # noqa: PLR0917
@@ -145,6 +146,9 @@ PHASES: dict[str, list[dict[str, Any]]] = {
         _p("c64_json_close_1", "http", 64, 128, "json_close", 1),
         _p("c64_json_off_1", "http", 64, 128, "json", 1),
         _p("c64_json_close_2", "http", 64, 128, "json_close", 1),
+        _p("c64_json_close_min1", "http", 64, 128, "json_close_min1", 1, ctl=SAMPLED),
+        _p("c64_json_min1", "http", 64, 128, "json_min1", 1),
+        _p("c64_json_close_s", "http", 64, 128, "json_close", 1, ctl=SAMPLED),
         *_matrix(64, 8, 256),
         _p("c64_json_vllm", "http", 64, 128, "json", 2, ctl=UPSTREAM),
         _p("c256_json_vllm", "http", 256, 256, "json", 2, ctl=UPSTREAM),
@@ -198,6 +202,33 @@ def timed(kinds):
             "gemvs": sum(len(W[k]) for k in kinds)}
 out = {k: timed([k]) for k in W}
 out["all"] = timed(list(W))
+# The small kernels of a batch-1 layer (norms, rotary, KV write, attention, activation) move almost no
+# data; inside a CUDA graph each still costs its launch and ramp. 7 per layer, between the 4 GEMVs.
+h = torch.randn(1, H, dtype=dt, device="cuda")
+def tiny(n):
+    for _ in range(n):
+        h.mul_(1.0)
+def graph_ms(fn):
+    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(3): g.replay()
+    torch.cuda.synchronize(); t = time.perf_counter()
+    for _ in range(20): g.replay()
+    torch.cuda.synchronize(); return (time.perf_counter() - t) / 20 * 1000
+out["tiny_kernel_us"] = round(graph_ms(lambda: tiny(1000)) / 1000 * 1000, 3)
+def layers():
+    for l in range(L):
+        F.linear(x["qkv"], W["qkv"][l]); tiny(3)
+        F.linear(x["o"], W["o"][l]); tiny(1)
+        F.linear(x["gate_up"], W["gate_up"][l]); tiny(1)
+        F.linear(x["down"], W["down"][l]); tiny(2)
+    F.linear(x["lm_head"], W["lm_head"][0])
+out["layers_with_7_tiny_ms"] = round(graph_ms(layers), 3)
 print(json.dumps(out))
 """
 
@@ -276,6 +307,9 @@ def constraints_for(mode: str, i: int) -> dict[str, Any] | None:
     if mode.startswith("json_new:"):  # a schema no request has used yet, the same for the whole burst
         return {"json_schema": {**CLOSING_SCHEMA, "title": mode.split(":", 1)[1]}}
     schema = LIST_SCHEMA
+    if mode.endswith("_min1"):  # closing only has to finish the item it is in and close the list
+        schema = {**LIST_SCHEMA, "minItems": 1}
+        mode = mode.removesuffix("_min1")
     if mode == "json_unique":  # a new schema per request: compiles on the hot path, no cache hit
         schema = {**LIST_SCHEMA, "title": f"records-{i}-{time.time_ns()}"}
     # Budget-cut output is reported as is, not finished by the closing search (json_close: it is).
@@ -491,7 +525,7 @@ def _traced(app: Any, engine: Any) -> Any:
         if loop_lag["task"] is None:
             loop_lag["task"] = asyncio.ensure_future(watch_loop())
         if scope["type"] == "http" and scope["path"] == "/_bench/trace":
-            body = json.dumps(TRACE[:]).encode()
+            body = json.dumps([*TRACE, {"k": "cpu", "t": time.time(), "cpu_s": time.process_time()}]).encode()
             TRACE.clear()
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"application/json")]})
@@ -733,7 +767,9 @@ def trace_summary(trace: list[dict[str, Any]], t0: float) -> dict[str, Any]:
     plans = [r for r in trace if r["k"] == "plan"]
     eng = [r for r in trace if r["k"] == "engine"]
     loop = [r["ms"] for r in trace if r["k"] == "loop" and r["t"] >= t0]
+    cpu = [r["cpu_s"] for r in trace if r["k"] == "cpu"]
     return {
+        "process_cpu_s": cpu[-1] if cpu else None,
         "arrive_s": spread([r["t0"] - t0 for r in http]),
         "plan_start_s": spread([r["t0"] - t0 for r in plans]),
         "plan_ms": spread([(r["t1"] - r["t0"]) * 1000 for r in plans]),
@@ -774,6 +810,7 @@ class Bench:
         windows: list[float] | None, gemv: bool = False,
     ) -> None:
         self.gemv = gemv
+        self._last_cpu_s: float | None = None
         self.first_bursts = first_bursts
         self.windows = windows or []
         self.out = out_dir
@@ -871,6 +908,7 @@ class Bench:
         model = (Path(os.environ.get("GPU_PL", ROOT / ".gpu/models")) / f"{eng['arch']}-dummy").as_posix()
         port = 18000 + len(self.results["engines"])
         probe_dir = Path(tempfile.mkdtemp(prefix=f"probe-{name}-"))
+        self._last_cpu_s = None
         plugin_dir = probe_dir / "plugin"
         dist = plugin_dir / "ananke_bench_probe-0.1.dist-info"
         dist.mkdir(parents=True)
@@ -987,6 +1025,10 @@ class Bench:
 
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/_bench/trace", timeout=10) as r:
                 summary["server"] = trace_summary(json.loads(r.read()), t0)
+            cpu = summary["server"]["process_cpu_s"]
+            if cpu is not None and self._last_cpu_s is not None:  # the API process's CPU seconds in the phase
+                summary["server"]["phase_cpu_s"] = round(cpu - self._last_cpu_s, 2)
+            self._last_cpu_s = cpu
         summary.update(kind=ph["kind"], mode=ph["mode"], ctl=ctl, est_s=round(est, 1), t0_unix=t0,
                        _window=(t0, time.time()))
         if ph.get("output_kind"):
