@@ -149,6 +149,11 @@ PHASES: dict[str, list[dict[str, Any]]] = {
         _p("c64_json_close_min1", "http", 64, 128, "json_close_min1", 1, ctl=SAMPLED),
         _p("c64_json_min1", "http", 64, 128, "json_min1", 1),
         _p("c64_json_close_s", "http", 64, 128, "json_close", 1, ctl=SAMPLED),
+        # Run 4c: two more A-B-B-A blocks, then gc.freeze() in the server, then two more.
+        *[_p(f"c64_{m}_{4 * b + i}", "http", 64, 128, m, 1) for b in range(3, 5)
+          for i, m in enumerate(("unc", "json", "json", "unc"), start=1)],
+        *[{**_p(f"c64_{m}_f{4 * b + i}", "http", 64, 128, m, 1), "gc_freeze": b == 0 and i == 1}
+          for b in range(2) for i, m in enumerate(("unc", "json", "json", "unc"), start=1)],
         *_matrix(64, 8, 256),
         _p("c64_json_vllm", "http", 64, 128, "json", 2, ctl=UPSTREAM),
         _p("c256_json_vllm", "http", 256, 256, "json", 2, ctl=UPSTREAM),
@@ -488,9 +493,10 @@ def serve(spec: dict[str, Any]) -> None:
 TRACE: list[dict[str, Any]] = []
 
 
-def _traced(app: Any, engine: Any) -> Any:
+def _traced(app: Any, engine: Any) -> Any:  # noqa: PLR0915
     """Timestamps of each ``/generate_api`` request: arrival, planning (which thread), engine call,
     end; plus the event loop's lateness. Wraps the app, ``Generator.plan`` and ``Engine.stream``."""
+    import gc
     import threading
 
     generator = app.state.generator
@@ -512,6 +518,17 @@ def _traced(app: Any, engine: Any) -> Any:
 
     generator.plan, engine.stream = traced_plan, traced_stream
     loop_lag: dict[str, Any] = {"task": None}
+    gc_started: dict[str, float] = {}
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:  # collections over 20 ms, any thread
+        if phase == "start":
+            gc_started["t"] = time.perf_counter()
+            return
+        ms = (time.perf_counter() - gc_started.get("t", time.perf_counter())) * 1000
+        if ms > 20:
+            TRACE.append({"k": "gc", "t": time.time(), "gen": info["generation"], "ms": round(ms, 1)})
+
+    gc.callbacks.append(on_gc)
 
     async def watch_loop() -> None:
         while True:
@@ -524,6 +541,16 @@ def _traced(app: Any, engine: Any) -> Any:
     async def wrapper(scope: Any, receive: Any, send: Any) -> None:
         if loop_lag["task"] is None:
             loop_lag["task"] = asyncio.ensure_future(watch_loop())
+        if scope["type"] == "http" and scope["path"] == "/_bench/gc_freeze":
+            # what a server could do once its engine is up: move every object alive now out of the
+            # collector's generations, so a full collection no longer walks them
+            gc.collect()
+            gc.freeze()
+            body = json.dumps({"frozen": gc.get_freeze_count()}).encode()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": body})
+            return
         if scope["type"] == "http" and scope["path"] == "/_bench/trace":
             body = json.dumps([*TRACE, {"k": "cpu", "t": time.time(), "cpu_s": time.process_time()}]).encode()
             TRACE.clear()
@@ -768,7 +795,10 @@ def trace_summary(trace: list[dict[str, Any]], t0: float) -> dict[str, Any]:
     eng = [r for r in trace if r["k"] == "engine"]
     loop = [r["ms"] for r in trace if r["k"] == "loop" and r["t"] >= t0]
     cpu = [r["cpu_s"] for r in trace if r["k"] == "cpu"]
+    gcs = [r for r in trace if r["k"] == "gc" and r["t"] >= t0]
     return {
+        "gc_over_20ms": len(gcs), "gc_ms_max": max((r["ms"] for r in gcs), default=0),
+        "gc_ms_sum": round(sum(r["ms"] for r in gcs), 1), "gc_gens": sorted({r["gen"] for r in gcs}),
         "process_cpu_s": cpu[-1] if cpu else None,
         "arrive_s": spread([r["t0"] - t0 for r in http]),
         "plan_start_s": spread([r["t0"] - t0 for r in plans]),
@@ -1005,6 +1035,12 @@ class Bench:
 
     def _phase(self, res: dict[str, Any], ph: dict[str, Any], port: int, est: float, probe_dir: Path) -> None:
         ctl = ph.get("ctl", {"mode": "service"})
+        if ph.get("gc_freeze"):
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_bench/gc_freeze", timeout=60) as r:
+                self.results["gc_freeze"] = json.loads(r.read())
+                log(f"  gc.freeze(): {self.results['gc_freeze']}")
         (probe_dir / "ctl.json").write_text(json.dumps(ctl))
         time.sleep(0.05)
         t0 = time.time()
