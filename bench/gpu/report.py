@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -103,9 +104,62 @@ def render(res: dict[str, Any]) -> str:
                 f"({_f(pr.get('bitmask_n_mean'))}) | {_f(pr.get('accept_ms_mean'), 2)} | "
                 f"{_f(pr.get('step_interval_ms_p50'), 2)} |{' ' + p['error'] if p.get('error') else ''}")
         out.append("")
+    out.extend(_run4(res))
     if res.get("skipped"):
         out.append("Skipped for time: " + "; ".join(res["skipped"]) + "\n")
     return "\n".join(out)
+
+
+def _run4(res: dict[str, Any]) -> list[str]:
+    """Run 4's views: the server timeline of the warm-up rounds, A-B-B-A blocks, the GEMV floor."""
+    out: list[str] = []
+    gemv = res.get("gemv")
+    if gemv:
+        out.append("| GEMV floor (one CUDA graph) | ms | GB | TB/s |")
+        out.append("|---|---|---|---|")
+        out.extend(f"| {k} ({v['gemvs']} GEMVs) | {v['ms']} | {v['gb']} | {v['tbps']} |"
+                   for k, v in gemv.items() if isinstance(v, dict))
+        if gemv.get("tiny_kernel_us"):
+            out.append(f"\nSmall kernel in a graph: {gemv['tiny_kernel_us']} µs; all GEMVs + 7 small kernels "
+                       f"per layer: {gemv.get('layers_with_7_tiny_ms')} ms.")
+        out.append("")
+    for name, eng in res.get("engines", {}).items():
+        ph = eng.get("phases", {})
+        rows = []
+        for pname, p in ph.items():
+            srv = p.get("server")
+            if not srv or not (pname.startswith(("first_", "second_", "raw_first_", "warm"))):
+                continue
+            pr = p.get("probe") or {}
+            rows.append(f"| {pname} | {p.get('c')} | {_f(p.get('wall_s'), 3)} | {srv.get('plan_start_s')} | "
+                        f"{srv.get('engine_call_s')} | {srv.get('plan_threads')} | "
+                        f"{srv.get('loop_late_ms_max')} | {srv.get('gc_ms_max', '–')} | "
+                        f"{_f(pr.get('first_step_s'), 3)} | {_f(pr.get('step_ms_max'))} |")
+        if rows:
+            out.append(f"### {name}: warm-up rounds, server timeline (s after the round starts: min, p50, "
+                       "max)\n")
+            out.append("| round | c | wall s | planned | engine call | plan threads | loop late max ms | "
+                       "gc max ms | first engine step s | longest step ms |")
+            out.append("|---|---|---|---|---|---|---|---|---|---|")
+            out.extend(rows)
+            out.append("")
+        seq = [(k, p) for k, p in ph.items() if re.fullmatch(r"c64_(unc|json)_f?\d+", k)]
+        blocks = [seq[i:i + 4] for i in range(0, len(seq) - 3, 4)]
+        if blocks:
+            out.append(f"### {name}: A-B-B-A blocks at c=64\n")
+            out.append("| phases | unc tok/s | JSON tok/s | block ratio | loop late max ms | gc max ms |")
+            out.append("|---|---|---|---|---|---|")
+            for b in blocks:
+                u = [p["agg_tok_s"] for k, p in b if "_unc_" in k]
+                j = [p["agg_tok_s"] for k, p in b if "_json_" in k]
+                late = max((p.get("server") or {}).get("loop_late_ms_max") or 0 for _, p in b)
+                gcs = [(p.get("server") or {}).get("gc_ms_max") for _, p in b]
+                gcm = max((g for g in gcs if g is not None), default="–")  # runs before 4c did not record it
+                ratio = f"{sum(j) / sum(u):.3f}" if u and j else "–"
+                out.append(f"| {b[0][0]}..{b[-1][0]} | {', '.join(map(str, u))} | {', '.join(map(str, j))} | "
+                           f"{ratio} | {late} | {gcm} |")
+            out.append("")
+    return out
 
 
 def _s(p: dict[str, Any], key: str) -> str:
