@@ -63,6 +63,7 @@ def config_for(quick: bool, args: argparse.Namespace) -> dict[str, Any]:
         "ttft_concurrency": [1] if quick else [1, 16],
         "ttft_max_tokens": 8,
         "closing_c": 0 if quick else 16,
+        "closing_max_tokens": 14,
         "structured_n": 8 if quick else 16,
         "structured_c": 8 if quick else 16,
         "structured_max_tokens": 96,
@@ -188,7 +189,7 @@ async def closing_phases(url: str, cfg: dict[str, Any], result: dict[str, Any]) 
                 mode="json",
                 c=c,
                 n=c,
-                max_tokens=cfg["overhead_max_tokens"],
+                max_tokens=cfg["closing_max_tokens"],
                 schema=load.RECORDS_SCHEMA,
                 close=close,
                 validate=True,
@@ -429,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_peer:
         wanted["peer"] = args.peer_url
     _with_servers(wanted, logdir, cfg, result)
+    if "client" in result:
+        _log("4'. client overhead again (end of run)")
+        result["client_end"] = client_overhead.run(n=cfg["client_calls"], log=_log)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["load_end"] = load_avg()
     result["other_processes_at_end"] = other_engines()

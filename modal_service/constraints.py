@@ -349,11 +349,21 @@ class ConstraintCompiler:
         token_ids: list[int],
         finish_reason: str,
     ) -> Verdict:
-        """Re-check the final output independently of the engine's mask."""
-        if finish_reason == "length":
-            return Verdict(False, "generation stopped at max_tokens before the constraint completed")
+        """Re-check the final output independently of the engine's mask.
+
+        Output cut by ``max_tokens`` satisfies a grammar constraint only if it is complete (the whole
+        schema validates, the matcher accepts): a cut that happened to land on a complete instance is
+        not reported unsatisfied, and every other cut is. A token mask has no notion of complete, so
+        a cut there is never satisfied.
+        """
         if finish_reason in ("abort", "timeout"):
             return Verdict(False, f"generation was cut short ({finish_reason})")
+        verdict = self._verify_complete(compiled, text, token_ids)
+        if finish_reason == "length" and (not verdict.satisfied or compiled.allowed_token_ids is not None):
+            return Verdict(False, "generation stopped at max_tokens before the constraint completed")
+        return verdict
+
+    def _verify_complete(self, compiled: CompiledConstraint, text: str, token_ids: list[int]) -> Verdict:
         body = [t for t in token_ids if t not in self._eos]
         if compiled.allowed_token_ids is not None:
             stray = sorted({t for t in body if t not in compiled.allowed_token_ids})

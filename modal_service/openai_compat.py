@@ -85,15 +85,23 @@ def _tool_choice(choice: Any) -> str:
 
 #: vLLM's own constraint fields. Ignoring them would return unconstrained text as if it were
 #: constrained, so they are refused with a pointer to the supported ones.
-_FOREIGN_CONSTRAINTS = ("structured_outputs", "guided_json", "guided_regex", "guided_choice",
-                        "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern")
+_FOREIGN_CONSTRAINTS = (
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_decoding_backend",
+    "guided_whitespace_pattern",
+)
 
 
 def _common(body: dict[str, Any]) -> dict[str, Any]:
     foreign = [k for k in _FOREIGN_CONSTRAINTS if k in body]
     if foreign:
         raise ApiError(
-            422, "unsupported_parameter",
+            422,
+            "unsupported_parameter",
             f"{', '.join(foreign)} is not supported here; use response_format (json_schema / "
             "json_object) or tools, or POST /generate_api with constraints for regex/grammar/choice",
         )

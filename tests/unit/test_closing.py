@@ -131,3 +131,30 @@ def test_smallest_output_is_found_at_compile_time(compiler: Any) -> None:
     wide, _ = compiler.compile(Constraints(json_schema=nested), 256)
     assert wide.min_tokens is not None
     assert wide.min_tokens > person.min_tokens
+
+
+ADA = '{"name": "Ada", "age": 36, "email": "a@b.co", "tags": ["x"'
+
+
+@pytest.mark.parametrize(
+    ("constraints", "text", "satisfied"),
+    [
+        (Constraints(json_schema=PERSON), ADA + "]}", True),
+        (Constraints(json_schema=PERSON), ADA, False),
+        (Constraints(regex_patterns=["[0-9]{3}"]), "123", True),
+        (Constraints(regex_patterns=["[0-9]{3}"]), "12", False),
+        (Constraints(choice=["yes", "no"]), "yes", True),
+    ],
+)
+def test_output_cut_by_max_tokens_is_judged_on_completeness(
+    compiler: Any, hf: Any, constraints: Constraints, text: str, satisfied: bool
+) -> None:
+    # finish "length" alone does not make output unsatisfied: a cut that landed on a complete
+    # instance satisfies the constraint; an incomplete one never does.
+    compiled, _ = compiler.compile(constraints, 64)
+    ids = hf.encode(text, add_special_tokens=False)
+    verdict = compiler.verify(compiled, text, ids, "length")
+    assert verdict.satisfied is satisfied
+    if not satisfied:
+        assert "max_tokens" in (verdict.error or "")
+    assert compiler.verify(compiled, text, ids, "abort").satisfied is False

@@ -460,7 +460,10 @@ def test_structured_runnable_binds_the_tracing_schema_already_converted() -> Non
     # its JSON Schema each time, a converted dict passes through unchanged.
     runnable = structured_runnable(fixed("{}", SATISFIED), Person)
     fmt = runnable.first.kwargs["ls_structured_output_format"]  # type: ignore[attr-defined]
-    assert fmt == {"kwargs": {"method": "json_schema", "strict": None}, "schema": convert_to_json_schema(Person)}
+    assert fmt == {
+        "kwargs": {"method": "json_schema", "strict": None},
+        "schema": convert_to_json_schema(Person),
+    }
     assert convert_to_json_schema(fmt["schema"]) == fmt["schema"]
 
 
