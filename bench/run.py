@@ -120,7 +120,8 @@ async def _raw_level(
     urls: dict[str, str], c: int, n: int, cfg: dict[str, Any], *, stream: bool = False, max_tokens: int
 ) -> dict[tuple[str, str], list[dict[str, Any]]]:
     reps: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for rep, (target, mode) in enumerate(_abba(list(urls), ["none", "json"])):
+    order = _abba(list(urls), ["none", "json"]) * cfg.get("abba_rounds", 1)
+    for rep, (target, mode) in enumerate(order):
         name = f"{'ttft_' if stream else ''}{'' if target == 'ours' else 'peer_'}c{c}_{mode}#{rep}"
         reps.setdefault((target, mode), []).append(
             await load.run_phase(
@@ -379,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only-overhead",
         action="store_true",
-        help="only the raw-workload phases at c=16 and 64 (ours and vLLM's server, interleaved)",
+        help="only the raw workload at c=16 and 64, ours and vLLM's server interleaved, 2 rounds",
     )
     parser.add_argument(
         "--budget-min",
@@ -398,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_for(args.quick, args)
     cfg["budget_s"] = args.budget_min * 60 if args.budget_min else None
     if args.only_overhead:
-        cfg |= {"only_overhead": True, "overhead_concurrency": [16, 64]}
+        cfg |= {"only_overhead": True, "overhead_concurrency": [16, 64], "abba_rounds": 2}
     started = _CLOCK["t0"] = time.perf_counter()
     # SIGTERM unwinds like an exception, so the servers this run started are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -125,6 +125,7 @@ class ConstraintCompiler:
         self._closer = Closer(tokenizer)
         self._cache: OrderedDict[str, CompiledConstraint | ConstraintError] = OrderedDict()
         self._lock = threading.Lock()
+        self._building: dict[str, threading.Event] = {}
 
     # ----------------------------------------------------------------------------- compile
     def compile(self, constraints: Constraints, max_tokens: int = 256) -> tuple[CompiledConstraint, bool]:
@@ -154,26 +155,42 @@ class ConstraintCompiler:
         )
 
     def _cached(self, key: str, build: Any) -> tuple[CompiledConstraint, bool]:
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-        if hit is None:
-            try:
-                hit = build()
-            except ConstraintError as exc:
-                hit = exc
+        """The cached result for ``key``, else ``build()``'s, cached (errors too).
+
+        Single flight: while one thread builds a key, others asking for it wait for that result
+        instead of building it again. A burst of requests with one new schema (each compile runs
+        the shortest-output search, up to ~1 s of GIL-holding work) compiles it once.
+        """
+        while True:
             with self._lock:
-                self._cache[key] = hit
-                while len(self._cache) > self.limits.cache_size:
-                    self._cache.popitem(last=False)
-            cache_hit = False
-        else:
-            cache_hit = True
-        if isinstance(hit, ConstraintError):
-            raise hit
-        assert isinstance(hit, CompiledConstraint)  # noqa: S101 - internal invariant
-        return hit, cache_hit
+                hit = self._cache.get(key)
+                if hit is not None:
+                    self._cache.move_to_end(key)
+                    break
+                building = self._building.get(key)
+                if building is None:
+                    building = self._building[key] = threading.Event()
+                    owner = True
+                else:
+                    owner = False
+            if not owner:
+                building.wait()
+                continue  # now cached (or the builder failed unexpectedly: build here instead)
+            try:
+                try:
+                    built: CompiledConstraint | ConstraintError = build()
+                except ConstraintError as exc:
+                    built = exc
+                with self._lock:
+                    self._cache[key] = built
+                    while len(self._cache) > self.limits.cache_size:
+                        self._cache.popitem(last=False)
+            finally:
+                with self._lock:
+                    del self._building[key]
+                building.set()
+            return _unwrap(built), False
+        return _unwrap(hit), True
 
     def _build(self, c: Constraints, caps: tuple[int, int] | None) -> CompiledConstraint:
         kind = c.kind
@@ -392,6 +409,12 @@ class ConstraintCompiler:
 MIN_TOKENS_SEARCH_LIMIT = 8192
 #: Constraint kinds whose shortest output is searched at compile time (for max_tokens_too_small).
 SHORTEST_OUTPUT_KINDS = frozenset({"json_schema", "json_object", "tools", "choice"})
+
+
+def _unwrap(hit: CompiledConstraint | ConstraintError) -> CompiledConstraint:
+    if isinstance(hit, ConstraintError):
+        raise hit
+    return hit
 
 
 def length_caps_for(max_tokens: int) -> tuple[int, int]:

