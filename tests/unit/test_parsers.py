@@ -7,7 +7,7 @@ import typing
 from typing import Any
 
 import pytest
-from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.callbacks import BaseCallbackHandler, CallbackManagerForLLMRun
 from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
@@ -577,3 +577,57 @@ def test_close_objects(schema: dict[str, Any], expected: dict[str, Any]) -> None
     original = copy.deepcopy(schema)
     assert close_objects(schema) == expected
     assert schema == original
+
+
+# ------------------------------------------------------------------ the one-step structured runnable
+class CallbackCount(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.chains = 0
+        self.models = 0
+
+    def on_chain_start(self, *args: Any, **kwargs: Any) -> None:
+        self.chains += 1
+
+    def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
+        self.models += 1
+
+
+def test_structured_runnable_parses_inline_with_one_traced_model_run() -> None:
+    runnable = structured_runnable(fixed('{"name": "Ada", "age": 36}', SATISFIED), Person)
+    counts = CallbackCount()
+    assert runnable.invoke("who?", {"callbacks": [counts]}) == Person(name="Ada", age=36)
+    assert (counts.models, counts.chains) == (1, 0)  # no sequence or parser runs around the call
+
+
+async def test_structured_runnable_ainvoke_and_abatch() -> None:
+    runnable = structured_runnable(fixed('{"name": "Ada", "age": 36}', SATISFIED), Person)
+    assert await runnable.ainvoke("x") == Person(name="Ada", age=36)
+    assert await runnable.abatch(["x", "y"]) == [Person(name="Ada", age=36)] * 2
+
+
+def test_structured_runnable_raises_the_parsers_errors() -> None:
+    with pytest.raises(ConstraintNotSatisfiedError):
+        structured_runnable(fixed('{"name": "Ada"', UNSATISFIED), Person).invoke("x")
+    with pytest.raises(OutputParserException):
+        structured_runnable(fixed('{"name": 1}', SATISFIED), Person).invoke("x")
+
+
+def test_structured_runnable_batch_returns_exceptions_when_asked() -> None:
+    runnable = structured_runnable(fixed('{"name": "Ada"', UNSATISFIED), Person)
+    out = runnable.batch(["x", "y"], return_exceptions=True)
+    assert [type(o) for o in out] == [ConstraintNotSatisfiedError] * 2
+    with pytest.raises(ConstraintNotSatisfiedError):
+        runnable.batch(["x"])
+
+
+def test_structured_runnable_streams_partials_through_the_parser() -> None:
+    runnable = structured_runnable(fixed('{"name": "Ada", "age": 36}', SATISFIED), SCHEMA)
+    chunks = list(runnable.stream("x"))
+    assert chunks[-1] == {"name": "Ada", "age": 36}
+    assert isinstance(runnable.last, AnankeOutputParser)  # type: ignore[attr-defined]
+
+
+def test_structured_runnable_composes_like_any_runnable() -> None:
+    runnable = structured_runnable(fixed('{"name": "Ada", "age": 36}', SATISFIED), Person)
+    chain = RunnableLambda(lambda x: f"who is {x}?") | runnable | RunnableLambda(lambda p: p.name)
+    assert chain.invoke("Ada") == "Ada"
