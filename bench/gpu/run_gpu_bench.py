@@ -186,33 +186,7 @@ shapes = {"qkv": (H + 2 * KV, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H
 W = {k: [torch.empty(s, dtype=dt, device="cuda").fill_(0.01) for _ in range(L)] for k, s in shapes.items()}
 W["lm_head"] = [torch.empty((V, H), dtype=dt, device="cuda").fill_(0.01)]
 x = {k: torch.randn(1, w[0].shape[1], dtype=dt, device="cuda") for k, w in W.items()}
-def timed(kinds):
-    def run():
-        for k in kinds:
-            for w in W[k]:
-                F.linear(x[k], w)
-    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run()
-    torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        run()
-    for _ in range(3): g.replay()
-    torch.cuda.synchronize(); t = time.perf_counter()
-    for _ in range(20): g.replay()
-    torch.cuda.synchronize(); ms = (time.perf_counter() - t) / 20 * 1000
-    nbytes = sum(w.numel() * 2 for k in kinds for w in W[k])
-    return {"ms": round(ms, 3), "gb": round(nbytes / 1e9, 3), "tbps": round(nbytes / ms / 1e9, 3),
-            "gemvs": sum(len(W[k]) for k in kinds)}
-out = {k: timed([k]) for k in W}
-out["all"] = timed(list(W))
-# The small kernels of a batch-1 layer (norms, rotary, KV write, attention, activation) move almost no
-# data; inside a CUDA graph each still costs its launch and ramp. 7 per layer, between the 4 GEMVs.
-h = torch.randn(1, H, dtype=dt, device="cuda")
-def tiny(n):
-    for _ in range(n):
-        h.mul_(1.0)
+# ms per replay of fn captured in one CUDA graph (warmed on a side stream first)
 def graph_ms(fn):
     s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -225,6 +199,23 @@ def graph_ms(fn):
     torch.cuda.synchronize(); t = time.perf_counter()
     for _ in range(20): g.replay()
     torch.cuda.synchronize(); return (time.perf_counter() - t) / 20 * 1000
+def timed(kinds):
+    def run():
+        for k in kinds:
+            for w in W[k]:
+                F.linear(x[k], w)
+    ms = graph_ms(run)
+    nbytes = sum(w.numel() * 2 for k in kinds for w in W[k])
+    return {"ms": round(ms, 3), "gb": round(nbytes / 1e9, 3), "tbps": round(nbytes / ms / 1e9, 3),
+            "gemvs": sum(len(W[k]) for k in kinds)}
+out = {k: timed([k]) for k in W}
+out["all"] = timed(list(W))
+# The small kernels of a batch-1 layer (norms, rotary, KV write, attention, activation) move almost no
+# data; inside a CUDA graph each still costs its launch and ramp. 7 per layer, between the 4 GEMVs.
+h = torch.randn(1, H, dtype=dt, device="cuda")
+def tiny(n):
+    for _ in range(n):
+        h.mul_(1.0)
 out["tiny_kernel_us"] = round(graph_ms(lambda: tiny(1000)) / 1000 * 1000, 3)
 def layers():
     for l in range(L):
