@@ -3,9 +3,9 @@
 Every request must end in exactly one of:
 
 * a complete, valid answer: HTTP 200 whose body parses; for a constrained request, a claimed
-  ``constraint_satisfied: true`` is re-checked here, and ``finish_reason == "length"`` must come with
-  ``constraint_satisfied: false`` (never truncated without saying so); a stream must end with its
-  ``done`` event;
+  ``constraint_satisfied: true`` is re-checked here. An answer cut by ``max_tokens`` may claim it only
+  where the check applies (regex, choice, JSON Schema: the cut ended on a complete instance); otherwise
+  it must say ``false`` (never truncated without saying so). A stream must end with its ``done`` event;
 * an honest refusal: 429 or 503 with a ``Retry-After`` header and the one error body.
 
 Anything else is a failure: another status (5xx above all), a malformed body, a stream without its
@@ -140,8 +140,12 @@ def check_answer(body: dict[str, Any], data: dict[str, Any]) -> str | None:
     text, finish, satisfied = data["generated_text"], data["finish_reason"], data.get("constraint_satisfied")
     if constraint is None:
         return None if satisfied is None else "unconstrained answer claims a constraint verdict"
-    if finish == "length" and satisfied is not False:
-        return "truncated by max_tokens but not marked unsatisfied"
+    checkable = {"regex", "choice", "json_schema"} & constraint.keys()
+    if finish == "length" and satisfied is True and not checkable:
+        # A cut that ended on a complete instance may be satisfied, but only where it is checked below.
+        return "truncated by max_tokens, marked satisfied, and nothing here to check it against"
+    if finish == "length" and satisfied is None:
+        return "truncated by max_tokens without a verdict"
     if satisfied is True:
         if "regex" in constraint and not re.fullmatch(constraint["regex"], text):
             return f"claims to match {constraint['regex']!r} but is {text!r}"
