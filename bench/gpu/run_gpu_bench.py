@@ -108,6 +108,16 @@ ENGINES: list[dict[str, Any]] = [
      "end_by": 555, "start_est": 100, "step": {1: 17, 8: 19, 64: 28, 256: 45}},
 ]
 DEFAULT_ENGINES = ["32b-graphs", "32b-compile", "7b-graphs"]
+
+
+def variant_engine(name: str) -> dict[str, Any]:
+    """``32b+VARIANT`` (run 5): the app's setting plus one of ``step_split.VARIANTS``' engine keywords,
+    with the c=1 phases, to check a setting found there on the service's HTTP path."""
+    from bench.gpu.step_split import VARIANTS  # step_split imports this module: here, not at the top
+
+    v = VARIANTS[name.removeprefix("32b+")]
+    return {"name": name, "arch": "qwen2.5-coder-32b", "enforce_eager": False, "extra": v["kwargs"],
+            "diag": False, "end_by": 555, "start_est": 130, "step": {1: 17, 8: 19, 64: 28, 256: 45}}
 UPSTREAM = {"mode": "vllm"}  # so_probe: vLLM's own mask fill, the service's patch bypassed
 SAMPLED = {"mode": "service", "sample": True}  # so_probe: stack samples of both processes
 
@@ -1006,7 +1016,7 @@ class Bench:
                         port, 60, probe_dir)
         log(f"{name} warm-up done; first JSON request "
             f"{res['phases']['cold_first_json'].get('lat_p50_ms')} ms")
-        phases = PHASES[name]
+        phases = PHASES.get(name) or PHASES["32b-compile-v1"]  # a 32b+VARIANT engine: c=1 only
         for prio in (1, 2):
             for ph in phases:
                 if ph["prio"] != prio or (self.only and ph["name"] not in self.only):
@@ -1102,7 +1112,7 @@ class Bench:
         self.save()
         by_name = {e["name"]: e for e in ENGINES}
         for i, name in enumerate(engines or DEFAULT_ENGINES):
-            eng = by_name[name]
+            eng = by_name[name] if name in by_name else variant_engine(name)
             if i < len(self.windows):
                 eng = {**eng, "end_by": self.windows[i]}
             try:
@@ -1125,7 +1135,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-gpu-out"))
     ap.add_argument("--deadline-s", type=float, default=548.0, help="stop starting work after this")
     ap.add_argument("--engines", nargs="*", default=DEFAULT_ENGINES,
-                    help="in this order, from: " + ", ".join(e["name"] for e in ENGINES))
+                    help="in this order, from: " + ", ".join(e["name"] for e in ENGINES)
+                    + ", or 32b+VARIANT (a step_split variant)")
     ap.add_argument("--only", nargs="*", help="only these phase names (plus warm-up)")
     ap.add_argument("--fake", action="store_true", help="fake engine, for checking the driver locally")
     ap.add_argument("--first-bursts", action="store_true",
