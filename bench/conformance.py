@@ -111,6 +111,7 @@ async def _ours(
         "cache_hit": meta.get("cache_hit"),
         "constraint_error": (data.get("constraint_error") or "")[:200],
         "closed": "closed_on_budget" in meta,
+        "rebuilt": bool((meta.get("closed_on_budget") or {}).get("rebuilt")),
     }
 
 
@@ -243,6 +244,7 @@ def summarize(target: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
             "valid_closed_on_budget": sum(
                 bool(r.get("closed")) and r["outcome"].startswith("valid") for r in rows
             ),
+            "valid_rebuilt": sum(bool(r.get("rebuilt")) and r["outcome"].startswith("valid") for r in rows),
             "rejected_max_tokens_too_small": sum(
                 "cannot hold" in r.get("error", "") for r in rows if r["outcome"] == "rejected"
             ),

@@ -335,6 +335,11 @@ def conformance_summary(result: dict[str, Any]) -> str:
         rows += [
             ["ours: valid outputs finished by closing on budget", str(ours["valid_closed_on_budget"]), "–"],
             [
+                "ours: of those, rebuilt whole (the compile-time shortest output)",
+                str(ours.get("valid_rebuilt", "–")),
+                "–",
+            ],
+            [
                 "ours: rejected up front as max_tokens_too_small",
                 str(ours["rejected_max_tokens_too_small"]),
                 "–",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import string
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import llguidance
@@ -70,6 +70,8 @@ class Closing:
     suffix: list[int]
     dropped: int
     nodes: int
+    rebuilt: bool = False
+    """The whole output was replaced by the constraint's compile-time shortest output."""
 
 
 class Closer:
@@ -149,21 +151,41 @@ class Closer:
                 return None
             dropped += step
 
-    def smallest(self, matcher: llguidance.LLMatcher, *, limit: int) -> int | None:
+    def smallest(
+        self,
+        matcher: llguidance.LLMatcher,
+        *,
+        limit: int,
+        accept: Callable[[list[int]], bool] | None = None,
+        max_nodes: int | None = None,
+    ) -> int | None:
         """Tokens in the shortest output the search finds from the start (at most ``limit``),
         counted as :meth:`close` would emit them; None when it finds none in its budget.
 
         An upper bound on the true minimum, usually equal to it for JSON Schemas (required
         properties only, minimal values). ``matcher`` is fresh (nothing consumed); it is used up.
+        ``accept`` vets each complete output; one it refuses is a dead end and the search goes on.
         """
+        found = self.smallest_tokens(matcher, limit=limit, accept=accept, max_nodes=max_nodes)
+        return None if found is None else len(found)
+
+    def smallest_tokens(
+        self,
+        matcher: llguidance.LLMatcher,
+        *,
+        limit: int,
+        accept: Callable[[list[int]], bool] | None = None,
+        max_nodes: int | None = None,
+    ) -> list[int] | None:
+        """The output :meth:`smallest` counts, as tokens (None: none found)."""
         if matcher.is_error():
             return None
-        nodes = [self.max_nodes]
-        found = self._search(matcher, limit, nodes, time.perf_counter() + self.max_seconds)
+        nodes = [self.max_nodes if max_nodes is None else min(max_nodes, self.max_nodes)]
+        found = self._search(matcher, limit, nodes, time.perf_counter() + self.max_seconds, accept)
         if found is None:
             return None
         matcher.rollback(len(found))
-        return len(self._compact(matcher, found))
+        return self._compact(matcher, found)
 
     def _compact(self, m: llguidance.LLMatcher, suffix: list[int]) -> list[int]:
         """The same text in the tokenizer's own (usually fewer) tokens, if the matcher takes them.
@@ -178,16 +200,26 @@ class Closer:
         return suffix
 
     def _search(
-        self, m: llguidance.LLMatcher, room: int, nodes: list[int], deadline: float
+        self,
+        m: llguidance.LLMatcher,
+        room: int,
+        nodes: list[int],
+        deadline: float,
+        accept: Callable[[list[int]], bool] | None = None,
     ) -> list[int] | None:
         """Depth-first, iterative (no recursion limit). On success the matcher is left after the
-        returned tokens; on failure, where it started."""
+        returned tokens; on failure, where it started. An accepting state that ``accept`` refuses
+        is a dead end (it costs a node)."""
         out: list[int] = []
         frames: list[tuple[int, Iterator[list[int]]]] = []  # (tokens this frame consumed, untried options)
         while True:
+            expand = True
             if m.is_accepting():
-                return out
-            if len(out) < room and nodes[0] > 0 and not self._runaway(out):
+                if accept is None or accept(out):
+                    return out
+                nodes[0] -= 1
+                expand = False
+            if expand and len(out) < room and nodes[0] > 0 and not self._runaway(out):
                 nodes[0] -= 1
                 if time.perf_counter() > deadline:  # a mask can take milliseconds: check each node
                     nodes[0] = 0

@@ -38,6 +38,7 @@ from modal_service.schema_tools import (
     exceeds_depth,
     finite_instance_error,
 )
+from modal_service.witness import minimal_instance
 
 
 class ConstraintError(ValueError):
@@ -68,7 +69,10 @@ class CompiledConstraint:
     """What the exact compile rejected (llguidance's message)."""
     caps_applied: int = 0
     min_tokens: int | None = None
-    """Tokens in the shortest output the closing search found (None: none found in its budget)."""
+    """Tokens in the shortest output found at compile time (None: none found in the budget)."""
+    shortest_output: tuple[int, ...] | None = None
+    """That output's tokens: the grammar accepts it, and for a JSON Schema the full schema validates
+    it. Closing falls back to it when it may rebuild an output from its start."""
 
 
 @dataclass
@@ -323,8 +327,14 @@ class ConstraintCompiler:
         # Only where the grammar's size bounds its forced text (schemas, tool specs, choices): a
         # regex or Lark repetition like ((ab){1000}){1000} forces megabytes, and a single mask
         # there takes 0.2 s. Those are still closed on budget at request time.
-        min_tokens = (
-            self._closer.smallest(matcher, limit=MIN_TOKENS_SEARCH_LIMIT)
+        shortest = (
+            self._shortest(
+                kind,
+                matcher,
+                ll_grammar,
+                extra.get("json_schema"),
+                extra.get("approximation") if extra.get("approximate") else None,
+            )
             if kind in SHORTEST_OUTPUT_KINDS
             else None
         )
@@ -335,9 +345,100 @@ class ConstraintCompiler:
             ll_grammar=ll_grammar,
             compile_ms=round(elapsed, 3),
             warnings=tuple(messages),
-            min_tokens=min_tokens,
+            min_tokens=None if shortest is None else len(shortest),
+            shortest_output=shortest,
             **extra,
         )
+
+    def _shortest(
+        self,
+        kind: str,
+        matcher: llguidance.LLMatcher,
+        ll_grammar: str,
+        schema: dict[str, Any] | None,
+        approximation: str | None,
+    ) -> tuple[int, ...] | None:
+        """The shortest output found (its tokens) that the grammar accepts and, for a JSON Schema,
+        the full schema validates; None when none was found.
+
+        Two ways, the shorter wins: an instance built from the schema's keywords
+        (:mod:`modal_service.witness`), and the token-level search from the start state. With a
+        witness in hand the search only looks for something shorter, with a node budget scaled to
+        it. An *approximated* schema is accepted only with such an instance: it proves that the full
+        check can pass, and without one the schema is answered 422 (it may be unsatisfiable).
+        """
+        validator = json_validator(schema) if schema is not None else None
+        witness = self._witness(schema, matcher, validator) if schema is not None else None
+        accept = None
+        if validator is not None:
+
+            def accept(tokens: list[int]) -> bool:
+                try:
+                    return bool(validator.is_valid(json.loads(self._tokenizer.decode_str(tokens))))
+                except ValueError:
+                    return False
+
+        if witness is None:
+            found = self._closer.smallest_tokens(matcher, limit=MIN_TOKENS_SEARCH_LIMIT, accept=accept)
+        elif len(witness) > 1:
+            nodes = min(len(witness), 256) + WITNESS_SEARCH_NODES
+            found = self._closer.smallest_tokens(
+                matcher, limit=len(witness) - 1, accept=accept, max_nodes=nodes
+            )
+        else:
+            found = None
+        shortest = min((tuple(t) for t in (witness, found) if t is not None), key=len, default=None)
+        if approximation is not None and shortest is None:
+            raise ConstraintError(
+                "the schema uses keywords the token mask cannot enforce, so the server approximates it "
+                "and checks every output against the full schema; it accepts such a schema only when "
+                "it can construct one instance that passes that check, and it found none (the schema "
+                f"may be unsatisfiable). What the mask cannot enforce: {approximation}",
+                {"approximate": True, "approximation": approximation},
+            )
+        return shortest
+
+    def _witness(
+        self,
+        schema: dict[str, Any],
+        matcher: llguidance.LLMatcher,
+        validator: jsonschema.protocols.Validator | None,
+    ) -> list[int] | None:
+        """Tokens of :func:`minimal_instance`'s instance, if the grammar and the schema accept it.
+        ``matcher`` is fresh, and is left at the start again."""
+        ok, instance = minimal_instance(schema, string_for_pattern=self._string_for_pattern)
+        if not ok or validator is None or not validator.is_valid(instance):
+            return None
+        text = json.dumps(instance, separators=(",", ":"), ensure_ascii=False)
+        tokens = self._tokenizer.tokenize_str(text)
+        if matcher.is_error() or matcher.validate_tokens(tokens) != len(tokens):
+            return None
+        matcher.consume_tokens(tokens)
+        complete = matcher.is_accepting()
+        matcher.rollback(len(tokens))  # back to the start, for the search
+        return tokens if complete else None
+
+    def _string_for_pattern(self, pattern: str, low: int, high: int | None) -> str | None:
+        """A short string that llguidance's regex engine matches in full (so ``pattern`` finds it)."""
+        body = pattern[1:] if pattern.startswith("^") else pattern
+        if body.endswith("$") and not body.endswith("\\$"):
+            body = body[:-1]
+        try:
+            matcher = llguidance.LLMatcher(
+                self._tokenizer, llguidance.LLMatcher.grammar_from_regex(body), limits=self._ll_limits()
+            )
+        except (ValueError, RuntimeError):
+            return None
+        if matcher.is_error():
+            return None
+        limit = max(low, 1) + 32 if high is None else high + 1
+        found = self._closer.smallest_tokens(matcher, limit=limit, max_nodes=PATTERN_SEARCH_NODES)
+        if found is None:
+            return None
+        text = self._tokenizer.decode_str(found)
+        if len(text) < low or (high is not None and len(text) > high):
+            return None
+        return text
 
     def _ll_limits(self) -> llguidance.LLParserLimits:
         lim = self.limits
@@ -356,7 +457,13 @@ class ConstraintCompiler:
         if compiled.ll_grammar is None:
             return None
         body = [t for t in token_ids if t not in self._eos]
-        return self._closer.close(compiled.ll_grammar, body, budget=budget, window=window)
+        closing = self._closer.close(compiled.ll_grammar, body, budget=budget, window=window)
+        shortest = compiled.shortest_output
+        if closing is None and shortest is not None and window >= len(body) and len(shortest) <= budget:
+            # The search found no way to finish what the model wrote, but the whole output may be
+            # rebuilt: the compile-time shortest output is known to fit and to be valid.
+            return Closing(keep=0, suffix=list(shortest), dropped=len(body), nodes=0, rebuilt=True)
+        return closing
 
     # ------------------------------------------------------------------------------ verify
     def verify(
@@ -407,6 +514,11 @@ class ConstraintCompiler:
 #: search that goes straight to a long instance is fast (a 1,945-token one took 0.06 s); a failing
 #: one stops at its deadline whatever the limit.
 MIN_TOKENS_SEARCH_LIMIT = 8192
+#: Search nodes on top of the witness's length, when the search looks for a shorter output than the
+#: witness (a search that goes straight needs at most one node per token).
+WITNESS_SEARCH_NODES = 64
+#: Search nodes for a string that matches a ``pattern`` (building a witness).
+PATTERN_SEARCH_NODES = 256
 #: Constraint kinds whose shortest output is searched at compile time (for max_tokens_too_small).
 SHORTEST_OUTPUT_KINDS = frozenset({"json_schema", "json_object", "tools", "choice"})
 

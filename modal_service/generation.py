@@ -212,7 +212,7 @@ class Generator:
         finally:
             await stream.aclose()  # aborts the engine request if it is still running
         text = "".join(text_parts)
-        closing: dict[str, int] | None = None
+        closing: dict[str, int | bool] | None = None
         if window and finish == "length":
             # Not streamed yet, so free to roll back: when streaming, the held-back tail; otherwise
             # everything (a structure that needs it all is rebuilt from its start).
@@ -245,7 +245,7 @@ class Generator:
 
     async def _close(
         self, req: GenerateRequest, plan: _Plan, token_ids: list[int], *, window: int
-    ) -> tuple[str, list[int], dict[str, int]] | None:
+    ) -> tuple[str, list[int], dict[str, int | bool]] | None:
         """Roll back up to ``window`` tokens and finish the structure within ``max_tokens``."""
         assert plan.constraint is not None  # noqa: S101 - _close_window checked
         assert self.engine.compiler is not None  # noqa: S101 - plan() checked readiness
@@ -259,6 +259,7 @@ class Generator:
             "dropped_tokens": len(token_ids) - closing.keep,
             "added_tokens": len(closing.suffix),
             "search_nodes": closing.nodes,
+            "rebuilt": closing.rebuilt,
         }
         return self.engine.decode(kept), kept, info
 

@@ -77,6 +77,8 @@ async def _run(base_url: str, cases: list[tuple[str, str, dict[str, Any]]]) -> l
                 row["satisfied"] = data["constraint_satisfied"]
                 row["independent"] = independent_check(schema, data["generated_text"])
                 row["compile_ms"] = data["metadata"].get("compile_time_ms")
+                closed = data["metadata"].get("closed_on_budget") or {}
+                row["closed"], row["rebuilt"] = bool(closed), bool(closed.get("rebuilt"))
             else:
                 row["error"] = data.get("error", {}).get("message", "")[:200]
             return row
@@ -103,6 +105,9 @@ def test_jsonschemabench_dev_conformance(base_url: str, capsys: pytest.CaptureFi
     report = Path(ROOT / "bench" / "results")
     report.mkdir(parents=True, exist_ok=True)
     (report / "conformance-ci.json").write_text(json.dumps(rows, indent=1))
+    closed = sum(bool(r.get("closed")) for r in rows)
+    rebuilt = sum(bool(r.get("rebuilt")) for r in rows)
+    lines.append(f"closed on budget: {closed}, of which rebuilt whole from the shortest output: {rebuilt}")
     with capsys.disabled():
         print(f"\nJSONSchemaBench dev conformance (max_tokens={MAX_TOKENS}):\n" + "\n".join(lines))
 
@@ -113,10 +118,11 @@ def test_jsonschemabench_dev_conformance(base_url: str, capsys: pytest.CaptureFi
         r for r in rows if r.get("satisfied") is False and r["independent"] and r["outcome"] != "truncated"
     ]
     assert not hidden, hidden  # the flag agrees with the independent check both ways
-    # max_tokens 48 is tight for real schemas. Closing on budget finishes most budget-cut outputs,
-    # and a budget that cannot hold a schema's shortest instance is a 422 up front, so what is left
-    # truncated is rare: schemas whose shortest instance the bounded search cannot construct at all
-    # (measured with closing: 10 truncated, then 2 after the search improvements; without closing,
-    # 221 of 300). Floors that catch a regression of closing or of valid output in general:
-    assert total["truncated"] <= 10, [r for r in rows if r["outcome"] == "truncated"]
-    assert total["valid_exact"] + total["valid_approximate"] >= 200  # measured: 234 of 300
+    # max_tokens 48 is tight for real schemas. A budget that cannot hold a schema's shortest
+    # instance is a 422 up front; closing on budget finishes budget-cut outputs, falling back to
+    # the compile-time shortest output; an approximated schema with no valid instance found is a
+    # 422. Measured 2026-11-30: every accepted schema valid (258 of 258), 42 rejected; without
+    # closing, 221 of 300 were truncated. Floors that catch a regression:
+    unfinished = [r for r in rows if r["outcome"] in ("truncated", "unsatisfied")]
+    assert len(unfinished) <= 3, unfinished
+    assert total["valid_exact"] + total["valid_approximate"] >= 240

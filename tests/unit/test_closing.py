@@ -15,6 +15,7 @@ import pytest
 
 from langchain_ananke.protocol import Constraints
 from modal_service.model_prep import default_model_dir
+from tests.conftest import ROOT
 
 llguidance = pytest.importorskip("llguidance")
 transformers = pytest.importorskip("transformers")
@@ -158,3 +159,90 @@ def test_output_cut_by_max_tokens_is_judged_on_completeness(
     if not satisfied:
         assert "max_tokens" in (verdict.error or "")
     assert compiler.verify(compiled, text, ids, "abort").satisfied is False
+
+
+DATA = ROOT.parent / "shared" / "data" / "jsonschemabench-dev"
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="shared data not present")
+def test_an_approximated_schema_needs_a_valid_instance(compiler: Any) -> None:
+    from modal_service.constraints import ConstraintError
+
+    # oneOf over required-sets, with every key required: no instance can match exactly one branch.
+    unsatisfiable = json.loads((DATA / "Glaiveai2K" / "calculate_area_f8e04f89.json").read_text())
+    with pytest.raises(ConstraintError, match="found none") as info:
+        compiler.compile(Constraints(json_schema=unsatisfiable), 256)
+    assert info.value.detail["approximate"] is True
+    # A large approximated schema (llguidance lacks "dependencies") whose optional properties lead
+    # the token search astray: the witness built from its required properties gives the length.
+    granule = json.loads((DATA / "Github_ultra" / "o62899.json").read_text())
+    compiled, _ = compiler.compile(Constraints(json_schema=granule), 48)
+    assert compiled.approximate
+    assert compiled.min_tokens is not None
+    assert 48 < compiled.min_tokens < 200  # so max_tokens 48 is a 422 up front, not a truncation
+
+
+def test_approximated_schema_with_dependencies_gets_an_exactly_valid_length(compiler: Any) -> None:
+    schema = {
+        "$schema": "http://json-schema.org/draft-07/schema#",  # "dependencies" is a draft-07 keyword
+        "type": "object",
+        "properties": {"card": {"type": "string"}, "billing": {"type": "string"}, "name": {"type": "string"}},
+        "required": ["card"],
+        "dependencies": {"card": ["billing"]},
+        "additionalProperties": False,
+    }
+    compiled, _ = compiler.compile(Constraints(json_schema=schema), 64)
+    assert compiled.approximate
+    # {"card":"","billing":""}: the grammar alone would allow {"card":""}, which fails the schema.
+    assert compiled.min_tokens is not None
+    assert compiled.ll_grammar is not None
+    matcher = llguidance.LLMatcher(compiler._tokenizer, compiled.ll_grammar)
+    grammar_only = compiler._closer.smallest(matcher, limit=64)
+    assert grammar_only is not None
+    assert compiled.min_tokens > grammar_only
+
+
+def test_search_goes_past_outputs_the_check_refuses(compiler: Any, hf: Any) -> None:
+    from modal_service.closing import Closer
+
+    closer = Closer(compiler._tokenizer)
+    grammar = llguidance.LLMatcher.grammar_from_regex("(a|bbbb)")
+    first = closer.smallest_tokens(llguidance.LLMatcher(compiler._tokenizer, grammar), limit=16)
+    assert first is not None
+    assert hf.decode(first) == "a"
+    refused = closer.smallest_tokens(
+        llguidance.LLMatcher(compiler._tokenizer, grammar),
+        limit=16,
+        accept=lambda tokens: hf.decode(tokens) != "a",
+    )
+    assert refused is not None
+    assert hf.decode(refused) == "bbbb"
+
+
+def test_pattern_strings_come_from_llguidance(compiler: Any) -> None:
+    text = compiler._string_for_pattern("^([0-9]{16})$", 0, None)
+    assert text is not None
+    assert re.fullmatch("[0-9]{16}", text)
+    assert compiler._string_for_pattern("^[a-z]{20}$", 0, 5) is None  # longer than maxLength
+
+
+def test_closing_falls_back_to_the_shortest_output_when_it_may_rebuild(compiler: Any, hf: Any) -> None:
+    compiled, _ = compiler.compile(Constraints(json_schema=PERSON), 256)
+    assert compiled.shortest_output is not None
+    assert len(compiled.shortest_output) == compiled.min_tokens
+    body = hf.encode('{"name": "Ada Lovelace, who wrote the first', add_special_tokens=False)
+    searching = compiler._closer.max_nodes
+    compiler._closer.max_nodes = 0  # the search finds nothing
+    try:
+        closing = compiler.close(compiled, body, budget=64, window=len(body))
+        cannot_rebuild = compiler.close(compiled, body, budget=64, window=len(body) - 1)
+        too_small = compiler.close(compiled, body, budget=compiled.min_tokens - 1, window=len(body))
+    finally:
+        compiler._closer.max_nodes = searching
+    assert closing is not None
+    assert closing.rebuilt
+    assert (closing.keep, closing.dropped) == (0, len(body))
+    assert closing.suffix == list(compiled.shortest_output)
+    jsonschema.validate(json.loads(hf.decode(closing.suffix)), PERSON)
+    assert cannot_rebuild is None  # part of the output was already sent (streaming)
+    assert too_small is None
