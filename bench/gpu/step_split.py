@@ -77,6 +77,71 @@ VARIANTS: dict[str, dict[str, Any]] = {
 DEFAULT_VARIANTS = ["app", "vllm-c-ops", "fa-nosplit", "triton-attn", "sync"]
 
 
+# The GEMV floor of run 4 (run_gpu_bench.GEMV_CODE) on the same machine as the engines, closer to what
+# the engine runs: random weights (as vLLM's dummy loader), the qkv GEMV with its bias, and the kernel
+# that cuBLAS picks for each shape (CUPTI, one graph replay per shape).
+FLOOR_CODE = r"""
+import json, time, torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+H, KV, I, V, L = 5120, 1024, 27648, 152064, 64
+dt = torch.bfloat16
+def rnd(*shape):
+    return torch.empty(shape, dtype=dt, device="cuda").normal_(0, 0.02)
+shapes = {"qkv": (H + 2 * KV, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H, I)}
+W = {k: [rnd(*s) for _ in range(L)] for k, s in shapes.items()}
+W["lm_head"] = [rnd(V, H)]
+B = [rnd(H + 2 * KV) for _ in range(L)]
+x = {k: rnd(1, w[0].shape[1]) for k, w in W.items()}
+def graph(fn):
+    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(3): g.replay()
+    torch.cuda.synchronize(); t = time.perf_counter()
+    for _ in range(20): g.replay()
+    torch.cuda.synchronize()
+    return g, (time.perf_counter() - t) / 20 * 1000
+def kernels(g):
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        g.replay(); torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us:
+            rows.append({"name": e.key[:120], "count": e.count, "us_each": round(us / e.count, 2)})
+    return sorted(rows, key=lambda r: -r["us_each"] * r["count"])[:4]
+def run(kinds, bias):
+    def fn():
+        for k in kinds:
+            for l, w in enumerate(W[k]):
+                F.linear(x[k], w, B[l] if (bias and k == "qkv") else None)
+    g, ms = graph(fn)
+    nbytes = sum(w.numel() * 2 for k in kinds for w in W[k])
+    return {"ms": round(ms, 3), "gb": round(nbytes / 1e9, 3), "tbps": round(nbytes / ms / 1e9, 3),
+            "kernels": kernels(g)}
+out = {k: run([k], False) for k in W}
+out["qkv_bias"] = run(["qkv"], True)
+out["all"] = run(list(W), False)
+out["all_qkv_bias"] = run(list(W), True)
+print(json.dumps(out))
+"""
+
+
+def floor() -> dict[str, Any]:
+    """The cuBLAS GEMV floor of one step on this machine (``FLOOR_CODE``, ~30 s, 61 GiB)."""
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", FLOOR_CODE], check=False, capture_output=True, text=True,
+                       timeout=240)
+    if r.returncode:
+        return {"error": r.stderr[-2000:], "wall_s": round(time.perf_counter() - t, 1)}
+    return {**json.loads(r.stdout.strip().splitlines()[-1]), "wall_s": round(time.perf_counter() - t, 1)}
+
+
 def log(msg: str) -> None:
     print(f"[{time.time() - T_START:8.1f}s] {msg}", flush=True)
 
@@ -358,12 +423,16 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
     ap.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, help="from: " + ", ".join(VARIANTS))
     ap.add_argument("--deadline-s", type=float, default=580.0,
                     help="start no variant that cannot end by then")
+    ap.add_argument("--modes", nargs="*", choices=list(MODES), help="these modes for every variant")
+    ap.add_argument("--floor", action="store_true", help="first the cuBLAS GEMV floor on this machine")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--fake", action="store_true", help="check the driver and the trace analysis, no vLLM")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.child:
+        if args.modes:
+            VARIANTS[args.child]["modes"] = args.modes
         child(args.child, out)
         return 0
     roofline_ms = weight_bytes(ARCH)["bytes_total"] / (HBM_TBPS * 1e12) * 1000
@@ -391,6 +460,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
         smi = subprocess.run(["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True,
                              timeout=20, check=False)
         results["nvidia_smi"] = smi.stdout.strip()
+    if args.floor:
+        results["floor"] = fl = floor()
+        log("floor: " + json.dumps({k: v.get("ms") if isinstance(v, dict) else v for k, v in fl.items()}))
+        save()
     for name in args.variants:
         est = VARIANTS[name]["est_s"]
         left = args.deadline_s - (time.time() - T_START)
@@ -405,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
         with open(logf, "a", encoding="utf-8") as lf:
             lf.write(f"\n===== {name}\n")
             lf.flush()
-            cmd = [sys.executable, "-m", "bench.gpu.step_split", "--child", name, "--out", str(out)]
+            cmd = [sys.executable, "-m", "bench.gpu.step_split", "--child", name, "--out", str(out),
+                   *(["--modes", *args.modes] if args.modes else [])]
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=lf, stderr=subprocess.STDOUT,
                                     start_new_session=True)
             try:
