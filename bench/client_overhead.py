@@ -11,6 +11,7 @@ time per call minus that floor. Everything is sequential (one call at a time, sy
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import free_port, load_avg
+from bench.common import OtherCpu, free_port, load_avg, wait_for_quiet
 
 CONTENT = '{"name":"Bob","age":31,"city":"Oslo"}'
 OURS_RESPONSE = json.dumps(
@@ -153,6 +154,12 @@ def run(n: int = 400, warmup: int = 50, log: Any = print) -> dict[str, Any]:
             "ours_response_parse": lambda: parse_response(data),
         }
         before = load_avg()
+        # The passes are sequential and short, so other work on the machine shows up directly in
+        # the figures: wait until the rest of the machine is quiet, and record how busy it was.
+        quiet = wait_for_quiet([os.getpid(), proc.pid])
+        share, waited = quiet["other_cpu_share"], quiet["waited_s"]
+        log(f"  client: other processes used {share:.0%} of the CPU (after waiting {waited} s)")
+        others = OtherCpu([os.getpid(), proc.pid])
         results: dict[str, Any] = {}
         # Interleave rounds so drifting machine load hits every case alike.
         samples: dict[str, list[float]] = {k: [] for k in cases}
@@ -172,7 +179,14 @@ def run(n: int = 400, warmup: int = 50, log: Any = print) -> dict[str, Any]:
             }
             log(f"  client {name:<20} median {med:8.1f} µs  over floor {results[name]['over_floor_us']}")
         raw.close()
-        return {"cases": results, "load_before": before, "load_after": load_avg(), "n": n}
+        return {
+            "cases": results,
+            "load_before": before,
+            "load_after": load_avg(),
+            "quiet_wait": quiet,
+            "other_cpu_share_during": round(others.share(), 3),
+            "n": n,
+        }
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -63,6 +63,54 @@ def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def _proc_cpu_s(pids: Sequence[int]) -> float:
+    """CPU seconds (user + system) the given processes have used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def _machine_cpu_s() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    tick = os.sysconf("SC_CLK_TCK")
+    values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return (sum(values) - idle) / tick, sum(values) / tick
+
+
+class OtherCpu:
+    """The share of the machine's CPU that processes *other than* ``pids`` used over an interval
+    (0 = the rest of the machine was idle, 1 = every core was busy with other work)."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        self._start = (*_machine_cpu_s(), _proc_cpu_s(self.pids))
+
+    def share(self) -> float:
+        busy, total, mine = (*_machine_cpu_s(), _proc_cpu_s(self.pids))
+        elapsed = total - self._start[1]
+        if elapsed <= 0:
+            return 0.0
+        return max(0.0, (busy - self._start[0]) - (mine - self._start[2])) / elapsed
+
+
+def wait_for_quiet(pids: Sequence[int], *, below: float = 0.1, timeout: float = 60.0) -> dict[str, Any]:
+    """Wait (1 s samples) until other processes use less than ``below`` of the machine's CPU, or
+    ``timeout`` passes. Returns how long it waited and the last sample."""
+    started = time.monotonic()
+    share = 1.0
+    while True:
+        probe = OtherCpu(pids)
+        time.sleep(1.0)
+        share = probe.share()
+        if share < below or time.monotonic() - started > timeout:
+            return {"waited_s": round(time.monotonic() - started, 1), "other_cpu_share": round(share, 3)}
+
+
 def machine_info() -> dict[str, Any]:
     cpu = "unknown"
     with contextlib.suppress(OSError):

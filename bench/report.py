@@ -370,8 +370,10 @@ def client_table(result: dict[str, Any]) -> str:
     names = ["start of run", "end of run"]
     head = ["call"]
     for i, p in enumerate(passes):
+        others = p.get("other_cpu_share_during")
+        busy = f", other processes {others:.0%} CPU" if others is not None else ""
         head += [
-            f"{names[i]}: median µs/call (load {p['load_before'][0]})",
+            f"{names[i]}: median µs/call (load {p['load_before'][0]}{busy})",
             "p95 µs",
             "median over the floor (µs)",
         ]

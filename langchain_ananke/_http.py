@@ -203,6 +203,23 @@ class _Base:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._auth = _OriginBound(self.base_url)
         self._timeout = httpx.Timeout(timeout, connect=min(timeout or 10.0, 10.0))
+        self._json_headers = {**self._headers, "Content-Type": "application/json"}
+        self._urls: dict[str, httpx.URL] = {}
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None) -> httpx.Request:
+        """The request for ``path`` under ``base_url``, with the configured headers.
+
+        Built directly rather than with ``build_request``, which parses and merges the URL and the
+        client's headers on every call; the fixed parts are built once here. On the 2-core dev box
+        that is ~0.2 ms of the ~0.5 ms the client adds to a call (bench/client_overhead.py). The
+        client still sends it (auth flow, timeouts, no redirects, transports and proxies)."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(self.base_url + path)
+        if body is None:
+            return httpx.Request(method, url, headers=self._headers)
+        content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        return httpx.Request(method, url, content=content, headers=self._json_headers)
 
     def _client_kwargs(self) -> dict[str, Any]:
         # follow_redirects=False is httpx's default; it is spelled out because the key depends on it.
@@ -273,8 +290,7 @@ class AnankeClient(_Base):
             response: httpx.Response | None = None
             exc: Exception | None = None
             try:
-                req = self._client.build_request(method, path, json=body)
-                response = self._client.send(req, stream=stream)
+                response = self._client.send(self._request(method, path, body), stream=stream)
                 if stream and not response.is_success:
                     response.read()
             except (*_RETRYABLE_EXC, httpx.TimeoutException) as err:
@@ -341,8 +357,7 @@ class AsyncAnankeClient(_Base):
             response: httpx.Response | None = None
             exc: Exception | None = None
             try:
-                req = self._client.build_request(method, path, json=body)
-                response = await self._client.send(req, stream=stream)
+                response = await self._client.send(self._request(method, path, body), stream=stream)
                 if stream and not response.is_success:
                     await response.aread()
             except (*_RETRYABLE_EXC, httpx.TimeoutException) as err:
