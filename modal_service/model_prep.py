@@ -138,4 +138,8 @@ def resolve_model(model: str | None) -> str:
         if not (path / "config.json").is_file():
             raise ModelPrepError(f"{path} has no config.json; it is not a model folder")
         return str(path)
+    # An HF id is "name" or "org/name"; anything else that does not exist is a mistyped folder,
+    # which vLLM would otherwise look up on the hub and fail on much later, and less clearly.
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model:
+        raise ModelPrepError(f"model folder {model} does not exist")
     return model
