@@ -141,6 +141,8 @@ class Generator:
         with self._tokenizer_turn:
             counts = [self.engine.count_tokens(p) for p in prompts]
         for i, n in enumerate(counts):
+            if n == 0:  # vLLM refuses it ("decoder prompt cannot be empty"), after a stream's 200
+                raise ApiError(422, "invalid_request", f"prompt {i} is empty (0 tokens)")
             if n + req.max_tokens > context:
                 raise ApiError(
                     422,

@@ -151,6 +151,8 @@ def test_json_nesting_depth(service: Service) -> None:
         ({"prompt": "x", "max_tokens": 0}, 422, "invalid_request", "max_tokens"),
         ({"prompt": "x", "surprise": 1}, 422, "invalid_request", "surprise"),
         ({"prompt": "x", "timeout_s": -1}, 422, "invalid_request", "timeout_s"),
+        ({"prompt": "", "max_tokens": 8}, 422, "invalid_request", "empty"),
+        ({"prompt": "", "max_tokens": 8, "stream": True}, 422, "invalid_request", "empty"),
     ],
     ids=[
         "prompt>context",
@@ -167,6 +169,8 @@ def test_json_nesting_depth(service: Service) -> None:
         "max_tokens=0",
         "unknown-field",
         "negative-timeout",
+        "empty-prompt",
+        "empty-prompt-stream",
     ],
 )
 def test_limits_are_clear_4xx(
