@@ -953,7 +953,7 @@ class Bench:
         env.update(eng.get("env", {}))
         spec = {"model": model, "enforce_eager": eng["enforce_eager"], "extra": eng["extra"],
                 "port": port, "fake": self.fake}
-        log_path = self.out / f"server-{name}.log"
+        log_path = self.out / f"server-{name.replace('+', '_')}.log"  # "+" does not come back from $OUT
         res: dict[str, Any] = {"arch": eng["arch"], "enforce_eager": eng["enforce_eager"],
                                "extra": eng["extra"], "env": eng.get("env", {}),
                                "weights": weight_bytes(eng["arch"]), "phases": {}}
