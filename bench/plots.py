@@ -163,7 +163,8 @@ def scaling(result: dict[str, Any], path: Path) -> Path:
     ax1.set_title("Output length")
     ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3)
-    pts = sorted((p["n_props"], p) for p in sc.get("schema_size", []))
+    # A phase whose every request failed has no timings (its errors are in the raw file).
+    pts = sorted((p["n_props"], p) for p in sc.get("schema_size", []) if "compile_ms_p50" in p)
     if pts:
         ax2.plot(
             [x for x, _ in pts],
