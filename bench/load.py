@@ -4,10 +4,11 @@ One *phase* = ``n`` requests sent by ``c`` closed-loop workers (each sends its n
 previous one answers). Aggregate tok/s = output tokens of the phase / its wall time.
 
 The JSON workload uses :data:`ARRAY_SCHEMA` (an array of small records) with a prompt that asks for 500
-records: the model keeps writing records, so constrained requests run to ``max_tokens`` (each phase
-records its finish reasons). Until 2026-11-30 the schema had ``minItems`` 500 so that it could not close
-at all; the service now knows such a schema's shortest output (6,001 tokens) and answers the request
-422 ``max_tokens_too_small``, as it should, so the bench asks for a long answer instead.
+records, sent with ``length_caps: false`` (as unbounded as the peer's): the model keeps writing records,
+so constrained requests run to ``max_tokens`` (each phase records its finish reasons). Until 2026-11-30
+the schema had ``minItems`` 500 so that it could not close at all; the service now knows such a
+schema's shortest output (6,001 tokens) and answers the request 422 ``max_tokens_too_small``, as it
+should, so the bench asks for a long answer instead.
 Our API has no ``ignore_eos``, so the unconstrained request uses the same prompt (a request for a long
 list) and may stop early; the per-token rates (ms per output token, ms per decode step) are the
 length-independent comparison and are reported next to tok/s.
@@ -70,6 +71,7 @@ def ours_body(
     stream: bool = False,
     prompt: str = ARRAY_PROMPT,
     close: bool = True,
+    caps: bool = True,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "prompt": prompt,
@@ -79,7 +81,11 @@ def ours_body(
         "stream": stream,
     }
     if mode == "json":
-        body["constraints"] = {"json_schema": schema or ARRAY_SCHEMA, "close_on_budget": close}
+        body["constraints"] = {
+            "json_schema": schema or ARRAY_SCHEMA,
+            "close_on_budget": close,
+            "length_caps": caps,
+        }
     return body
 
 
@@ -278,12 +284,15 @@ async def run_phase(
     prompt: str = ARRAY_PROMPT,
     unique_schema: bool = False,
     close: bool = True,
+    caps: bool = True,
     validate: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """One phase against ``target`` ("ours" or "peer"); returns its summary (rows included).
 
-    ``close``: our ``close_on_budget`` (JSON phases). ``validate``: judge every output with
+    ``close``: our ``close_on_budget`` (JSON phases). ``caps``: our ``length_caps``; off, the array is
+    as unbounded as the peer's (with caps, ``max_tokens`` 24 caps it at one record, and the model
+    closes it early). ``validate``: judge every output with
     ``jsonschema`` against the phase's schema, independently of the server (``valid`` count)."""
     limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
     before = load_avg()
@@ -296,7 +305,9 @@ async def run_phase(
             if target == "ours":
                 return await ours_request(
                     client,
-                    ours_body(mode, max_tokens, schema=use, stream=stream, prompt=prompt, close=close),
+                    ours_body(
+                        mode, max_tokens, schema=use, stream=stream, prompt=prompt, close=close, caps=caps
+                    ),
                 )
             return await peer_request(
                 client, peer_body(mode, max_tokens, stream=stream, prompt=prompt, schema=use)

@@ -133,7 +133,8 @@ async def _raw_level(
                 n=n,
                 max_tokens=max_tokens,
                 stream=stream,
-                close=False,  # the array cannot close in max_tokens: equal lengths, no futile search
+                close=False,  # runs to max_tokens: equal lengths, no closing search measured
+                caps=False,  # the array unbounded, as the peer's
                 log=_log,
             )
         )
@@ -154,6 +155,7 @@ async def raw_phases(urls: dict[str, str], cfg: dict[str, Any], result: dict[str
                 n=4,
                 max_tokens=8,
                 close=False,
+                caps=False,
                 log=lambda _m: None,
             )
     _log("1. constraint overhead, ours and vLLM's server interleaved (non-streaming)")
@@ -248,6 +250,7 @@ async def scaling_phases(url: str, cfg: dict[str, Any], result: dict[str, Any]) 
                     max_tokens=mt_,
                     stream=True,
                     close=False,
+                    caps=False,
                     log=_log,
                 )
             )
@@ -265,6 +268,7 @@ async def scaling_phases(url: str, cfg: dict[str, Any], result: dict[str, Any]) 
             unique_schema=True,
             stream=True,
             close=False,
+            caps=False,
             prompt=chat_prompt(f"List 500 records as a JSON array; each has fields p0..p{k - 1}."),
             log=_log,
         )
