@@ -184,6 +184,24 @@ PHASES: dict[str, list[dict[str, Any]]] = {
 }
 
 
+# Device-side helper shared by the GEMV floors here and in step_split.py: fn captured in one CUDA graph
+# (warmed on a side stream first); returns the graph and ms per replay.
+GRAPH_CODE = r"""
+def graph(fn):
+    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(3): g.replay()
+    torch.cuda.synchronize(); t = time.perf_counter()
+    for _ in range(20): g.replay()
+    torch.cuda.synchronize()
+    return g, (time.perf_counter() - t) / 20 * 1000
+"""
+
 # bf16 GEMVs (M=1, torch F.linear = cuBLAS, what vLLM's unquantized linear layers run) over every
 # weight matrix one 32B decode step reads, distinct buffers (61 GiB, far beyond L2), in one CUDA graph:
 # the step time of the weight reads alone with these kernels, to set against the engine's step.
@@ -196,19 +214,9 @@ shapes = {"qkv": (H + 2 * KV, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H
 W = {k: [torch.empty(s, dtype=dt, device="cuda").fill_(0.01) for _ in range(L)] for k, s in shapes.items()}
 W["lm_head"] = [torch.empty((V, H), dtype=dt, device="cuda").fill_(0.01)]
 x = {k: torch.randn(1, w[0].shape[1], dtype=dt, device="cuda") for k, w in W.items()}
-# ms per replay of fn captured in one CUDA graph (warmed on a side stream first)
+""" + GRAPH_CODE + r"""
 def graph_ms(fn):
-    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3): g.replay()
-    torch.cuda.synchronize(); t = time.perf_counter()
-    for _ in range(20): g.replay()
-    torch.cuda.synchronize(); return (time.perf_counter() - t) / 20 * 1000
+    return graph(fn)[1]
 def timed(kinds):
     def run():
         for k in kinds:

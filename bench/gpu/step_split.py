@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.gpu.run_gpu_bench import HBM_TBPS, LIST_SCHEMA, ROOT, weight_bytes
+from bench.gpu.run_gpu_bench import GRAPH_CODE, HBM_TBPS, LIST_SCHEMA, ROOT, weight_bytes
 
 T_START = time.time()
 ARCH = "qwen2.5-coder-32b"
@@ -93,19 +93,7 @@ W = {k: [rnd(*s) for _ in range(L)] for k, s in shapes.items()}
 W["lm_head"] = [rnd(V, H)]
 B = [rnd(H + 2 * KV) for _ in range(L)]
 x = {k: rnd(1, w[0].shape[1]) for k, w in W.items()}
-def graph(fn):
-    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3): g.replay()
-    torch.cuda.synchronize(); t = time.perf_counter()
-    for _ in range(20): g.replay()
-    torch.cuda.synchronize()
-    return g, (time.perf_counter() - t) / 20 * 1000
+""" + GRAPH_CODE + r"""
 def kernels(g):
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         g.replay(); torch.cuda.synchronize()
