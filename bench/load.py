@@ -4,8 +4,10 @@ One *phase* = ``n`` requests sent by ``c`` closed-loop workers (each sends its n
 previous one answers). Aggregate tok/s = output tokens of the phase / its wall time.
 
 The JSON workload uses :data:`ARRAY_SCHEMA` (an array of small records) with a prompt that asks for 500
-records, sent with ``length_caps: false`` (as unbounded as the peer's): the model keeps writing records,
-so constrained requests run to ``max_tokens`` (each phase records its finish reasons). Until 2026-11-30
+records, sent with ``length_caps: false`` and ``whitespace: "flexible"`` (the peer's grammar exactly):
+the model keeps writing records, so constrained requests run to ``max_tokens`` (each phase records its
+finish reasons). With our defaults (compact JSON, length caps) the greedy model closes the array after
+one record (17 tokens of 24, bench run 9, stopped). Until 2026-11-30
 the schema had ``minItems`` 500 so that it could not close at all; the service now knows such a
 schema's shortest output (6,001 tokens) and answers the request 422 ``max_tokens_too_small``, as it
 should, so the bench asks for a long answer instead.
@@ -86,6 +88,8 @@ def ours_body(
             "close_on_budget": close,
             "length_caps": caps,
         }
+        if not caps:  # the peer's grammar exactly: unbounded, and whitespace between tokens allowed
+            body["constraints"]["whitespace"] = "flexible"
     return body
 
 
@@ -290,10 +294,10 @@ async def run_phase(
 ) -> dict[str, Any]:
     """One phase against ``target`` ("ours" or "peer"); returns its summary (rows included).
 
-    ``close``: our ``close_on_budget`` (JSON phases). ``caps``: our ``length_caps``; off, the array is
-    as unbounded as the peer's (with caps, ``max_tokens`` 24 caps it at one record, and the model
-    closes it early). ``validate``: judge every output with
-    ``jsonschema`` against the phase's schema, independently of the server (``valid`` count)."""
+    ``close``: our ``close_on_budget`` (JSON phases). ``caps``: off, the peer's grammar exactly (our
+    ``length_caps`` off and ``whitespace: "flexible"``), so both run the same workload. ``validate``:
+    judge every output with ``jsonschema`` against the phase's schema, independently of the server
+    (``valid`` count)."""
     limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
     before = load_avg()
     async with httpx.AsyncClient(base_url=base_url, timeout=1800, limits=limits) as client:
