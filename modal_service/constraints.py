@@ -329,9 +329,7 @@ class ConstraintCompiler:
         # there takes 0.2 s. Those are still closed on budget at request time.
         shortest = (
             self._shortest(
-                kind,
                 matcher,
-                ll_grammar,
                 extra.get("json_schema"),
                 extra.get("approximation") if extra.get("approximate") else None,
             )
@@ -351,12 +349,7 @@ class ConstraintCompiler:
         )
 
     def _shortest(
-        self,
-        kind: str,
-        matcher: llguidance.LLMatcher,
-        ll_grammar: str,
-        schema: dict[str, Any] | None,
-        approximation: str | None,
+        self, matcher: llguidance.LLMatcher, schema: dict[str, Any] | None, approximation: str | None
     ) -> tuple[int, ...] | None:
         """The shortest output found (its tokens) that the grammar accepts and, for a JSON Schema,
         the full schema validates; None when none was found.

@@ -99,7 +99,7 @@ class _Builder:
             return 0
         if not isinstance(node, dict):
             raise NoInstance
-        node, refs = self._flatten(node, depth, refs)
+        node, refs = self._flatten(node, refs)
         if "const" in node:
             return node["const"]
         if "enum" in node:
@@ -129,9 +129,7 @@ class _Builder:
                 return value
         raise NoInstance
 
-    def _flatten(
-        self, node: dict[str, Any], depth: int, refs: frozenset[str]
-    ) -> tuple[dict[str, Any], frozenset[str]]:
+    def _flatten(self, node: dict[str, Any], refs: frozenset[str]) -> tuple[dict[str, Any], frozenset[str]]:
         """Inline ``$ref`` and ``allOf`` into one node (a ref met again on this path: no instance)."""
         for _ in range(MAX_DEPTH):
             ref = node.get("$ref")
