@@ -151,24 +151,6 @@ class Closer:
                 return None
             dropped += step
 
-    def smallest(
-        self,
-        matcher: llguidance.LLMatcher,
-        *,
-        limit: int,
-        accept: Callable[[list[int]], bool] | None = None,
-        max_nodes: int | None = None,
-    ) -> int | None:
-        """Tokens in the shortest output the search finds from the start (at most ``limit``),
-        counted as :meth:`close` would emit them; None when it finds none in its budget.
-
-        An upper bound on the true minimum, usually equal to it for JSON Schemas (required
-        properties only, minimal values). ``matcher`` is fresh (nothing consumed); it is used up.
-        ``accept`` vets each complete output; one it refuses is a dead end and the search goes on.
-        """
-        found = self.smallest_tokens(matcher, limit=limit, accept=accept, max_nodes=max_nodes)
-        return None if found is None else len(found)
-
     def smallest_tokens(
         self,
         matcher: llguidance.LLMatcher,
@@ -177,7 +159,13 @@ class Closer:
         accept: Callable[[list[int]], bool] | None = None,
         max_nodes: int | None = None,
     ) -> list[int] | None:
-        """The output :meth:`smallest` counts, as tokens (None: none found)."""
+        """The shortest output the search finds from the start (at most ``limit`` tokens), as
+        :meth:`close` would emit it; None when it finds none in its budget.
+
+        An upper bound on the true minimum, usually equal to it for JSON Schemas (required
+        properties only, minimal values). ``matcher`` is fresh (nothing consumed); it is used up.
+        ``accept`` vets each complete output; one it refuses is a dead end and the search goes on.
+        """
         if matcher.is_error():
             return None
         nodes = [self.max_nodes if max_nodes is None else min(max_nodes, self.max_nodes)]
@@ -192,7 +180,7 @@ class Closer:
 
         The search builds text from single characters and forced pieces; the model would write
         ``{"a":""}`` in 3 tokens, not 6. Counting and emitting the encoded form keeps the budget
-        check honest and equal to :meth:`smallest`'s count.
+        check honest and equal to :meth:`smallest_tokens`' length.
         """
         encoded = self._tok.tokenize_str(self._tok.decode_str(suffix))
         if len(encoded) < len(suffix) and m.validate_tokens(encoded) == len(encoded):
