@@ -38,7 +38,7 @@ from modal_service.schema_tools import (
     exceeds_depth,
     finite_instance_error,
 )
-from modal_service.witness import minimal_instance
+from modal_service.witness import json_validator, minimal_instance
 
 
 class ConstraintError(ValueError):
@@ -103,12 +103,6 @@ class CompilerLimits:
 def _digest(kind: str, payload: Any) -> str:
     text = json.dumps([kind, payload], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def json_validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
-    """A validator for the draft the schema declares (Draft 2020-12 when it declares none)."""
-    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    return cls(schema, format_checker=cls.FORMAT_CHECKER)
 
 
 class ConstraintCompiler:
@@ -361,7 +355,7 @@ class ConstraintCompiler:
         check can pass, and without one the schema is answered 422 (it may be unsatisfiable).
         """
         validator = json_validator(schema) if schema is not None else None
-        witness = self._witness(schema, matcher, validator) if schema is not None else None
+        witness = self._witness(schema, matcher) if schema is not None else None
         accept = None
         if validator is not None:
 
@@ -391,16 +385,11 @@ class ConstraintCompiler:
             )
         return shortest
 
-    def _witness(
-        self,
-        schema: dict[str, Any],
-        matcher: llguidance.LLMatcher,
-        validator: jsonschema.protocols.Validator | None,
-    ) -> list[int] | None:
-        """Tokens of :func:`minimal_instance`'s instance, if the grammar and the schema accept it.
-        ``matcher`` is fresh, and is left at the start again."""
+    def _witness(self, schema: dict[str, Any], matcher: llguidance.LLMatcher) -> list[int] | None:
+        """Tokens of :func:`minimal_instance`'s instance (which the full schema validates), if the
+        grammar accepts them too. ``matcher`` is fresh, and is left at the start again."""
         ok, instance = minimal_instance(schema, string_for_pattern=self._string_for_pattern)
-        if not ok or validator is None or not validator.is_valid(instance):
+        if not ok:
             return None
         text = json.dumps(instance, separators=(",", ":"), ensure_ascii=False)
         tokens = self._tokenizer.tokenize_str(text)

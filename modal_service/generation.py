@@ -28,8 +28,9 @@ from langchain_ananke.protocol import (
     Usage,
 )
 from modal_service.chat import parse_tool_calls, to_template_messages, tool_grammar
-from modal_service.constraints import CompiledConstraint, ConstraintError, Verdict, json_validator
+from modal_service.constraints import CompiledConstraint, ConstraintError, Verdict
 from modal_service.engine import Engine
+from modal_service.witness import json_validator
 
 #: Stack for threads created from here on. llguidance compiles recursively: a 1,000-deep ``$ref``
 #: chain or a 3,000-rule Lark chain overflowed the default 8 MiB thread stack and killed the process;

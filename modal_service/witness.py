@@ -4,11 +4,12 @@
 satisfied: required properties only, the shortest ``enum`` value, ``0`` moved into the numeric bounds,
 strings of ``minLength`` (a sample value for a ``format``, a short match for a ``pattern``), ``minItems``
 items. It follows ``$ref``, merges ``allOf`` and adds what ``dependentRequired``/``dependencies`` ask for.
-Where a choice has to be made (``anyOf``, ``oneOf``, a type list) it takes the first option whose
-instance the schema node accepts, checked with ``jsonschema``.
+Where a choice has to be made (``anyOf``, ``oneOf``, ``enum``, a type list) it takes the first option
+whose instance the schema node accepts, checked with ``jsonschema``; the finished instance is checked
+against the whole schema with the validator the service's final check uses (:func:`json_validator`).
 
-The result is a candidate, not a proof: the compiler keeps it only if the full schema validates it
-and the grammar the engine enforces accepts its tokens. It serves two purposes:
+The compiler keeps an instance only if, in addition, the grammar the engine enforces accepts its
+tokens. It serves two purposes:
 
 - a length: the shortest output the service can promise, for the ``max_tokens`` check up front. The
   token-level search in :mod:`modal_service.closing` walks the grammar one choice at a time and can get
@@ -63,17 +64,26 @@ class NoInstance(Exception):
 _TYPE_ORDER = ("null", "boolean", "integer", "number", "string", "array", "object")
 
 
+def json_validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
+    """A validator for the draft the schema declares (Draft 2020-12 when it declares none), formats
+    checked: the one the service's final check uses."""
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
 def minimal_instance(
     schema: Any, *, string_for_pattern: Callable[[str, int, int | None], str | None] | None = None
 ) -> tuple[bool, Any]:
-    """``(True, instance)``, or ``(False, None)`` when the builder found none (the schema may still
+    """``(True, instance)``, the instance validated against the whole schema with
+    :func:`json_validator`; or ``(False, None)`` when the builder found none (the schema may still
     have one). ``string_for_pattern(pattern, min_length, max_length)`` may supply a string matching a
     ``pattern`` that the builder's own short candidates do not match."""
     builder = _Builder(schema, string_for_pattern)
     try:
-        return True, builder.build(schema, 0, frozenset())
+        value = builder.build(schema, 0, frozenset())
     except (NoInstance, RecursionError):
         return False, None
+    return (True, value) if builder.accepts(schema, value) else (False, None)
 
 
 class _Builder:
@@ -81,9 +91,7 @@ class _Builder:
         self.root = root
         self.values = 0
         self.string_for_pattern = string_for_pattern
-        schema = root if isinstance(root, dict) else {}
-        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-        self._validator = cls(schema, format_checker=cls.FORMAT_CHECKER)
+        self._validator = json_validator(root if isinstance(root, dict) else {})
 
     def accepts(self, node: Any, value: Any) -> bool:
         try:
@@ -120,12 +128,16 @@ class _Builder:
                     if self.accepts(node, value):
                         return value
                 raise NoInstance
-        for kind in self._types(node):
+        # Checked only where there is a choice to make: a value built for the one possible type is
+        # checked by the nearest enclosing choice, or by minimal_instance's final check of the whole
+        # (checking every node re-validated each subtree once per ancestor).
+        kinds = list(self._types(node))
+        for kind in kinds:
             try:
                 value = self._of_type(kind, node, depth, refs)
             except NoInstance:
                 continue
-            if self.accepts(node, value):
+            if len(kinds) == 1 or self.accepts(node, value):
                 return value
         raise NoInstance
 

@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from modal_service.constraints import json_validator
-from modal_service.witness import minimal_instance
+from modal_service.witness import json_validator, minimal_instance
 from tests.conftest import ROOT
 
 DATA = ROOT.parent / "shared" / "data" / "jsonschemabench-dev"
