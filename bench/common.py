@@ -26,7 +26,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-DATA = ROOT.parent / "shared" / "data" / "jsonschemabench-dev"
+DATA = ROOT / "tests" / "data" / "jsonschemabench-dev"
 SERVED_NAME = "SmolLM2-135M-Instruct"
 
 

@@ -19,7 +19,7 @@ from tests.conftest import ROOT, chat_prompt
 
 pytestmark = pytest.mark.integration
 
-DATA = ROOT.parent / "shared" / "data" / "jsonschemabench-dev"
+DATA = ROOT / "tests" / "data" / "jsonschemabench-dev"
 MAX_TOKENS = 48
 CONCURRENCY = 24
 

@@ -161,10 +161,9 @@ def test_output_cut_by_max_tokens_is_judged_on_completeness(
     assert compiler.verify(compiled, text, ids, "abort").satisfied is False
 
 
-DATA = ROOT.parent / "shared" / "data" / "jsonschemabench-dev"
+DATA = ROOT / "tests" / "data" / "jsonschemabench-dev"
 
 
-@pytest.mark.skipif(not DATA.exists(), reason="shared data not present")
 def test_an_approximated_schema_needs_a_valid_instance(compiler: Any) -> None:
     from modal_service.constraints import ConstraintError
 
