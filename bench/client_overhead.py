@@ -22,7 +22,8 @@ from typing import Any
 
 import httpx
 
-from bench.common import OtherCpu, free_port, load_avg, wait_for_quiet
+from bench._server import free_port
+from bench.common import OtherCpu, load_avg, wait_for_quiet
 
 CONTENT = '{"name":"Bob","age":31,"city":"Oslo"}'
 OURS_RESPONSE = json.dumps(

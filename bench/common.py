@@ -1,8 +1,6 @@
-"""Shared bench plumbing: server processes, statistics, machine facts, load snapshots.
+"""Shared bench plumbing: paths, statistics, machine facts, load snapshots, result files.
 
-Every server the bench starts listens on 127.0.0.1 on a free port of its own, runs in its own process
-group (so stopping it stops its vLLM worker processes too) and logs to a file under the run's temp
-folder. Nothing here talks to any address but 127.0.0.1.
+Servers are started by :mod:`bench._server`; the workload by :mod:`bench.workloads`.
 """
 
 from __future__ import annotations
@@ -12,27 +10,15 @@ import json
 import math
 import os
 import platform
-import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DATA = ROOT / "tests" / "data" / "jsonschemabench-dev"
 SERVED_NAME = "SmolLM2-135M-Instruct"
-
-
-def chat_prompt(text: str) -> str:
-    """SmolLM2's ChatML turn for raw prompts (the same string tests/integration uses)."""
-    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -173,123 +159,6 @@ def other_engines() -> list[str]:
             ):
                 found.append(f"{proc.name}: {cmd[:160]}")
     return found
-
-
-# ------------------------------------------------------------------------------------ servers
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Server:
-    """A server process this bench started (its own process group)."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
-    start_s: float = 0.0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-
-
-def wait_ready(server: Server, path: str, ok: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            tail = server.log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{server.name} exited with {server.proc.returncode}:\n{tail}")
-        with contextlib.suppress(httpx.HTTPError, ValueError):
-            resp = httpx.get(server.url + path, timeout=5)
-            if ok(resp):
-                return
-        time.sleep(1.0)
-    server.stop()
-    raise RuntimeError(f"{server.name} not ready after {timeout:.0f} s (log: {server.log})")
-
-
-def _spawn(name: str, argv: list[str], port: int, logdir: Path) -> Server:
-    log = logdir / f"{name}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    return Server(name, proc, port, log)
-
-
-def start_ours(logdir: Path, timeout: float = 600) -> Server:
-    """``ananke serve`` exactly as users run it (``--max-model-len 4096 --kv-cache-gib 1.0``)."""
-    port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "modal_service.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-model-len",
-        "4096",
-        "--kv-cache-gib",
-        "1.0",
-        "--max-tokens-cap",
-        "4096",
-        "--max-inflight",
-        "1024",
-        "--drain-seconds",
-        "1",
-        "--log-level",
-        "warning",
-    ]
-    started = time.perf_counter()
-    server = _spawn("ours", argv, port, logdir)
-    wait_ready(server, "/health", lambda r: r.status_code == 200 and r.json().get("status") == "ok", timeout)
-    server.start_s = time.perf_counter() - started
-    return server
-
-
-def start_peer(model: str, logdir: Path, timeout: float = 600) -> Server:
-    """vLLM's own OpenAI server with the same engine settings (see bench/peer_server.py)."""
-    port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "bench.peer_server",
-        "--model",
-        model,
-        "--port",
-        str(port),
-        "--served-model-name",
-        SERVED_NAME,
-    ]
-    started = time.perf_counter()
-    server = _spawn("peer", argv, port, logdir)
-    wait_ready(server, "/v1/models", lambda r: r.status_code == 200, timeout)
-    server.start_s = time.perf_counter() - started
-    return server
-
-
-@contextlib.contextmanager
-def running(server: Server) -> Iterator[Server]:
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -1,4 +1,4 @@
-"""Conformance and coverage on JSONSchemaBench (dev sample, ``../shared/data/jsonschemabench-dev``).
+"""Conformance and coverage on JSONSchemaBench (the dev sample in ``tests/data/jsonschemabench-dev``).
 
 Every schema goes to our ``/generate_api`` and to vLLM's ``/v1/completions`` (guidance backend,
 ``response_format: json_schema``) with the same prompt string (tests/integration/test_conformance.py's
@@ -28,7 +28,8 @@ from typing import Any
 import httpx
 import jsonschema
 
-from bench.common import DATA, SERVED_NAME, chat_prompt, load_avg, pct, rnd
+from bench.common import DATA, SERVED_NAME, load_avg, pct, rnd
+from bench.workloads import chat_prompt
 
 OUTCOMES_OURS = ("valid_exact", "valid_approximate", "truncated", "invalid", "rejected", "5xx")
 OUTCOMES_PEER = ("valid", "truncated", "invalid", "rejected", "5xx")
@@ -66,6 +67,27 @@ def independent_check(schema: dict[str, Any], text: str) -> tuple[bool, str | No
     return True, None
 
 
+async def _send(
+    client: httpx.AsyncClient, path: str, body: dict[str, Any], cat: str, name: str
+) -> tuple[httpx.Response | None, dict[str, Any]]:
+    """POST ``body``: the answer and its row, the row's outcome already set (5xx) for a transport error
+    or a server error."""
+    started = time.perf_counter()
+    try:
+        resp = await client.post(path, json=body)
+    except httpx.HTTPError as exc:
+        return None, {"category": cat, "name": name, "status": 0, "outcome": "5xx", "error": repr(exc)[:200]}
+    row: dict[str, Any] = {
+        "category": cat,
+        "name": name,
+        "status": resp.status_code,
+        "lat_s": rnd(time.perf_counter() - started, 3),
+    }
+    if resp.status_code >= 500:
+        row |= {"outcome": "5xx", "error": resp.text[:300]}
+    return resp, row
+
+
 async def _ours(
     client: httpx.AsyncClient, case: tuple[str, str, dict[str, Any]], max_tokens: int, *, close: bool = True
 ) -> dict[str, Any]:
@@ -77,19 +99,9 @@ async def _ours(
         "seed": 1,
         "constraints": {"json_schema": schema, "max_attempts": 2, "close_on_budget": close},
     }
-    started = time.perf_counter()
-    try:
-        resp = await client.post("/generate_api", json=body)
-    except httpx.HTTPError as exc:
-        return {"category": cat, "name": name, "status": 0, "outcome": "5xx", "error": repr(exc)[:200]}
-    row: dict[str, Any] = {
-        "category": cat,
-        "name": name,
-        "status": resp.status_code,
-        "lat_s": rnd(time.perf_counter() - started, 3),
-    }
-    if resp.status_code >= 500:
-        return row | {"outcome": "5xx", "error": resp.text[:300]}
+    resp, row = await _send(client, "/generate_api", body, cat, name)
+    if resp is None or "outcome" in row:
+        return row
     data = resp.json()
     if resp.status_code >= 400:
         return row | {"outcome": "rejected", "error": str(data.get("error", {}).get("message", ""))[:300]}
@@ -127,19 +139,9 @@ async def _peer(
         "seed": 1,
         "response_format": {"type": "json_schema", "json_schema": {"name": "schema", "schema": schema}},
     }
-    started = time.perf_counter()
-    try:
-        resp = await client.post("/v1/completions", json=body)
-    except httpx.HTTPError as exc:
-        return {"category": cat, "name": name, "status": 0, "outcome": "5xx", "error": repr(exc)[:200]}
-    row: dict[str, Any] = {
-        "category": cat,
-        "name": name,
-        "status": resp.status_code,
-        "lat_s": rnd(time.perf_counter() - started, 3),
-    }
-    if resp.status_code >= 500:
-        return row | {"outcome": "5xx", "error": resp.text[:300]}
+    resp, row = await _send(client, "/v1/completions", body, cat, name)
+    if resp is None or "outcome" in row:
+        return row
     if resp.status_code >= 400:
         try:
             msg = str(resp.json().get("error", {}).get("message", ""))

@@ -1,19 +1,15 @@
-"""Raw HTTP load: constraint overhead, the peer on the same workload, and scaling.
+"""Raw HTTP load: constraint overhead, the peer on the same workload, closing, and scaling.
 
 One *phase* = ``n`` requests sent by ``c`` closed-loop workers (each sends its next request when its
 previous one answers). Aggregate tok/s = output tokens of the phase / its wall time.
 
-The JSON workload uses :data:`ARRAY_SCHEMA` (an array of small records) with a prompt that asks for 500
-records, sent with ``length_caps: false`` and ``whitespace: "flexible"`` (the peer's grammar exactly):
-the model keeps writing records, so constrained requests run to ``max_tokens`` (each phase records its
-finish reasons). With our defaults (compact JSON, length caps) the greedy model closes the array after
-one record (17 tokens of 24, bench run 9, stopped). Until 2026-11-30
-the schema had ``minItems`` 500 so that it could not close at all; the service now knows such a
-schema's shortest output (6,001 tokens) and answers the request 422 ``max_tokens_too_small``, as it
-should, so the bench asks for a long answer instead.
-Our API has no ``ignore_eos``, so the unconstrained request uses the same prompt (a request for a long
-list) and may stop early; the per-token rates (ms per output token, ms per decode step) are the
-length-independent comparison and are reported next to tok/s.
+The JSON workload is :data:`bench.workloads.RECORD_LIST` with a prompt that asks for 500 records. Sent
+with ``length_caps: false`` and ``whitespace: "flexible"`` (the peer's grammar exactly), the model keeps
+writing records, so constrained requests run to ``max_tokens`` (each phase records its finish reasons);
+with our defaults (compact JSON, length caps) the greedy model closes the list after one record, which
+the closing phase uses. Our API has no ``ignore_eos``, so the unconstrained request uses the same
+prompt (a request for a long list) and may stop early; the per-token rates (ms per output token, ms per
+decode step) are the length-independent comparison and are reported next to tok/s.
 """
 
 from __future__ import annotations
@@ -28,24 +24,8 @@ from typing import Any
 
 import httpx
 
-from bench.common import SERVED_NAME, chat_prompt, load_avg, mean, pct, rnd
-
-ARRAY_SCHEMA: dict[str, Any] = {
-    "type": "array",
-    "items": {
-        "type": "object",
-        "properties": {
-            "id": {"type": "integer"},
-            "name": {"type": "string", "maxLength": 16},
-            "ok": {"type": "boolean"},
-        },
-        "required": ["id", "name", "ok"],
-        "additionalProperties": False,
-    },
-}
-RECORDS_SCHEMA: dict[str, Any] = {"type": "array", "items": ARRAY_SCHEMA["items"]}
-"""The same schema, for the closing-cost phase (a cut output can be closed)."""
-ARRAY_PROMPT = chat_prompt("List 500 records as a JSON array of objects with id, name and ok fields.")
+from bench.common import SERVED_NAME, load_avg, mean, pct, rnd
+from bench.workloads import RECORD_LIST, RECORD_LIST_PROMPT
 
 Row = dict[str, Any]
 
@@ -64,6 +44,12 @@ async def closed_loop(n: int, c: int, send: Callable[[int], Awaitable[Row]]) -> 
     return rows, time.perf_counter() - started
 
 
+def _error_row(resp: httpx.Response, started: float) -> Row:
+    """A non-200 answer (its body already read)."""
+    lat = time.perf_counter() - started
+    return {"status": resp.status_code, "lat_s": lat, "error": resp.text[:300], "tokens": 0}
+
+
 # --------------------------------------------------------------------------------- our service
 def ours_body(
     mode: str,
@@ -71,7 +57,7 @@ def ours_body(
     *,
     schema: dict[str, Any] | None = None,
     stream: bool = False,
-    prompt: str = ARRAY_PROMPT,
+    prompt: str = RECORD_LIST_PROMPT,
     close: bool = True,
     caps: bool = True,
 ) -> dict[str, Any]:
@@ -84,7 +70,7 @@ def ours_body(
     }
     if mode == "json":
         body["constraints"] = {
-            "json_schema": schema or ARRAY_SCHEMA,
+            "json_schema": schema or RECORD_LIST,
             "close_on_budget": close,
             "length_caps": caps,
         }
@@ -98,21 +84,15 @@ async def ours_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Row:
     started = time.perf_counter()
     if not body.get("stream"):
         resp = await client.post("/generate_api", json=body)
-        lat = time.perf_counter() - started
         if resp.status_code != 200:
-            return {"status": resp.status_code, "lat_s": lat, "error": resp.text[:300], "tokens": 0}
-        return _ours_row(resp.json(), lat, None)
+            return _error_row(resp, started)
+        return _ours_row(resp.json(), time.perf_counter() - started, None)
     ttft = None
     final: dict[str, Any] | None = None
     async with client.stream("POST", "/generate_api", json=body) as resp:
         if resp.status_code != 200:
             await resp.aread()
-            return {
-                "status": resp.status_code,
-                "lat_s": time.perf_counter() - started,
-                "error": resp.text[:300],
-                "tokens": 0,
-            }
+            return _error_row(resp, started)
         async for line in resp.aiter_lines():
             if not line.startswith("data:"):
                 continue
@@ -166,7 +146,7 @@ def peer_body(
     max_tokens: int,
     *,
     stream: bool = False,
-    prompt: str = ARRAY_PROMPT,
+    prompt: str = RECORD_LIST_PROMPT,
     schema: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
@@ -182,7 +162,7 @@ def peer_body(
     if mode == "json":
         body["response_format"] = {
             "type": "json_schema",
-            "json_schema": {"name": "bench", "schema": schema or ARRAY_SCHEMA},
+            "json_schema": {"name": "bench", "schema": schema or RECORD_LIST},
         }
     return body
 
@@ -194,7 +174,7 @@ async def peer_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Row:
         resp = await client.post("/v1/completions", json=body)
         lat = time.perf_counter() - started
         if resp.status_code != 200:
-            return {"status": resp.status_code, "lat_s": lat, "error": resp.text[:300], "tokens": 0}
+            return _error_row(resp, started)
         data = resp.json()
         tokens = int(data["usage"]["completion_tokens"])
         return {
@@ -211,12 +191,7 @@ async def peer_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Row:
     async with client.stream("POST", "/v1/completions", json=body) as resp:
         if resp.status_code != 200:
             await resp.aread()
-            return {
-                "status": resp.status_code,
-                "lat_s": time.perf_counter() - started,
-                "error": resp.text[:300],
-                "tokens": 0,
-            }
+            return _error_row(resp, started)
         async for line in resp.aiter_lines():
             if not line.startswith("data:") or line.strip() == "data: [DONE]":
                 continue
@@ -285,7 +260,7 @@ async def run_phase(
     max_tokens: int,
     stream: bool = False,
     schema: dict[str, Any] | None = None,
-    prompt: str = ARRAY_PROMPT,
+    prompt: str = RECORD_LIST_PROMPT,
     unique_schema: bool = False,
     close: bool = True,
     caps: bool = True,
@@ -321,7 +296,7 @@ async def run_phase(
     for row in rows:
         text = row.pop("text", None)
         if validate and row.get("status") == 200:
-            row["valid"] = json_valid(text or "", schema or ARRAY_SCHEMA)
+            row["valid"] = json_valid(text or "", schema or RECORD_LIST)
     summary = summarize(
         name,
         rows,
@@ -370,19 +345,3 @@ def combine(phases: list[dict[str, Any]]) -> dict[str, Any]:
     extra["load_before"] = first["load_before"]
     extra["load_after"] = phases[-1]["load_after"]
     return summarize(first["phase"].rsplit("#", 1)[0], rows, wall, extra)
-
-
-def make_schema(n_props: int) -> dict[str, Any]:
-    """An array of objects with ``n_props`` required integer/boolean/string properties (asked for
-    500 records, the model writes until ``max_tokens``; see the module docstring)."""
-    kinds = [{"type": "integer"}, {"type": "boolean"}, {"type": "string", "maxLength": 8}]
-    props = {f"p{i}": kinds[i % 3] for i in range(n_props)}
-    return {
-        "type": "array",
-        "items": {
-            "type": "object",
-            "properties": props,
-            "required": list(props),
-            "additionalProperties": False,
-        },
-    }

@@ -27,6 +27,8 @@ import argparse
 import json
 import sys
 
+from bench.common import SERVED_NAME
+
 
 def peer_argv(model: str, port: int, served_model_name: str) -> list[str]:
     """vLLM server flags equal to our engine's settings (the bench runs on a CPU)."""
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model", required=True)
     pre.add_argument("--port", type=int, required=True)
-    pre.add_argument("--served-model-name", default="SmolLM2-135M-Instruct")
+    pre.add_argument("--served-model-name", default=SERVED_NAME)
     known, rest = pre.parse_known_args(argv)
 
     import uvloop

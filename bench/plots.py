@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,7 +18,7 @@ def _plt() -> Any:
 
 def throughput_vs_concurrency(result: dict[str, Any], path: Path) -> Path:
     """Ours unconstrained vs JSON across concurrency, with the peer's points on the same workload."""
-    plt = _plt()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {
         ("ours", "none"): ("tab:blue", "o", "ours, unconstrained"),
@@ -59,7 +60,7 @@ def throughput_vs_concurrency(result: dict[str, Any], path: Path) -> Path:
 
 
 def structured_side_by_side(result: dict[str, Any], path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     rows = result.get("structured", [])
     labels = {
         "ours": "(b) ChatAnanke",
@@ -93,7 +94,7 @@ def structured_side_by_side(result: dict[str, Any], path: Path) -> Path:
 
 
 def conformance(result: dict[str, Any], path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     conf = result.get("conformance", {})
     ours, peer = conf.get("ours"), conf.get("peer")
     cats = sorted((ours or peer or {}).get("per_category", {}))
@@ -143,7 +144,7 @@ def conformance(result: dict[str, Any], path: Path) -> Path:
 
 
 def scaling(result: dict[str, Any], path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     sc = result.get("scaling", {})
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for mode, color in (("none", "tab:blue"), ("json", "tab:orange")):
@@ -196,17 +197,29 @@ def scaling(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def draw(result: dict[str, Any], out: Path, stamp: str) -> dict[str, str]:
+    """Every plot the result has data for, as ``<out>/<stamp>-<name>.png``; returns name -> path."""
+    makers = {
+        "throughput": throughput_vs_concurrency,
+        "structured": structured_side_by_side,
+        "conformance": conformance,
+        "scaling": scaling,
+    }
+    return {
+        key: str(fn(result, out / f"{stamp}-{key}.png"))
+        for key, fn in makers.items()
+        if key == "throughput" or result.get(key)
+    }
+
+
 def main(argv: list[str]) -> None:
     """``python -m bench.plots bench/results/bench-<stamp>.json``: redraw a run's plots from its raw file."""
     import json
 
     path = Path(argv[0])
     result = json.loads(path.read_text())
-    stamp = result["stamp"]
-    for key, fn in (("throughput", throughput_vs_concurrency), ("structured", structured_side_by_side),
-                    ("conformance", conformance), ("scaling", scaling)):
-        if key == "throughput" or result.get(key):
-            print(fn(result, path.parent / f"{stamp}-{key}.png"))
+    for png in draw(result, path.parent, result["stamp"]).values():
+        print(png)
 
 
 if __name__ == "__main__":

@@ -31,18 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import client_overhead, conformance, load, plots, report, structured
-from bench.common import (
-    RESULTS,
-    Server,
-    chat_prompt,
-    load_avg,
-    machine_info,
-    other_engines,
-    start_ours,
-    start_peer,
-    versions,
-    write_json,
-)
+from bench._server import ServerProcess, start_ours, start_peer
+from bench.common import RESULTS, load_avg, machine_info, other_engines, versions, write_json
+from bench.workloads import RECORD_LIST, wide_record_list, wide_record_list_prompt
 
 
 def _log(msg: str) -> None:
@@ -193,7 +184,7 @@ async def closing_phases(url: str, cfg: dict[str, Any], result: dict[str, Any]) 
                 c=c,
                 n=c,
                 max_tokens=cfg["closing_max_tokens"],
-                schema=load.RECORDS_SCHEMA,
+                schema=RECORD_LIST,
                 close=close,
                 validate=True,
                 log=_log,
@@ -264,12 +255,12 @@ async def scaling_phases(url: str, cfg: dict[str, Any], result: dict[str, Any]) 
             c=2,
             n=2,
             max_tokens=cfg["scaling_schema_max_tokens"],
-            schema=load.make_schema(k),
+            schema=wide_record_list(k),
             unique_schema=True,
             stream=True,
             close=False,
             caps=False,
-            prompt=chat_prompt(f"List 500 records as a JSON array; each has fields p0..p{k - 1}."),
+            prompt=wide_record_list_prompt(k),
             log=_log,
         )
         phase["n_props"] = k
@@ -309,7 +300,7 @@ def _with_servers(
     for kind in urls:
         result["servers"][kind] = {"url": "given", "load": load_avg()}
     to_start = [k for k, u in wanted.items() if u is None]
-    servers: dict[str, Server] = {}
+    servers: dict[str, ServerProcess] = {}
     if to_start:
         _log(f"starting {', '.join(to_start)} ...")
         starters = {
@@ -333,29 +324,11 @@ def _with_servers(
         asyncio.run(all_phases(urls, cfg, result))
     finally:
         for kind, server in servers.items():
-            code = server.proc.poll()
+            code = server.returncode
             if code is not None:  # it died during the phases: keep the evidence in the results
-                tail = server.log.read_text(errors="replace")[-4000:]
-                result["servers"][kind] |= {"died": code, "log_tail": tail}
+                result["servers"][kind] |= {"died": code, "log_tail": server.tail()}
                 _log(f"  {kind} server exited with {code} during the run (log: {server.log})")
             server.stop()
-
-
-def _plots(result: dict[str, Any], out: Path, stamp: str) -> dict[str, str]:
-    makers = {
-        "throughput": plots.throughput_vs_concurrency,
-        "structured": plots.structured_side_by_side,
-        "conformance": plots.conformance,
-        "scaling": plots.scaling,
-    }
-    pngs = {}
-    for key, fn in makers.items():
-        if key == "scaling" and "scaling" not in result:
-            continue
-        if key in ("structured", "conformance") and not result.get(key):
-            continue
-        pngs[key] = str(fn(result, out / f"{stamp}-{key}.png"))
-    return pngs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     result["other_processes_at_end"] = other_engines()
     write_json(out_json, result)
 
-    pngs = _plots(result, args.out, stamp)
+    pngs = plots.draw(result, args.out, stamp)
     result["plots"] = pngs
     write_json(out_json, result)
     text = report.markdown(result)

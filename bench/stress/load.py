@@ -36,6 +36,8 @@ from typing import Any
 import httpx
 import jsonschema
 
+from bench.workloads import chat_prompt
+
 PHONE = r"[0-9]{3}-[0-9]{4}"
 PERSON: dict[str, Any] = {
     "type": "object",
@@ -50,20 +52,16 @@ CHOICES = ["red", "green", "blue"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _chat(text: str) -> str:
-    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
-
-
 def make_request(i: int, rng: random.Random) -> dict[str, Any]:
     """A mix: plain, regex, JSON schema, choice; some streamed; some cut short by max_tokens."""
     kind = ("plain", "regex", "schema", "choice")[i % 4]
     body: dict[str, Any] = {"temperature": 0.7, "seed": i, "max_tokens": rng.choice([4, 8, 16, 24])}
     if kind == "plain":
-        body["prompt"] = _chat(f"Say something about the number {i}.")
+        body["prompt"] = chat_prompt(f"Say something about the number {i}.")
     elif kind == "regex":
         # At least the pattern's 8 tokens: fewer is refused up front (422 max_tokens_too_small).
         body |= {
-            "prompt": _chat("A phone number:"),
+            "prompt": chat_prompt("A phone number:"),
             "constraints": {"regex": PHONE},
             "max_tokens": rng.choice([8, 16, 24]),
         }
@@ -72,12 +70,12 @@ def make_request(i: int, rng: random.Random) -> dict[str, Any]:
         # marked unsatisfied ("length"). With closing on, the rest are finished within budget.
         tight = rng.random() < 0.5
         body |= {
-            "prompt": _chat("Describe a person as JSON."),
+            "prompt": chat_prompt("Describe a person as JSON."),
             "constraints": {"json_schema": PERSON, "close_on_budget": not tight},
             "max_tokens": 10 if tight else 32,
         }
     else:
-        body |= {"prompt": _chat("Pick a colour."), "constraints": {"choice": CHOICES}}
+        body |= {"prompt": chat_prompt("Pick a colour."), "constraints": {"choice": CHOICES}}
     body["stream"] = i % 5 == 0
     return body
 
@@ -322,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from bench.stress._server import ServerProcess
+    from bench._server import ServerProcess
 
     server: ServerProcess | None = None
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
