@@ -13,7 +13,8 @@ PUBLISHED = (
 )
 
 
-def _f(value: Any, digits: int = 1) -> str:
+def cell(value: Any, digits: int = 1) -> str:
+    """A table cell: thousands separators, ``digits`` decimals for floats, a dash for no value."""
     if value is None:
         return "–"
     if isinstance(value, float):
@@ -21,7 +22,8 @@ def _f(value: Any, digits: int = 1) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def _ratio(a: float | None, b: float | None, digits: int = 2) -> str:
+def ratio(a: float | None, b: float | None, digits: int = 2) -> str:
+    """``a / b`` as a cell; a dash where either is missing or zero."""
     if not a or not b:
         return "–"
     return f"{a / b:.{digits}f}"
@@ -51,14 +53,14 @@ def overhead(result: dict[str, Any]) -> str:
             [
                 str(c),
                 f"{u['requests']}/{j['requests']}",
-                _f(u["tok_s"]),
-                _f(j["tok_s"]),
-                f"**{_ratio(j['tok_s'], u['tok_s'])}**",
-                f"{_f(u['mean_tokens'])} / {_f(j['mean_tokens'])}",
-                f"{_f(u['ms_per_token_p50'])} / {_f(j['ms_per_token_p50'])}",
-                _ratio(u["ms_per_token_p50"], j["ms_per_token_p50"]),
-                f"{_f(u['lat_p50_s'], 2)} / {_f(u['lat_p95_s'], 2)}",
-                f"{_f(j['lat_p50_s'], 2)} / {_f(j['lat_p95_s'], 2)}",
+                cell(u["tok_s"]),
+                cell(j["tok_s"]),
+                f"**{ratio(j['tok_s'], u['tok_s'])}**",
+                f"{cell(u['mean_tokens'])} / {cell(j['mean_tokens'])}",
+                f"{cell(u['ms_per_token_p50'])} / {cell(j['ms_per_token_p50'])}",
+                ratio(u["ms_per_token_p50"], j["ms_per_token_p50"]),
+                f"{cell(u['lat_p50_s'], 2)} / {cell(u['lat_p95_s'], 2)}",
+                f"{cell(j['lat_p50_s'], 2)} / {cell(j['lat_p95_s'], 2)}",
                 f"{u['load_before'][0]}→{u['load_after'][0]} / {j['load_before'][0]}→{j['load_after'][0]}",
             ]
         )
@@ -89,11 +91,11 @@ def ttft(result: dict[str, Any]) -> str:
             [
                 str(p["c"]),
                 "JSON" if p["mode"] == "json" else "unconstrained",
-                f"{_f(p.get('ttft_p50_ms'), 0)} / {_f(p.get('ttft_p95_ms'), 0)}",
-                _f(p.get("server_ttft_p50_ms"), 0),
-                _f(p.get("ms_per_step_p50")),
-                f"{_f(q.get('ttft_p50_ms'), 0)} / {_f(q.get('ttft_p95_ms'), 0)}" if q else "–",
-                _f(q.get("ms_per_step_p50")) if q else "–",
+                f"{cell(p.get('ttft_p50_ms'), 0)} / {cell(p.get('ttft_p95_ms'), 0)}",
+                cell(p.get("server_ttft_p50_ms"), 0),
+                cell(p.get("ms_per_step_p50")),
+                f"{cell(q.get('ttft_p50_ms'), 0)} / {cell(q.get('ttft_p95_ms'), 0)}" if q else "–",
+                cell(q.get("ms_per_step_p50")) if q else "–",
             ]
         )
     return _table(
@@ -123,13 +125,13 @@ def peer_raw(result: dict[str, Any]) -> str:
             [
                 str(p["c"]),
                 "JSON" if p["mode"] == "json" else "unconstrained",
-                _f(o["tok_s"]),
-                _f(p["tok_s"]),
-                f"**{_ratio(o['tok_s'], p['tok_s'])}**",
-                f"{_f(o['mean_tokens'])} / {_f(p['mean_tokens'])}",
-                f"{_f(o['lat_p50_s'], 2)} / {_f(p['lat_p50_s'], 2)}",
-                _ratio(p["lat_p50_s"], o["lat_p50_s"]),
-                f"{_f(o['ms_per_token_p50'])} / {_f(p['ms_per_token_p50'])}",
+                cell(o["tok_s"]),
+                cell(p["tok_s"]),
+                f"**{ratio(o['tok_s'], p['tok_s'])}**",
+                f"{cell(o['mean_tokens'])} / {cell(p['mean_tokens'])}",
+                f"{cell(o['lat_p50_s'], 2)} / {cell(p['lat_p50_s'], 2)}",
+                ratio(p["lat_p50_s"], o["lat_p50_s"]),
+                f"{cell(o['ms_per_token_p50'])} / {cell(p['ms_per_token_p50'])}",
                 f"{o['load_before'][0]} / {p['load_before'][0]}",
             ]
         )
@@ -159,9 +161,9 @@ def closing_table(result: dict[str, Any]) -> str:
                 f"{p['ok']}/{p['requests']}",
                 f"**{p['valid']}**",
                 str(p["closed"]),
-                _f(p["tok_s"]),
-                _f(p["mean_tokens"]),
-                f"{_f(p['lat_p50_s'], 2)} / {_f(p['lat_p95_s'], 2)}",
+                cell(p["tok_s"]),
+                cell(p["mean_tokens"]),
+                f"{cell(p['lat_p50_s'], 2)} / {cell(p['lat_p95_s'], 2)}",
                 str(p["finish"]),
             ]
         )
@@ -192,10 +194,10 @@ def structured_table(result: dict[str, Any]) -> str:
             [
                 labels[r["method"]],
                 f"**{r['valid']}/{r['n']}** ({r['validity']:.0%})",
-                _f(r["tok_s"]),
-                _f(r["valid_per_s"], 3),
-                f"{_f(r['lat_p50_s'], 2)} / {_f(r['lat_p95_s'], 2)}",
-                _f(r["mean_tokens"]),
+                cell(r["tok_s"]),
+                cell(r["valid_per_s"], 3),
+                f"{cell(r['lat_p50_s'], 2)} / {cell(r['lat_p95_s'], 2)}",
+                cell(r["mean_tokens"]),
                 ", ".join(f"{k}: {v}" for k, v in sorted(r["attempts"].items())),
                 ", ".join(f"{k}: {v}" for k, v in sorted(r["finish"].items())),
                 str(r["load_before"][0]),
@@ -294,7 +296,7 @@ def conformance_summary(result: dict[str, Any]) -> str:
         ["marked satisfied but fails jsonschema", str(ours["lies"]), "n/a (no flag)"],
         [
             "grammar compile ms p50 / p99 / max (metadata.compile_time_ms)",
-            " / ".join(_f(ours[k], 2) for k in ("compile_ms_p50", "compile_ms_p99", "compile_ms_max")),
+            " / ".join(cell(ours[k], 2) for k in ("compile_ms_p50", "compile_ms_p99", "compile_ms_max")),
             "not exposed",
         ],
         [
@@ -302,7 +304,7 @@ def conformance_summary(result: dict[str, Any]) -> str:
             ", ".join(f"{k}: {v}" for k, v in sorted(ours["attempts"].items())),
             "1 (no resampling)",
         ],
-        ["output tokens p50", _f(ours["tokens_p50"], 0), _f(peer["tokens_p50"], 0) if peer else "–"],
+        ["output tokens p50", cell(ours["tokens_p50"], 0), cell(peer["tokens_p50"], 0) if peer else "–"],
         [
             "wall time (s), concurrency",
             f"{ours['wall_s']}, {ours['concurrency']}",
@@ -382,7 +384,7 @@ def client_table(result: dict[str, Any]) -> str:
         row = [labels.get(key, key)]
         for p in passes:
             v = p["cases"].get(key, {})
-            row += [_f(v.get("median_us")), _f(v.get("p95_us")), f"**{_f(v.get('over_floor_us'))}**"]
+            row += [cell(v.get("median_us")), cell(v.get("p95_us")), f"**{cell(v.get('over_floor_us'))}**"]
         rows.append(row)
     return _table(head, rows)
 
@@ -399,12 +401,12 @@ def scaling_tables(result: dict[str, Any]) -> str:
             rows.append(
                 [
                     str(mt),
-                    f"{_f(u['mean_tokens'])} / {_f(j['mean_tokens'])}",
-                    _f(u["tok_s"]),
-                    _f(j["tok_s"]),
-                    _ratio(j["tok_s"], u["tok_s"]),
-                    f"{_f(u['ms_per_step_p50'])} / {_f(j['ms_per_step_p50'])}",
-                    f"{_f(u.get('ttft_p50_ms'), 0)} / {_f(j.get('ttft_p50_ms'), 0)}",
+                    f"{cell(u['mean_tokens'])} / {cell(j['mean_tokens'])}",
+                    cell(u["tok_s"]),
+                    cell(j["tok_s"]),
+                    ratio(j["tok_s"], u["tok_s"]),
+                    f"{cell(u['ms_per_step_p50'])} / {cell(j['ms_per_step_p50'])}",
+                    f"{cell(u.get('ttft_p50_ms'), 0)} / {cell(j.get('ttft_p50_ms'), 0)}",
                 ]
             )
     out = _table(
@@ -422,10 +424,10 @@ def scaling_tables(result: dict[str, Any]) -> str:
     rows = [
         [
             str(p["n_props"]),
-            _f(p.get("compile_ms_p50"), 2),
-            _f(p.get("compile_ms_max"), 2),
-            _f(p.get("ttft_p50_ms"), 0),
-            _f(p["ms_per_step_p50"]),
+            cell(p.get("compile_ms_p50"), 2),
+            cell(p.get("compile_ms_max"), 2),
+            cell(p.get("ttft_p50_ms"), 0),
+            cell(p["ms_per_step_p50"]),
         ]
         for p in sc["schema_size"]
     ]

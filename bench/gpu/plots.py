@@ -14,20 +14,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.gpu.run_gpu_bench import HBM_TBPS, weight_bytes
+from bench.gpu._shared import HBM_TBPS, weight_bytes
+from bench.plots import pyplot
 
 BF16_TFLOPS = 989.0  # H200 datasheet, dense
 CS = (1, 8, 64, 256)
 ARCH_32B = "qwen2.5-coder-32b"
-
-
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _phase(run: dict[str, Any], engine: str, name: str) -> dict[str, Any] | None:
@@ -51,7 +43,7 @@ def roofline_tok_s(arch: str, c: float) -> float:
 
 def throughput(run3: dict[str, Any], path: Path) -> Path:
     """Aggregate tok/s and engine ms/step against concurrency, 32B shape, JSON vs unconstrained."""
-    plt = _plt()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
     series = [
         ("32b-compile", "unc", "tab:blue", "-", "o", "compile + graphs (app.py), unconstrained"),
@@ -134,7 +126,7 @@ def throughput(run3: dict[str, Any], path: Path) -> Path:
 
 def single_stream(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Path:
     """Single-stream decode tok/s (1000 / engine ms per step) against the HBM roofline, 32B shape."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.4))
     labels, values, colors = [], [], []
     for run_name, run in runs:
@@ -184,7 +176,7 @@ def single_stream(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Path:
 
 def mask_fill(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Path:
     """Engine step and mask time at c=64/256: the service's parallel fill against vLLM's own."""
-    plt = _plt()
+    plt = pyplot()
     runs_by_name = dict(runs)
     # Unconstrained reference phases whose concurrency level was warm (run 2's first phase at a new
     # level stalled in the API process; its 32B-compile c=64 reference is left out, 7B uses the raw one).

@@ -8,19 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-HBM_TBPS = 4.8
-
-
-def _f(x: Any, nd: int = 1) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:,.{nd}f}"
-    return f"{x:,}" if isinstance(x, int) else str(x)
-
-
-def _ratio(a: Any, b: Any) -> str:
-    return f"{a / b:.2f}" if a and b else "–"
+from bench.gpu._shared import HBM_TBPS
+from bench.report import cell, ratio
 
 
 def render(res: dict[str, Any]) -> str:
@@ -38,8 +27,8 @@ def render(res: dict[str, Any]) -> str:
         if eng.get("start_error") or eng.get("failure"):
             out.append(f"Failed: {eng.get('start_error') or eng.get('failure')}\n")
         out.append(
-            f"Engine start {_f(info.get('engine_start_s'))} s (server process to ready "
-            f"{_f(eng.get('ready_wall_s'))} s); weights {sl.get('model_load_gib')} GiB; KV cache "
+            f"Engine start {cell(info.get('engine_start_s'))} s (server process to ready "
+            f"{cell(eng.get('ready_wall_s'))} s); weights {sl.get('model_load_gib')} GiB; KV cache "
             f"{sl.get('kv_cache_tokens')} tokens; graph capture {sl.get('graph_capture_s')} s; "
             f"cudagraph_mode {info.get('cudagraph_mode')}; async scheduling {info.get('async_scheduling')}; "
             f"vLLM {info.get('vllm_version')}, torch {info.get('torch_version')}, llguidance "
@@ -57,7 +46,7 @@ def render(res: dict[str, Any]) -> str:
             eff_bw = w["bytes_read_per_step"] / (tpot / 1000) / 1e12
             rows.append(f"| {mode} | {tpot:.2f} | {tok_s:.1f} | {roof_total:.1f} | "
                         f"{tok_s / roof_total:.0%} | {tok_s / roof_read:.0%} | {eff_bw:.2f} | "
-                        f"{(eff_bw / bw) if bw else 0:.0%} | {_f(p.get('ttft_p50_ms'))} |")
+                        f"{(eff_bw / bw) if bw else 0:.0%} | {cell(p.get('ttft_p50_ms'))} |")
         if rows:
             out.append("| single stream | ms/step (TPOT p50) | tok/s | roofline tok/s (4.8 TB/s ÷ all "
                        "weights) | of roofline | of roofline (bytes read/step) | effective TB/s | "
@@ -77,13 +66,13 @@ def render(res: dict[str, Any]) -> str:
             u, j = u or {}, j or {}
             probe = (j.get("probe") or {})
             out.append(
-                f"| {c} | {_f(u.get('agg_tok_s'))} | {_f(j.get('agg_tok_s'))} | "
-                f"{_ratio(j.get('agg_tok_s'), u.get('agg_tok_s'))} | {_f(u.get('tpot_p50_ms'), 2)} / "
-                f"{_f(j.get('tpot_p50_ms'), 2)} | {_s(u, 'lat_p50_ms')}/{_s(u, 'lat_p95_ms')} | "
-                f"{_s(j, 'lat_p50_ms')}/{_s(j, 'lat_p95_ms')} | {_f(u.get('ttft_p50_ms'), 0)}/"
-                f"{_f(u.get('ttft_p95_ms'), 0)} | {_f(j.get('ttft_p50_ms'), 0)}/"
-                f"{_f(j.get('ttft_p95_ms'), 0)} | "
-                f"{_f(probe.get('bitmask_ms_p50'), 2)} |")
+                f"| {c} | {cell(u.get('agg_tok_s'))} | {cell(j.get('agg_tok_s'))} | "
+                f"{ratio(j.get('agg_tok_s'), u.get('agg_tok_s'))} | {cell(u.get('tpot_p50_ms'), 2)} / "
+                f"{cell(j.get('tpot_p50_ms'), 2)} | {_s(u, 'lat_p50_ms')}/{_s(u, 'lat_p95_ms')} | "
+                f"{_s(j, 'lat_p50_ms')}/{_s(j, 'lat_p95_ms')} | {cell(u.get('ttft_p50_ms'), 0)}/"
+                f"{cell(u.get('ttft_p95_ms'), 0)} | {cell(j.get('ttft_p50_ms'), 0)}/"
+                f"{cell(j.get('ttft_p95_ms'), 0)} | "
+                f"{cell(probe.get('bitmask_ms_p50'), 2)} |")
         out.append("")
         # everything else, one row per phase
         out.append("| phase | kind | c | req | tok/s | TPOT p50 ms | lat p50 ms | TTFT p50 ms | finish | "
@@ -96,13 +85,13 @@ def render(res: dict[str, Any]) -> str:
             out.append(
                 f"| {pname} | {p.get('kind', 'http')}{'/' + p['output_kind'] if p.get('output_kind') else ''}"
                 f"{' ' + p['ctl']['mode'] if p.get('ctl', {}).get('mode', 'vllm') != 'vllm' else ''} | "
-                f"{p.get('c')} | {p.get('requests')} | {_f(p.get('agg_tok_s'))} | "
-                f"{_f(p.get('tpot_p50_ms'), 2)} | "
-                f"{_f(p.get('lat_p50_ms'), 0)} | {_f(p.get('ttft_p50_ms'), 0)} | {p.get('finish')} | "
-                f"{_f(p.get('satisfied'))} | {_f(ws)} | {_f(p.get('compile_ms_p50'), 2)}/"
-                f"{_f(p.get('compile_ms_max'), 2)} | {_f(pr.get('bitmask_ms_p50'), 2)} "
-                f"({_f(pr.get('bitmask_n_mean'))}) | {_f(pr.get('accept_ms_mean'), 2)} | "
-                f"{_f(pr.get('step_interval_ms_p50'), 2)} |{' ' + p['error'] if p.get('error') else ''}")
+                f"{p.get('c')} | {p.get('requests')} | {cell(p.get('agg_tok_s'))} | "
+                f"{cell(p.get('tpot_p50_ms'), 2)} | "
+                f"{cell(p.get('lat_p50_ms'), 0)} | {cell(p.get('ttft_p50_ms'), 0)} | {p.get('finish')} | "
+                f"{cell(p.get('satisfied'))} | {cell(ws)} | {cell(p.get('compile_ms_p50'), 2)}/"
+                f"{cell(p.get('compile_ms_max'), 2)} | {cell(pr.get('bitmask_ms_p50'), 2)} "
+                f"({cell(pr.get('bitmask_n_mean'))}) | {cell(pr.get('accept_ms_mean'), 2)} | "
+                f"{cell(pr.get('step_interval_ms_p50'), 2)} |{' ' + p['error'] if p.get('error') else ''}")
         out.append("")
     out.extend(_run4(res))
     if res.get("skipped"):
@@ -131,10 +120,11 @@ def _run4(res: dict[str, Any]) -> list[str]:
             if not srv or not (pname.startswith(("first_", "second_", "raw_first_", "warm"))):
                 continue
             pr = p.get("probe") or {}
-            rows.append(f"| {pname} | {p.get('c')} | {_f(p.get('wall_s'), 3)} | {srv.get('plan_start_s')} | "
-                        f"{srv.get('engine_call_s')} | {srv.get('plan_threads')} | "
-                        f"{srv.get('loop_late_ms_max')} | {srv.get('gc_ms_max', '–')} | "
-                        f"{_f(pr.get('first_step_s'), 3)} | {_f(pr.get('step_ms_max'))} |")
+            rows.append(f"| {pname} | {p.get('c')} | {cell(p.get('wall_s'), 3)} | "
+                        f"{srv.get('plan_start_s')} | {srv.get('engine_call_s')} | "
+                        f"{srv.get('plan_threads')} | {srv.get('loop_late_ms_max')} | "
+                        f"{srv.get('gc_ms_max', '–')} | "
+                        f"{cell(pr.get('first_step_s'), 3)} | {cell(pr.get('step_ms_max'))} |")
         if rows:
             out.append(f"### {name}: warm-up rounds, server timeline (s after the round starts: min, p50, "
                        "max)\n")

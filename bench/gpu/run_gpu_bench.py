@@ -11,7 +11,7 @@ JSON strings, grammar compile time; and, from ``so_probe`` inside EngineCore, th
 masks per step. Bench-only routes added to the same app run the same requests straight on vLLM's
 ``AsyncLLM`` (no HTTP, no wrapper) for the wrapper-overhead ratio.
 
-Since run 4, every phase also carries the server's own timeline (``/_bench/trace``: when requests
+Every phase also carries the server's own timeline (``/_bench/trace``: when requests
 arrived, were planned and on how many threads, reached the engine, got a first token; how late the
 event loop ran) and, for the warm-up rounds, stack samples of the API process and EngineCore
 (``so_probe``'s sampler). ``--first-bursts`` meets each new concurrency level on the raw route first,
@@ -22,6 +22,10 @@ Device call (after the payload parts; see bench/gpu/README.md)::
     . .gpu/last/env.sh && python3 -m bench.gpu.run_gpu_bench --out $OUT
 
 Locally, ``--fake`` runs the whole HTTP/driver path against a fake engine (no vLLM engine is started).
+
+Where the pieces live: ``_plan`` (engine settings, phases, requests), ``_serve`` (the server process),
+``_client`` (a phase's requests and summary), ``_analysis`` (the server side's records), ``_shared``
+(shapes, workload, device helpers, shared with ``step_split``). This module runs them in order.
 """
 
 from __future__ import annotations
@@ -29,178 +33,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-T_START = time.time()
-
-MAX_TOKENS = 128
-TEMPERATURE = 1.0
-HBM_TBPS = 4.8  # H200 datasheet HBM3e bandwidth
-
-# Practically never closes within MAX_TOKENS, so constrained and unconstrained requests generate the
-# same number of tokens: its shortest output is 122 Qwen2.5 tokens (12 items of ~10), and sampled items
-# are longer (multi-digit ids, non-empty names). The service answers 422 to a schema whose shortest
-# output exceeds max_tokens, hence not more items. Strings, integers, booleans and punctuation: the
-# mask work of an ordinary record list.
-LIST_SCHEMA: dict[str, Any] = {
-    "type": "array",
-    "minItems": 12,
-    "items": {
-        "type": "object",
-        "properties": {
-            "id": {"type": "integer"},
-            "name": {"type": "string", "maxLength": 16},
-            "ok": {"type": "boolean"},
-        },
-        "required": ["id", "name", "ok"],
-        "additionalProperties": False,
-    },
-}
-# Closes by itself: checks that outputs satisfy the schema and are compact.
-CLOSING_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "integer", "minimum": 0, "maximum": 99999},
-        "name": {"type": "string", "maxLength": 12},
-        "ok": {"type": "boolean"},
-    },
-    "required": ["id", "name", "ok"],
-    "additionalProperties": False,
-}
-
-ARCH = {  # published configs (see ../shared/tools/gpu-dummy-model)
-    "qwen2.5-coder-32b": {"hidden": 5120, "layers": 64, "heads": 40, "kv_heads": 8, "inter": 27648},
-    "qwen2.5-coder-7b": {"hidden": 3584, "layers": 28, "heads": 28, "kv_heads": 4, "inter": 18944},
-}
-VOCAB = 152064
-
-GRAPHS = {"compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
-                                 "max_cudagraph_capture_size": 256}}
-# name, arch, enforce_eager, extra engine args, latest end (s after start), step estimates (ms) by c.
-# "compile" is what modal_service/app.py ships: enforce_eager=False and vLLM's default compilation
-# (torch.compile + piecewise and full CUDA graphs).
-ENGINES: list[dict[str, Any]] = [
-    {"name": "32b-graphs", "arch": "qwen2.5-coder-32b", "enforce_eager": False, "extra": GRAPHS,
-     "end_by": 300, "start_est": 110, "step": {1: 17, 8: 19, 64: 28, 256: 45}},
-    {"name": "32b-compile", "arch": "qwen2.5-coder-32b", "enforce_eager": False, "extra": {},
-     "end_by": 480, "start_est": 150, "step": {1: 17, 8: 19, 64: 28, 256: 45}},
-    {"name": "7b-graphs", "arch": "qwen2.5-coder-7b", "enforce_eager": False, "extra": GRAPHS,
-     "end_by": 555, "start_est": 50, "step": {1: 6, 8: 7, 64: 12, 256: 25}},
-    {"name": "32b-eager", "arch": "qwen2.5-coder-32b", "enforce_eager": True, "extra": {},
-     "end_by": 555, "start_est": 80, "step": {1: 40, 8: 42, 64: 50, 256: 70}},
-    # The app's setting on vLLM's V1 model runner (0.26 picks the V2 runner for dense models): a cheap
-    # single-stream variant (different input preparation and sampler, same model kernels).
-    {"name": "32b-compile-v1", "arch": "qwen2.5-coder-32b", "enforce_eager": False, "extra": {},
-     "env": {"VLLM_USE_V2_MODEL_RUNNER": "0"}, "diag": False,
-     "end_by": 555, "start_est": 100, "step": {1: 17, 8: 19, 64: 28, 256: 45}},
-]
-DEFAULT_ENGINES = ["32b-graphs", "32b-compile", "7b-graphs"]
-
-
-def variant_engine(name: str) -> dict[str, Any]:
-    """``32b+VARIANT`` (run 5): the app's setting plus one of ``step_split.VARIANTS``' engine keywords,
-    with the c=1 phases, to check a setting found there on the service's HTTP path."""
-    from bench.gpu.step_split import VARIANTS  # step_split imports this module: here, not at the top
-
-    v = VARIANTS[name.removeprefix("32b+")]
-    return {"name": name, "arch": "qwen2.5-coder-32b", "enforce_eager": False, "extra": v["kwargs"],
-            "diag": False, "end_by": 555, "start_est": 130, "step": {1: 17, 8: 19, 64: 28, 256: 45}}
-UPSTREAM = {"mode": "vllm"}  # so_probe: vLLM's own mask fill, the service's patch bypassed
-SAMPLED = {"mode": "service", "sample": True}  # so_probe: stack samples of both processes
-
-
-def _p(name: str, kind: str, c: int, n: int, mode: str, prio: int, **kw: Any) -> dict[str, Any]:  # noqa: PLR0917
-    return {"name": name, "kind": kind, "c": c, "n": n, "mode": mode, "prio": prio, **kw}
-
-
-def _matrix(*cs: int) -> list[dict[str, Any]]:
-    n = {1: 3, 8: 16, 64: 128, 256: 256}
-    return [_p(f"c{c}_{m}", "http", c, n[c], m, 1) for c in cs for m in ("unc", "json")]
-
-
-# Priority 1 first; priority 2 phases run while the engine's window has time left. Every phase runs
-# with the service's own mask fill (modal_service.vllm_patches) unless ``ctl`` says otherwise.
-PHASES: dict[str, list[dict[str, Any]]] = {
-    "32b-graphs": [
-        *_matrix(1, 64),
-        _p("c64_json_vllm", "http", 64, 128, "json", 1, ctl=UPSTREAM),
-        *_matrix(8, 256),
-        _p("raw_c64_unc", "raw", 64, 128, "unc", 1),
-        _p("c64_json_closing", "http", 64, 64, "json_closing", 2),
-        _p("c64_json_close", "http", 64, 128, "json_close", 2),
-        _p("c64_unc_r2", "http", 64, 128, "unc", 2), _p("c64_json_r2", "http", 64, 128, "json", 2),
-        _p("c64_json_vllm_r2", "http", 64, 128, "json", 2, ctl=UPSTREAM),
-        _p("raw_c64_json", "raw", 64, 128, "json", 2),
-        _p("c256_json_vllm", "http", 256, 256, "json", 2, ctl=UPSTREAM),
-        _p("raw_c1_unc", "raw", 1, 2, "unc", 2),
-    ],
-    "32b-compile": [
-        *_matrix(1),
-        # Run 4: A-B-B-A blocks at c=64 (unconstrained / JSON), so the ratio has a spread, then closing
-        # on budget on / off / on (every JSON request is cut at max_tokens).
-        *[_p(f"c64_{m}_{4 * b + i}", "http", 64, 128, m, 1) for b in range(3)
-          for i, m in enumerate(("unc", "json", "json", "unc"), start=1)],
-        _p("c64_json_close_1", "http", 64, 128, "json_close", 1),
-        _p("c64_json_off_1", "http", 64, 128, "json", 1),
-        _p("c64_json_close_2", "http", 64, 128, "json_close", 1),
-        _p("c64_json_close_min1", "http", 64, 128, "json_close_min1", 1, ctl=SAMPLED),
-        _p("c64_json_min1", "http", 64, 128, "json_min1", 1),
-        _p("c64_json_close_s", "http", 64, 128, "json_close", 1, ctl=SAMPLED),
-        # Run 4c: two more A-B-B-A blocks, then gc.freeze() in the server, then two more.
-        *[_p(f"c64_{m}_{4 * b + i}", "http", 64, 128, m, 1) for b in range(3, 5)
-          for i, m in enumerate(("unc", "json", "json", "unc"), start=1)],
-        *[{**_p(f"c64_{m}_f{4 * b + i}", "http", 64, 128, m, 1), "gc_freeze": b == 0 and i == 1}
-          for b in range(2) for i, m in enumerate(("unc", "json", "json", "unc"), start=1)],
-        *_matrix(64, 8, 256),
-        _p("c64_json_vllm", "http", 64, 128, "json", 2, ctl=UPSTREAM),
-        _p("c256_json_vllm", "http", 256, 256, "json", 2, ctl=UPSTREAM),
-        _p("raw_c1_unc", "raw", 1, 2, "unc", 2),
-    ],
-    "7b-graphs": [
-        *_matrix(1, 64),
-        _p("c64_json_vllm", "http", 64, 128, "json", 1, ctl=UPSTREAM),
-        *_matrix(256),
-        *[{**ph, "prio": 2} for ph in _matrix(8)],
-        _p("raw_c64_unc", "raw", 64, 128, "unc", 2),
-    ],
-    "32b-compile-v1": [*_matrix(1), _p("raw_c1_unc", "raw", 1, 2, "unc", 1)],
-    "32b-eager": [
-        *_matrix(64, 1),
-        _p("c64_json_vllm", "http", 64, 128, "json", 1, ctl=UPSTREAM),
-    ],
-}
-
-
-# Device-side helper shared by the GEMV floors here and in step_split.py: fn captured in one CUDA graph
-# (warmed on a side stream first); returns the graph and ms per replay.
-GRAPH_CODE = r"""
-def graph(fn):
-    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3): g.replay()
-    torch.cuda.synchronize(); t = time.perf_counter()
-    for _ in range(20): g.replay()
-    torch.cuda.synchronize()
-    return g, (time.perf_counter() - t) / 20 * 1000
-"""
+from bench.gpu._analysis import parse_server_log, probe_records, probe_summary, trace_summary
+from bench.gpu._client import http_phase, raw_phase, summarize
+from bench.gpu._plan import (
+    CLOSING_SCHEMA,
+    DEFAULT_ENGINES,
+    ENGINES,
+    MAX_TOKENS,
+    PHASES,
+    TEMPERATURE,
+    variant_engine,
+)
+from bench.gpu._shared import GRAPH_CODE, LIST_SCHEMA, ROOT, T_START, log, model_dir, weight_bytes
 
 # bf16 GEMVs (M=1, torch F.linear = cuBLAS, what vLLM's unquantized linear layers run) over every
 # weight matrix one 32B decode step reads, distinct buffers (61 GiB, far beyond L2), in one CUDA graph:
@@ -273,574 +128,6 @@ def host_facts() -> dict[str, Any]:
         threading.stack_size(old)
     return out
 
-
-def log(msg: str) -> None:
-    print(f"[{time.time() - T_START:7.1f}s] {msg}", flush=True)
-
-
-def weight_bytes(arch: str) -> dict[str, float]:
-    """bf16 parameter bytes: all weights, and those one decode step reads (one embedding row)."""
-    a = ARCH[arch]
-    h, kv = a["hidden"], a["hidden"] // a["heads"] * a["kv_heads"]
-    per_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * a["inter"] + 2 * h
-    total = 2 * VOCAB * h + a["layers"] * per_layer + h
-    read = total - VOCAB * h + h
-    return {"params": total, "bytes_total": 2 * total, "bytes_read_per_step": 2 * read}
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
-
-
-def ws_outside_strings(text: str) -> int:
-    """Whitespace characters outside JSON string literals (0 for compact JSON)."""
-    n, in_str, esc = 0, False, False
-    for ch in text:
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in " \t\r\n":
-            n += 1
-    return n
-
-
-def constraints_for(mode: str, i: int) -> dict[str, Any] | None:
-    if mode == "unc":
-        return None
-    if mode == "json_closing":
-        return {"json_schema": CLOSING_SCHEMA}
-    if mode.startswith("json_new:"):  # a schema no request has used yet, the same for the whole burst
-        return {"json_schema": {**CLOSING_SCHEMA, "title": mode.split(":", 1)[1]}}
-    schema = LIST_SCHEMA
-    if mode.endswith("_min1"):  # closing only has to finish the item it is in and close the list
-        schema = {**LIST_SCHEMA, "minItems": 1}
-        mode = mode.removesuffix("_min1")
-    if mode == "json_unique":  # a new schema per request: compiles on the hot path, no cache hit
-        schema = {**LIST_SCHEMA, "title": f"records-{i}-{time.time_ns()}"}
-    # Budget-cut output is reported as is, not finished by the closing search (json_close: it is).
-    c: dict[str, Any] = {"json_schema": schema, "close_on_budget": mode == "json_close"}
-    if mode == "json_flex":
-        c["whitespace"] = "flexible"
-    return c
-
-
-def prompt_for(i: int) -> str:
-    return f"Request {i}. List the records of the inventory as a JSON array of objects with id, name, ok.\n"
-
-
-# ------------------------------------------------------------------------------------------ server side
-def _stub_client_package() -> None:
-    """``langchain_ananke/__init__`` imports langchain_core, which the device lacks; the service needs only
-    ``langchain_ananke.protocol``, so register the package without running its ``__init__``."""
-    if "langchain_ananke" in sys.modules:
-        return
-    try:
-        import langchain_core  # noqa: F401
-    except ImportError:
-        pkg = types.ModuleType("langchain_ananke")
-        pkg.__path__ = [str(ROOT / "langchain_ananke")]
-        sys.modules["langchain_ananke"] = pkg
-
-
-class _FakeEngine:
-    """Stand-in for local checks of the driver: real app, generator and compiler; fake tokens."""
-
-    @staticmethod
-    def make(config: Any) -> Any:
-        from modal_service.engine import Delta, Engine
-
-        class FakeEngine(Engine):
-            def _build(self) -> None:
-                import llguidance.hf
-                from transformers import PreTrainedTokenizerFast
-
-                from modal_service.constraints import ConstraintCompiler
-
-                tok = PreTrainedTokenizerFast(tokenizer_file=str(Path(self.config.model) / "tokenizer.json"))
-                self.tokenizer = tok
-                self.eos_token_ids = frozenset({151645})
-                ll_tok = llguidance.hf.from_tokenizer(tok, n_vocab=VOCAB)
-                self.compiler = ConstraintCompiler(ll_tok, vocab_size=VOCAB, eos_token_ids=self.eos_token_ids)
-
-            async def stream(self, prompt: str, **kw: Any) -> Any:  # type: ignore[override]
-                text = '[{"id":1,"name":"a","ok":true}' if kw.get("constraint") else "x"
-                for i in range(kw["max_tokens"]):
-                    await asyncio.sleep(0.001)
-                    last = i == kw["max_tokens"] - 1
-                    yield Delta(text=text if i == 0 else "1", token_ids=[16], prompt_tokens=5,
-                                finish_reason="length" if last else None)
-
-        return FakeEngine(config)
-
-
-def add_bench_routes(app: Any, engine: Any, fake: bool) -> None:
-    """``/_bench/info`` and ``/_bench/raw``: the same requests straight on AsyncLLM, in this process."""
-    from fastapi import Body
-
-    from langchain_ananke.protocol import Constraints
-
-    @app.get("/_bench/info")
-    async def info() -> dict[str, Any]:
-        out: dict[str, Any] = {"state": engine.state, "error": engine.error,
-                               "engine_start_s": engine.start_seconds, "pid": os.getpid()}
-        for mod in ("vllm", "torch", "llguidance", "fastapi", "uvicorn", "pydantic", "transformers"):
-            with contextlib.suppress(Exception):
-                out[f"{mod}_version"] = __import__(mod).__version__
-        out["python"] = sys.version.split()[0]
-        from modal_service import vllm_patches
-
-        out["vllm_patches"] = dict(vllm_patches.STATUS)
-        llm = getattr(engine, "_llm", None)
-        if llm is not None:
-            vc = llm.vllm_config
-            getters = {
-                "async_scheduling": lambda: vc.scheduler_config.async_scheduling,
-                "cudagraph_mode": lambda: str(vc.compilation_config.cudagraph_mode),
-                "compilation_mode": lambda: str(vc.compilation_config.mode),
-                "cudagraph_capture_sizes": lambda: list(vc.compilation_config.cudagraph_capture_sizes or []),
-                "structured_outputs_config": lambda: str(vc.structured_outputs_config),
-                "max_num_seqs": lambda: vc.scheduler_config.max_num_seqs,
-                "vocab_size": llm.model_config.get_vocab_size,
-                "tokenizer_len": lambda: len(engine.tokenizer),
-                "enable_prefix_caching": lambda: vc.cache_config.enable_prefix_caching,
-            }
-            for key, get in getters.items():
-                with contextlib.suppress(Exception):
-                    out[key] = get()
-        return out
-
-    @app.post("/_bench/raw")
-    async def raw(body: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
-        c, n, mode = int(body["c"]), int(body["n"]), body["mode"]
-        max_tokens = int(body.get("max_tokens", MAX_TOKENS))
-        delta = body.get("output_kind") == "delta"
-        so = None
-        cons = constraints_for(mode, 0)
-        if cons is not None:
-            so = engine.compiler.compile(Constraints(**cons), max_tokens)[0].structured_outputs
-        records: list[dict[str, Any]] = []
-        counter = iter(range(n))
-        t_begin = time.perf_counter()
-
-        async def one(i: int) -> None:
-            started = time.perf_counter()
-            first: float | None = None
-            tokens, finish = 0, None
-            if fake:
-                for _ in range(max_tokens):
-                    await asyncio.sleep(0.001)
-                tokens, finish = max_tokens, "length"
-            else:
-                from vllm import SamplingParams
-                from vllm.sampling_params import RequestOutputKind
-
-                params = SamplingParams(
-                    max_tokens=max_tokens, temperature=TEMPERATURE, top_p=1.0, structured_outputs=so,
-                    output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY)
-                async for out in engine._llm.generate(prompt_for(i), params, f"raw-{time.time_ns()}-{i}"):
-                    got = len(out.outputs[0].token_ids)
-                    if got and first is None:
-                        first = time.perf_counter()
-                    tokens = tokens + got if delta else got
-                    if out.finished:
-                        finish = out.outputs[0].finish_reason
-            done = time.perf_counter()
-            records.append({"latency_ms": (done - started) * 1000, "tokens": tokens, "finish": finish,
-                            "t_start": started - t_begin,
-                            "ttft_ms": (first - started) * 1000 if (first and delta) else None,
-                            "gen_ms": (done - started) * 1000, "t_end": done - t_begin})
-
-        async def worker() -> None:
-            for i in counter:
-                await one(i)
-
-        await asyncio.gather(*(worker() for _ in range(c)))
-        return {"records": records, "wall_s": time.perf_counter() - t_begin}
-
-
-def serve(spec: dict[str, Any]) -> None:
-    _stub_client_package()
-    import logging
-
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("modal_service").setLevel(logging.INFO)  # the vllm_patches lines, in EngineCore too
-    import uvicorn
-
-    from modal_service.engine import Engine, EngineConfig
-    from modal_service.generation import Limits
-    from modal_service.server import create_app
-
-    config = EngineConfig(
-        model=spec["model"],
-        max_model_len=4096,
-        gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.9),
-        enforce_eager=spec["enforce_eager"],
-        max_num_seqs=256,
-        load_format="dummy",
-        extra=spec.get("extra", {}),
-    )
-    engine = _FakeEngine.make(config) if spec.get("fake") else Engine(config)
-    app = create_app(engine, limits=Limits(max_tokens=2048, max_inflight=1024))
-    add_bench_routes(app, engine, bool(spec.get("fake")))
-    from bench.gpu import so_probe
-
-    so_probe.start_sampler()
-    uvicorn.run(_traced(app, engine), host="127.0.0.1", port=spec["port"], log_level="warning",
-                access_log=False)
-
-
-#: Per-request timestamps in the server process (wall clock), read and cleared by ``/_bench/trace``.
-TRACE: list[dict[str, Any]] = []
-
-
-def _traced(app: Any, engine: Any) -> Any:  # noqa: PLR0915
-    """Timestamps of each ``/generate_api`` request: arrival, planning (which thread), engine call,
-    end; plus the event loop's lateness. Wraps the app, ``Generator.plan`` and ``Engine.stream``."""
-    import gc
-    import threading
-
-    generator = app.state.generator
-    plan, stream = generator.plan, engine.stream
-
-    def traced_plan(req: Any) -> Any:
-        t0 = time.time()
-        try:
-            return plan(req)
-        finally:
-            TRACE.append({"k": "plan", "t0": t0, "t1": time.time(), "th": threading.current_thread().name})
-
-    async def traced_stream(prompt: str, **kw: Any) -> Any:
-        t0, first = time.time(), None
-        async for delta in stream(prompt, **kw):
-            first = first or time.time()
-            yield delta
-        TRACE.append({"k": "engine", "t0": t0, "first": first, "t1": time.time()})
-
-    generator.plan, engine.stream = traced_plan, traced_stream
-    loop_lag: dict[str, Any] = {"task": None}
-    gc_started: dict[str, float] = {}
-
-    def on_gc(phase: str, info: dict[str, Any]) -> None:  # collections over 20 ms, any thread
-        if phase == "start":
-            gc_started["t"] = time.perf_counter()
-            return
-        ms = (time.perf_counter() - gc_started.get("t", time.perf_counter())) * 1000
-        if ms > 20:
-            TRACE.append({"k": "gc", "t": time.time(), "gen": info["generation"], "ms": round(ms, 1)})
-
-    gc.callbacks.append(on_gc)
-
-    async def watch_loop() -> None:
-        while True:
-            t = time.time()
-            await asyncio.sleep(0.01)
-            late = (time.time() - t - 0.01) * 1000
-            if late > 50:
-                TRACE.append({"k": "loop", "t": time.time(), "ms": round(late, 1)})
-
-    async def wrapper(scope: Any, receive: Any, send: Any) -> None:
-        if loop_lag["task"] is None:
-            loop_lag["task"] = asyncio.ensure_future(watch_loop())
-        if scope["type"] == "http" and scope["path"] == "/_bench/gc_freeze":
-            # what a server could do once its engine is up: move every object alive now out of the
-            # collector's generations, so a full collection no longer walks them
-            gc.collect()
-            gc.freeze()
-            body = json.dumps({"frozen": gc.get_freeze_count()}).encode()
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/json")]})
-            await send({"type": "http.response.body", "body": body})
-            return
-        if scope["type"] == "http" and scope["path"] == "/_bench/trace":
-            body = json.dumps([*TRACE, {"k": "cpu", "t": time.time(), "cpu_s": time.process_time()}]).encode()
-            TRACE.clear()
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/json")]})
-            await send({"type": "http.response.body", "body": body})
-            return
-        if scope["type"] != "http" or scope["path"] != "/generate_api":
-            await app(scope, receive, send)
-            return
-        t0 = time.time()
-        try:
-            await app(scope, receive, send)
-        finally:
-            TRACE.append({"k": "http", "t0": t0, "t1": time.time()})
-
-    return wrapper
-
-
-# ------------------------------------------------------------------------------------------ client side
-def summarize(records: list[dict[str, Any]], wall_s: float, c: int) -> dict[str, Any]:
-    ok = [r for r in records if r.get("tokens")]
-    toks = [r["tokens"] for r in ok]
-    lat = [r["latency_ms"] for r in ok]
-    ttft = [r["ttft_ms"] for r in ok if r.get("ttft_ms")]
-    tpot = [(r["gen_ms"] - r["ttft_ms"]) / (r["tokens"] - 1) for r in ok
-            if r.get("ttft_ms") and r["tokens"] > 1]
-    ms_tok = [r["gen_ms"] / r["tokens"] for r in ok]
-    finishes: dict[str, int] = {}
-    for r in records:
-        finishes[str(r.get("finish"))] = finishes.get(str(r.get("finish")), 0) + 1
-    out: dict[str, Any] = {
-        "c": c, "requests": len(records), "ok": len(ok),
-        "errors": sum(1 for r in records if r.get("error")),
-        "tokens": sum(toks), "mean_tokens": sum(toks) / len(toks) if toks else 0,
-        "wall_s": round(wall_s, 3), "agg_tok_s": round(sum(toks) / wall_s, 1) if wall_s > 0 else 0,
-        "lat_p50_ms": percentile(lat, 50), "lat_p95_ms": percentile(lat, 95),
-        "ttft_p50_ms": percentile(ttft, 50), "ttft_p95_ms": percentile(ttft, 95),
-        "tpot_p50_ms": percentile(tpot, 50), "tpot_p95_ms": percentile(tpot, 95),
-        "ms_per_token_p50": percentile(ms_tok, 50), "finish": finishes,
-    }
-    # Tokens of requests that finished in the middle 80 % of the wall time. Only meaningful with many
-    # rounds per worker; the one-to-two-round phases here make it noise, and the report ignores it.
-    ends = sorted((r["t_end"], r["tokens"]) for r in ok if "t_end" in r)
-    if len(ends) >= 4 and c > 1:
-        lo, hi = 0.1 * wall_s, 0.9 * wall_s
-        mid = [t for te, t in ends if lo <= te <= hi]
-        out["steady_tok_s"] = round(sum(mid) / (hi - lo), 1) if mid else None
-    sat = [r["satisfied"] for r in records if r.get("satisfied") is not None]
-    if sat:
-        out["satisfied"] = sum(1 for s in sat if s)
-    ws = [r["ws"] for r in records if r.get("ws") is not None]
-    if ws:
-        out["ws_outside_strings_total"] = sum(ws)
-        out["requests_with_ws"] = sum(1 for w in ws if w)
-    ws_flex = [r["ws_flex"] for r in records if r.get("ws_flex") is not None]
-    if ws_flex:
-        out["flex_ws_outside_strings_total"] = sum(ws_flex)
-    comp = [r["compile_ms"] for r in records if r.get("compile_ms") is not None]
-    if comp:
-        out["compile_ms_p50"] = percentile(comp, 50)
-        out["compile_ms_max"] = max(comp)
-        out["cache_hits"] = sum(1 for r in records if r.get("cache_hit"))
-    closed = [r["closed"] for r in records if r.get("closed")]
-    if closed:
-        out["closed_on_budget"] = len(closed)
-        for key in ("dropped_tokens", "added_tokens", "search_nodes"):
-            vals = [cl[key] for cl in closed if key in cl]
-            if vals:
-                out[f"closing_{key}_p50"], out[f"closing_{key}_max"] = percentile(vals, 50), max(vals)
-    if lat:
-        out["lat_min_ms"], out["lat_max_ms"] = round(min(lat), 1), round(max(lat), 1)
-    starts = [r["t_start"] for r in records if "t_start" in r]
-    if starts:
-        out["last_start_s"] = round(max(starts), 3)
-    errs = [r["error"] for r in records if r.get("error")]
-    if errs:
-        out["first_error"] = errs[0][:300]
-    sample = next((r["text"] for r in ok if r.get("text")), None)
-    if sample:
-        out["sample"] = sample[:160]
-    return out
-
-
-async def http_phase(  # noqa: PLR0917
-    port: int, c: int, n: int, mode: str, timeout_s: float, max_tokens: int = MAX_TOKENS
-) -> tuple[list[dict], float]:
-    import aiohttp
-
-    records: list[dict[str, Any]] = []
-    counter = iter(range(n))
-    url = f"http://127.0.0.1:{port}/generate_api"
-    conn = aiohttp.TCPConnector(limit=0, force_close=False)
-    t_begin = time.perf_counter()
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as sess:
-
-        async def worker() -> None:
-            for i in counter:
-                body: dict[str, Any] = {"prompt": prompt_for(i), "max_tokens": max_tokens,
-                                        "temperature": TEMPERATURE}
-                cons = constraints_for(mode, i)
-                if cons is not None:
-                    body["constraints"] = cons
-                started = time.perf_counter()
-                rec: dict[str, Any] = {}
-                try:
-                    async with sess.post(url, json=body) as resp:
-                        data = await resp.json(content_type=None)
-                        if resp.status != 200:
-                            rec["error"] = f"{resp.status} {json.dumps(data)[:300]}"
-                except Exception as exc:
-                    rec["error"] = f"{type(exc).__name__}: {exc}"
-                    data = {}
-                done = time.perf_counter()
-                rec["latency_ms"] = (done - started) * 1000
-                rec["t_start"], rec["t_end"] = started - t_begin, done - t_begin
-                if "error" not in rec:
-                    md = data.get("metadata", {})
-                    text = data.get("generated_text", "")
-                    rec.update(tokens=data.get("tokens_generated", 0), gen_ms=data.get("generation_time_ms"),
-                               ttft_ms=md.get("time_to_first_token_ms"), finish=data.get("finish_reason"),
-                               satisfied=data.get("constraint_satisfied"),
-                               compile_ms=md.get("compile_time_ms"), cache_hit=md.get("cache_hit"),
-                               text=text, closed=md.get("closed_on_budget"))
-                    if cons is not None and mode != "json_flex":
-                        rec["ws"] = ws_outside_strings(text)
-                    elif mode == "json_flex":
-                        rec["ws_flex"] = ws_outside_strings(text)
-                records.append(rec)
-
-        await asyncio.gather(*(worker() for _ in range(c)))
-    return records, time.perf_counter() - t_begin
-
-
-async def raw_phase(  # noqa: PLR0917
-    port: int, c: int, n: int, mode: str, output_kind: str, timeout_s: float, max_tokens: int = MAX_TOKENS
-) -> tuple[list[dict], float]:
-    import aiohttp
-
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as sess, sess.post(
-        f"http://127.0.0.1:{port}/_bench/raw",
-        json={"c": c, "n": n, "mode": mode, "max_tokens": max_tokens, "output_kind": output_kind},
-    ) as resp:
-        data = await resp.json(content_type=None)
-        if resp.status != 200:
-            raise RuntimeError(f"raw phase: {resp.status} {json.dumps(data)[:400]}")
-    return data["records"], data["wall_s"]
-
-
-def _probe_records(probe_dir: Path) -> list[dict[str, Any]]:
-    recs: list[dict[str, Any]] = []
-    for f in probe_dir.glob("probe-*.jsonl"):
-        pid = f.stem.split("-", 1)[1]
-        for line in f.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            r["pid"] = pid
-            recs.append(r)
-    return recs
-
-
-def probe_summary(  # noqa: PLR0917
-    probe_dir: Path, t0: float, t1: float, c: int, api_pid: Any = None,
-    recs: list[dict[str, Any]] | None = None,
-) -> dict[str, Any] | None:
-    recs = _probe_records(probe_dir) if recs is None else recs
-    bm = [r for r in recs if r["k"] == "bm" and t0 <= r["t0"] <= t1]
-    st = [r for r in recs if r["k"] == "st" and t0 <= r["t1"] <= t1]
-    sampled = [r for r in recs if r["k"] in ("stk", "lag") and t0 <= r["t"] <= t1]
-    if not bm and not st and not sampled:
-        return None
-    out: dict[str, Any] = {"bitmask_calls": len(bm), "steps": len(st)}
-    if bm:
-        full = [r for r in bm if r["n"] >= max(1, int(0.75 * c))] or bm
-        out["bitmask_ms_p50"] = round(percentile([(r["t1"] - r["t0"]) * 1000 for r in full], 50) or 0, 3)
-        out["bitmask_ms_mean"] = round(sum((r["t1"] - r["t0"]) * 1000 for r in full) / len(full), 3)
-        out["bitmask_n_mean"] = round(sum(r["n"] for r in full) / len(full), 1)
-        out["accept_ms_mean"] = round(sum(r["acc_ms"] for r in full) / len(full), 3)
-        out["bitmask_modes"] = sorted({r["mode"] for r in bm})
-    if len(st) > 2:
-        ts = sorted(r["t1"] for r in st)
-        gaps = [(b - a) * 1000 for a, b in itertools.pairwise(ts)]
-        out["step_interval_ms_p50"] = round(percentile(gaps, 50) or 0, 3)
-    if st:  # where the engine spent a stall: one long step, or no steps at all
-        out["step_ms_max"] = round(max(r["dt"] for r in st), 1)
-        out["first_step_s"] = round(min(r["t1"] for r in st) - t0, 3)
-        out["last_step_s"] = round(max(r["t1"] for r in st) - t0, 3)
-        if len(st) > 1:
-            ts = sorted(r["t1"] for r in st)
-            out["step_gap_ms_max"] = round(max((b - a) * 1000 for a, b in itertools.pairwise(ts)), 1)
-    stacks = stack_summary(sampled, api_pid)
-    if stacks:
-        out["stacks"] = stacks
-    return out
-
-
-_IDLE = ("threading.py:wait", "queue.py:get", "selectors.py:select", "base_events.py:_run_once",
-         "runners.py:run",  # uvloop: the event loop is in C (idle, or in a C callback)
-         "so_probe.py:_flusher", "socket.py:recv", "poll", "thread.py:_worker")
-
-
-def stack_summary(recs: list[dict[str, Any]], api_pid: Any, top: int = 8) -> dict[str, Any]:
-    """Per process (API / EngineCore): samples, sampler lateness, and the most frequent busy stacks
-    (a thread whose innermost frame is an idle wait is counted as idle)."""
-    out: dict[str, Any] = {}
-    for pid in sorted({r["pid"] for r in recs}):
-        mine = [r for r in recs if r["pid"] == pid]
-        name = "api" if str(pid) == str(api_pid) else f"pid{pid}"
-        counts: dict[str, int] = {}
-        idle = 0
-        for r in mine:
-            if r["k"] != "stk":
-                continue
-            leaf = r["s"].split(" < ", 1)[0]
-            if any(mark in leaf for mark in _IDLE):
-                idle += 1
-                continue
-            thread = re.sub(r"[_-]?\d+$", "", r["th"])
-            key = f"{thread}: {r['s']}"
-            counts[key] = counts.get(key, 0) + 1
-        lags = [r["ms"] for r in mine if r["k"] == "lag"]
-        ticks = len({r["t"] for r in mine if r["k"] == "stk"})
-        out[name] = {"ticks": ticks, "idle_samples": idle, "sampler_late_ms_max": max(lags, default=0),
-                     "sampler_late_ms_sum": round(sum(lags), 1),
-                     "busy": sorted(counts.items(), key=lambda kv: -kv[1])[:top]}
-    return out
-
-
-def trace_summary(trace: list[dict[str, Any]], t0: float) -> dict[str, Any]:
-    """Server-side timeline of a phase, in seconds after its start: when requests arrived, were
-    planned (on how many threads), reached the engine and got their first token."""
-
-    def spread(vals: list[float]) -> list[float] | None:
-        if not vals:
-            return None
-        return [round(min(vals), 3), round(percentile(vals, 50) or 0, 3), round(max(vals), 3)]
-
-    http = [r for r in trace if r["k"] == "http"]
-    plans = [r for r in trace if r["k"] == "plan"]
-    eng = [r for r in trace if r["k"] == "engine"]
-    loop = [r["ms"] for r in trace if r["k"] == "loop" and r["t"] >= t0]
-    cpu = [r["cpu_s"] for r in trace if r["k"] == "cpu"]
-    gcs = [r for r in trace if r["k"] == "gc" and r["t"] >= t0]
-    return {
-        "gc_over_20ms": len(gcs), "gc_ms_max": max((r["ms"] for r in gcs), default=0),
-        "gc_ms_sum": round(sum(r["ms"] for r in gcs), 1), "gc_gens": sorted({r["gen"] for r in gcs}),
-        "process_cpu_s": cpu[-1] if cpu else None,
-        "arrive_s": spread([r["t0"] - t0 for r in http]),
-        "plan_start_s": spread([r["t0"] - t0 for r in plans]),
-        "plan_ms": spread([(r["t1"] - r["t0"]) * 1000 for r in plans]),
-        "plan_threads": len({r["th"] for r in plans}),
-        "engine_call_s": spread([r["t0"] - t0 for r in eng]),
-        "first_token_s": spread([r["first"] - t0 for r in eng if r.get("first")]),
-        "engine_ms": spread([(r["t1"] - r["t0"]) * 1000 for r in eng]),
-        "loop_late_ms_max": max(loop, default=0), "loop_late_ms_sum": round(sum(loop), 1),
-    }
-
-
-def parse_server_log(path: Path) -> dict[str, Any]:
-    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
-    pats = {
-        "model_load_gib": r"Model loading took ([\d.]+) GiB",
-        "model_load_s": r"Model loading took [\d.]+ GiB (?:memory )?and ([\d.]+) s",
-        "kv_cache_tokens": r"GPU KV cache size: ([\d,]+) tokens",
-        "max_concurrency": r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x",
-        "graph_capture_s": r"Graph capturing finished in ([\d.]+) sec",
-        "init_engine_s": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s",
-        "attention_backend": r"Using (\w+) attention backend",
-        "mp_method": r"(?:multiproc|multiprocessing).*?method[^\w]*(fork|spawn)",
-        "vllm_patch": r"vLLM patch parallel_mask_fill: (.*)",
-        "parallel_mask_fill_in_engine_core": r"parallel (?:structured-output )?mask fill (on|off: .*)",
-    }
-    out: dict[str, Any] = {}
-    for key, pat in pats.items():
-        m = re.search(pat, text)
-        if m:
-            out[key] = m.group(1)
-    out["errors"] = [ln[:300] for ln in text.splitlines() if "Error" in ln or "Traceback" in ln][:8]
-    return out
 
 
 class Bench:
@@ -944,7 +231,7 @@ class Bench:
             self.results["skipped"].append(f"engine {name}: not enough time ({self.elapsed():.0f}s)")
             log(f"skip engine {name}")
             return
-        model = (Path(os.environ.get("GPU_PL", ROOT / ".gpu/models")) / f"{eng['arch']}-dummy").as_posix()
+        model = model_dir(eng["arch"])
         port = 18000 + len(self.results["engines"])
         probe_dir = Path(tempfile.mkdtemp(prefix=f"probe-{name}-"))
         self._last_cpu_s = None
@@ -969,7 +256,7 @@ class Bench:
         t_launch = time.time()
         with open(log_path, "w", encoding="utf-8") as logf:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "bench.gpu.run_gpu_bench", "serve", json.dumps(spec)],
+                [sys.executable, "-m", "bench.gpu._serve", json.dumps(spec)],
                 cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 self._drive(eng, res, proc, port, t_launch, end_by, probe_dir)
@@ -1035,7 +322,7 @@ class Bench:
                     continue
                 self._phase(res, ph, port, est, probe_dir)
         time.sleep(0.6)  # let the probe flush its last records
-        recs = _probe_records(probe_dir)
+        recs = probe_records(probe_dir)
         for summary in res["phases"].values():
             win = summary.pop("_window", None)
             if win:
@@ -1135,10 +422,6 @@ class Bench:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "serve":
-        serve(json.loads(argv[1]))
-        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-gpu-out"))
     ap.add_argument("--deadline-s", type=float, default=548.0, help="stop starting work after this")

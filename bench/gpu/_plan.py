@@ -1,0 +1,141 @@
+"""What one GPU bench run measures: the engine settings, their phases, and each request's prompt and
+constraint. ``run_gpu_bench`` drives them; the server process (``_serve``) builds the same constraints for
+its raw route.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.gpu._shared import LIST_SCHEMA
+from bench.gpu.step_split import VARIANTS
+
+MAX_TOKENS = 128
+TEMPERATURE = 1.0
+
+# Closes by itself: checks that outputs satisfy the schema and are compact.
+CLOSING_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer", "minimum": 0, "maximum": 99999},
+        "name": {"type": "string", "maxLength": 12},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["id", "name", "ok"],
+    "additionalProperties": False,
+}
+
+GRAPHS = {"compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
+                                 "max_cudagraph_capture_size": 256}}
+# name, arch, enforce_eager, extra engine args, latest end (s after start), step estimates (ms) by c.
+# "compile" is what modal_service/app.py ships: enforce_eager=False and vLLM's default compilation
+# (torch.compile + piecewise and full CUDA graphs).
+ENGINES: list[dict[str, Any]] = [
+    {"name": "32b-graphs", "arch": "qwen2.5-coder-32b", "enforce_eager": False, "extra": GRAPHS,
+     "end_by": 300, "start_est": 110, "step": {1: 17, 8: 19, 64: 28, 256: 45}},
+    {"name": "32b-compile", "arch": "qwen2.5-coder-32b", "enforce_eager": False, "extra": {},
+     "end_by": 480, "start_est": 150, "step": {1: 17, 8: 19, 64: 28, 256: 45}},
+    {"name": "7b-graphs", "arch": "qwen2.5-coder-7b", "enforce_eager": False, "extra": GRAPHS,
+     "end_by": 555, "start_est": 50, "step": {1: 6, 8: 7, 64: 12, 256: 25}},
+    {"name": "32b-eager", "arch": "qwen2.5-coder-32b", "enforce_eager": True, "extra": {},
+     "end_by": 555, "start_est": 80, "step": {1: 40, 8: 42, 64: 50, 256: 70}},
+    # The app's setting on vLLM's V1 model runner (0.26 picks the V2 runner for dense models): a cheap
+    # single-stream variant (different input preparation and sampler, same model kernels).
+    {"name": "32b-compile-v1", "arch": "qwen2.5-coder-32b", "enforce_eager": False, "extra": {},
+     "env": {"VLLM_USE_V2_MODEL_RUNNER": "0"}, "diag": False,
+     "end_by": 555, "start_est": 100, "step": {1: 17, 8: 19, 64: 28, 256: 45}},
+]
+DEFAULT_ENGINES = ["32b-graphs", "32b-compile", "7b-graphs"]
+
+
+def variant_engine(name: str) -> dict[str, Any]:
+    """``32b+VARIANT`` (run 5): the app's setting plus one of ``step_split.VARIANTS``' engine keywords,
+    with the c=1 phases, to check a setting found there on the service's HTTP path."""
+    v = VARIANTS[name.removeprefix("32b+")]
+    return {"name": name, "arch": "qwen2.5-coder-32b", "enforce_eager": False, "extra": v["kwargs"],
+            "diag": False, "end_by": 555, "start_est": 130, "step": {1: 17, 8: 19, 64: 28, 256: 45}}
+
+
+UPSTREAM = {"mode": "vllm"}  # so_probe: vLLM's own mask fill, the service's patch bypassed
+SAMPLED = {"mode": "service", "sample": True}  # so_probe: stack samples of both processes
+
+
+def _p(name: str, kind: str, c: int, n: int, mode: str, prio: int, **kw: Any) -> dict[str, Any]:  # noqa: PLR0917
+    return {"name": name, "kind": kind, "c": c, "n": n, "mode": mode, "prio": prio, **kw}
+
+
+def _matrix(*cs: int) -> list[dict[str, Any]]:
+    n = {1: 3, 8: 16, 64: 128, 256: 256}
+    return [_p(f"c{c}_{m}", "http", c, n[c], m, 1) for c in cs for m in ("unc", "json")]
+
+
+# Priority 1 first; priority 2 phases run while the engine's window has time left. Every phase runs
+# with the service's own mask fill (modal_service.vllm_patches) unless ``ctl`` says otherwise.
+PHASES: dict[str, list[dict[str, Any]]] = {
+    "32b-graphs": [
+        *_matrix(1, 64),
+        _p("c64_json_vllm", "http", 64, 128, "json", 1, ctl=UPSTREAM),
+        *_matrix(8, 256),
+        _p("raw_c64_unc", "raw", 64, 128, "unc", 1),
+        _p("c64_json_closing", "http", 64, 64, "json_closing", 2),
+        _p("c64_json_close", "http", 64, 128, "json_close", 2),
+        _p("c64_unc_r2", "http", 64, 128, "unc", 2), _p("c64_json_r2", "http", 64, 128, "json", 2),
+        _p("c64_json_vllm_r2", "http", 64, 128, "json", 2, ctl=UPSTREAM),
+        _p("raw_c64_json", "raw", 64, 128, "json", 2),
+        _p("c256_json_vllm", "http", 256, 256, "json", 2, ctl=UPSTREAM),
+        _p("raw_c1_unc", "raw", 1, 2, "unc", 2),
+    ],
+    "32b-compile": [
+        *_matrix(1),
+        # Run 4: A-B-B-A blocks at c=64 (unconstrained / JSON), so the ratio has a spread, then closing
+        # on budget on / off / on (every JSON request is cut at max_tokens).
+        *[_p(f"c64_{m}_{4 * b + i}", "http", 64, 128, m, 1) for b in range(3)
+          for i, m in enumerate(("unc", "json", "json", "unc"), start=1)],
+        _p("c64_json_close_1", "http", 64, 128, "json_close", 1),
+        _p("c64_json_off_1", "http", 64, 128, "json", 1),
+        _p("c64_json_close_2", "http", 64, 128, "json_close", 1),
+        _p("c64_json_close_min1", "http", 64, 128, "json_close_min1", 1, ctl=SAMPLED),
+        _p("c64_json_min1", "http", 64, 128, "json_min1", 1),
+        _p("c64_json_close_s", "http", 64, 128, "json_close", 1, ctl=SAMPLED),
+        # Run 4c: two more A-B-B-A blocks, then gc.freeze() in the server, then two more.
+        *[_p(f"c64_{m}_{4 * b + i}", "http", 64, 128, m, 1) for b in range(3, 5)
+          for i, m in enumerate(("unc", "json", "json", "unc"), start=1)],
+        *[{**_p(f"c64_{m}_f{4 * b + i}", "http", 64, 128, m, 1), "gc_freeze": b == 0 and i == 1}
+          for b in range(2) for i, m in enumerate(("unc", "json", "json", "unc"), start=1)],
+        *_matrix(64, 8, 256),
+        _p("c64_json_vllm", "http", 64, 128, "json", 2, ctl=UPSTREAM),
+        _p("c256_json_vllm", "http", 256, 256, "json", 2, ctl=UPSTREAM),
+        _p("raw_c1_unc", "raw", 1, 2, "unc", 2),
+    ],
+    "7b-graphs": [
+        *_matrix(1, 64),
+        _p("c64_json_vllm", "http", 64, 128, "json", 1, ctl=UPSTREAM),
+        *_matrix(256),
+        *[{**ph, "prio": 2} for ph in _matrix(8)],
+        _p("raw_c64_unc", "raw", 64, 128, "unc", 2),
+    ],
+    "32b-compile-v1": [*_matrix(1), _p("raw_c1_unc", "raw", 1, 2, "unc", 1)],
+    "32b-eager": [
+        *_matrix(64, 1),
+        _p("c64_json_vllm", "http", 64, 128, "json", 1, ctl=UPSTREAM),
+    ],
+}
+
+
+def constraints_for(mode: str) -> dict[str, Any] | None:
+    if mode == "unc":
+        return None
+    if mode == "json_closing":
+        return {"json_schema": CLOSING_SCHEMA}
+    if mode.startswith("json_new:"):  # a schema no request has used yet, the same for the whole burst
+        return {"json_schema": {**CLOSING_SCHEMA, "title": mode.split(":", 1)[1]}}
+    schema = LIST_SCHEMA
+    if mode.endswith("_min1"):  # closing only has to finish the item it is in and close the list
+        schema = {**LIST_SCHEMA, "minItems": 1}
+        mode = mode.removesuffix("_min1")
+    # Budget-cut output is reported as is, not finished by the closing search (json_close: it is).
+    return {"json_schema": schema, "close_on_budget": mode == "json_close"}
+
+
+def prompt_for(i: int) -> str:
+    return f"Request {i}. List the records of the inventory as a JSON array of objects with id, name, ok.\n"
