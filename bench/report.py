@@ -1,4 +1,8 @@
-"""Markdown tables from one results file: ``python -m bench.report bench/results/bench-<stamp>.json``."""
+"""Markdown tables from one results file: ``python -m bench.report bench/results/bench-<stamp>.json``.
+
+One piece: a function per section of BENCHMARKS.md, in the page's order, over one shared set of cell
+helpers; ``bench.run`` writes the same text next to each raw file.
+"""
 
 from __future__ import annotations
 
