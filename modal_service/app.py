@@ -5,7 +5,7 @@
     modal run -m modal_service.app                      # smoke test: /health, then /generate_api
 
 The service itself is not written here: the container builds the same
-:func:`~modal_service.server.create_app` around the same :class:`~modal_service.engine.Engine` that
+:func:`~modal_service.http.app.create_app` around the same :class:`~modal_service.engine.engine.Engine` that
 ``ananke serve`` runs on CPU. This file only says where it runs (image, GPU, volumes, scaling) and
 how to check it. docs/deploy.md is the guide.
 
@@ -226,7 +226,7 @@ def container_env(config: DeployConfig) -> dict[str, str]:
 
 
 def engine_kwargs(config: DeployConfig) -> dict[str, Any]:
-    """Keyword arguments for :class:`~modal_service.engine.EngineConfig` on the GPU."""
+    """Keyword arguments for :class:`~modal_service.engine.engine.EngineConfig` on the GPU."""
     return {
         "model": config.model,
         "served_model_name": config.model,
@@ -315,9 +315,9 @@ if modal is not None:
         def build(self) -> None:
             from huggingface_hub import snapshot_download
 
-            from modal_service.engine import Engine, EngineConfig
-            from modal_service.generation import Limits
-            from modal_service.server import create_app
+            from modal_service.engine.engine import Engine, EngineConfig
+            from modal_service.http.app import create_app
+            from modal_service.limits import Limits
 
             # Fetch the weights into the volume before the container takes requests (a no-op once
             # they are there). Requests wait for this instead of hitting a container that is busy

@@ -1,6 +1,6 @@
 """The ``ananke`` command: ``ananke model pull`` and ``ananke serve``.
 
-``serve`` builds the same :func:`~modal_service.server.create_app` the Modal app uses, around a local
+``serve`` builds the same :func:`~modal_service.http.app.create_app` the Modal app uses, around a local
 :class:`~modal_service.engine.Engine`, and runs it with uvicorn. vLLM spawns worker processes, so
 this module is only ever the entry point behind a ``__main__`` guard (the console script is one).
 """
@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Any
 from modal_service.model_prep import ModelPrepError
 
 if TYPE_CHECKING:
-    from modal_service.engine import EngineConfig
-    from modal_service.generation import Limits
+    from modal_service.engine.engine import EngineConfig
+    from modal_service.limits import Limits
 
 log = logging.getLogger("ananke")
 
 
 def _serve_config(args: argparse.Namespace) -> tuple[EngineConfig, Limits]:
-    from modal_service.engine import EngineConfig
-    from modal_service.generation import Limits
+    from modal_service.engine.engine import EngineConfig
+    from modal_service.limits import Limits
     from modal_service.model_prep import resolve_model
 
     model = resolve_model(args.model)
@@ -40,13 +40,7 @@ def _serve_config(args: argparse.Namespace) -> tuple[EngineConfig, Limits]:
         enforce_eager=not args.compile,
         dtype=args.dtype,
     )
-    limits = Limits(
-        max_tokens=args.max_tokens_cap,
-        max_inflight=args.max_inflight,
-        max_batch_prompts=args.max_batch_prompts,
-        max_body_bytes=args.max_body_bytes,
-        default_timeout_s=args.request_timeout,
-    )
+    limits = Limits(**{name: getattr(args, name) for name, *_ in Limits.cli_options()})
     return config, limits
 
 
@@ -125,29 +119,15 @@ def draining_server(config: Any, admission: Any, drain_seconds: float) -> Any:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from modal_service.engine import Engine
-    from modal_service.schema_tools import ShapeLimits
-    from modal_service.server import create_app
+    from modal_service.engine.engine import Engine
+    from modal_service.http.app import create_app
 
     config, limits = _serve_config(args)
-    shapes = ShapeLimits(
-        max_choices=args.max_choices,
-        max_branches=args.max_branches,
-        max_enum=args.max_enum,
-        max_schema_nodes=args.max_schema_nodes,
-    )
     api_key = _api_key(args)
     warning = exposure_warning(args.host, api_key)
     if warning:
         log.warning("%s", warning)
-    app = create_app(
-        Engine(config),
-        api_key=api_key,
-        limits=limits,
-        drain_seconds=args.drain_seconds,
-        max_json_depth=args.max_json_depth,
-        shapes=shapes,
-    )
+    app = create_app(Engine(config, limits), api_key=api_key, drain_seconds=args.drain_seconds)
     uv_config = uvicorn.Config(
         app,
         host=args.host,
@@ -170,7 +150,7 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from modal_service.schema_tools import ShapeLimits
+    from modal_service.limits import Limits
 
     parser = argparse.ArgumentParser(prog="ananke", description="Ananke constrained-generation service")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,34 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="model dtype (default auto: vLLM's choice, but float32 on a CPU without bf16 instructions)",
     )
     serve.add_argument("--compile", action="store_true", help="torch.compile the model (slow start)")
-    serve.add_argument("--max-tokens-cap", type=int, default=2048)
-    serve.add_argument("--max-inflight", type=int, default=256)
-    serve.add_argument("--max-batch-prompts", type=int, default=64)
-    serve.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024)
-    serve.add_argument("--max-json-depth", type=int, default=100, help="deeper request bodies get 422")
-    shapes = ShapeLimits()
-    serve.add_argument(
-        "--max-choices",
-        type=int,
-        default=shapes.max_choices,
-        help="most choice entries / regex_patterns in one constraint (more: 422)",
-    )
-    serve.add_argument(
-        "--max-branches", type=int, default=shapes.max_branches, help="most branches of one anyOf/oneOf"
-    )
-    serve.add_argument("--max-enum", type=int, default=shapes.max_enum, help="most values of one enum")
-    serve.add_argument(
-        "--max-schema-nodes",
-        type=int,
-        default=shapes.max_schema_nodes,
-        help="most subschemas in one JSON Schema (or in all tool schemas of a request)",
-    )
-    serve.add_argument(
-        "--request-timeout",
-        type=float,
-        default=600.0,
-        help="server-side deadline (s) for requests without timeout_s; past it: 504 timeout",
-    )
+    for name, flag, kind, default, help_text in Limits.cli_options():
+        serve.add_argument(flag, dest=name, type=kind, default=default, help=help_text)
     serve.add_argument(
         "--drain-seconds",
         type=float,

@@ -42,14 +42,14 @@ class _FakeEngine:
 
     @staticmethod
     def make(config: Any) -> Any:
-        from modal_service.engine import Delta, Engine
+        from modal_service.engine.engine import Delta, Engine
 
         class FakeEngine(Engine):
             def _build(self) -> None:
                 import llguidance.hf
                 from transformers import PreTrainedTokenizerFast
 
-                from modal_service.constraints import ConstraintCompiler
+                from modal_service.constraints.compiler import ConstraintCompiler
 
                 tok = PreTrainedTokenizerFast(tokenizer_file=str(Path(self.config.model) / "tokenizer.json"))
                 self.tokenizer = tok
@@ -82,7 +82,7 @@ def add_bench_routes(app: Any, engine: Any, fake: bool) -> None:
             with contextlib.suppress(Exception):
                 out[f"{mod}_version"] = __import__(mod).__version__
         out["python"] = sys.version.split()[0]
-        from modal_service import vllm_patches
+        from modal_service.engine import vllm_patches
 
         out["vllm_patches"] = dict(vllm_patches.STATUS)
         llm = getattr(engine, "_llm", None)
@@ -161,9 +161,9 @@ def serve(spec: dict[str, Any]) -> None:
     logging.getLogger("modal_service").setLevel(logging.INFO)  # the vllm_patches lines, in EngineCore too
     import uvicorn
 
-    from modal_service.engine import Engine, EngineConfig
-    from modal_service.generation import Limits
-    from modal_service.server import create_app
+    from modal_service.engine.engine import Engine, EngineConfig
+    from modal_service.http.app import create_app
+    from modal_service.limits import Limits
 
     config = EngineConfig(
         model=spec["model"],

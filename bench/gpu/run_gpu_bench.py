@@ -1,9 +1,9 @@
 """GPU benchmark of the service's own code path on one H200 (issue 9). One device call runs all of it.
 
 For each engine setting (32B shape with CUDA graphs, 32B eager, 7B with CUDA graphs) it starts a server
-process that builds ``modal_service.engine.Engine`` + ``modal_service.server.create_app`` and serves it
-with uvicorn on loopback, then drives ``POST /generate_api`` over HTTP from this process. Weights are
-vLLM's ``load_format="dummy"`` (random, real shapes); the tokenizer is the real Qwen2.5 one.
+process that builds ``modal_service.engine.engine.Engine`` + ``modal_service.http.app.create_app`` and
+serves it with uvicorn on loopback, then drives ``POST /generate_api`` over HTTP from this process.
+Weights are vLLM's ``load_format="dummy"`` (random, real shapes); the tokenizer is the real Qwen2.5 one.
 
 Measured per phase (concurrency c, closed loop): aggregate output tok/s, client p50/p95 latency, TTFT
 (server metadata), ms per decode step (TPOT), finish reasons, the constraint re-check, whitespace outside

@@ -18,7 +18,7 @@ A control file (``$ANANKE_BENCH_PROBE_DIR/ctl.json``, re-read when its mtime cha
 masks are filled, to compare fills on the same engine:
 
 - ``{"mode": "service"}`` (default): whatever the service runs, i.e. with
-  ``modal_service.vllm_patches``' parallel fill when it applied;
+  ``modal_service.engine.vllm_patches``' parallel fill when it applied;
 - ``{"mode": "vllm"}``: vLLM 0.26 as shipped (serial below 129 requests, threads of 16 above), with the
   service's patch bypassed on this manager;
 - ``{"mode": "threads", "batch": 8}``: vLLM's own thread-pool path at every batch size;
@@ -145,10 +145,10 @@ def _llexec_fill(self: Any, requests: Any, ids: list[str]) -> Any:
 
 
 def _bypass_service_patch(manager: Any) -> None:
-    """Bind vLLM's own fill methods on this manager, shadowing ``modal_service.vllm_patches``' ones."""
+    """Bind vLLM's own fill methods on this manager, shadowing ``modal_service.engine.vllm_patches``' ones."""
     import types
 
-    from modal_service import vllm_patches
+    from modal_service.engine import vllm_patches
 
     for name in ("_fill_bitmasks", "_async_submit_fill_bitmask"):
         orig = vllm_patches.ORIGINALS.get(name)

@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.stress._server import ROOT as ROOT_DIR
-from bench.stress._server import ServerProcess
+from bench._server import ROOT as ROOT_DIR
+from bench._server import ServerProcess
 
 __all__ = ["ROOT_DIR", "Service", "chat", "wait_until"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.stress._server import ServerProcess
+from bench._server import ServerProcess
 from langchain_ananke._http import AnankeClient, RetryPolicy
 from langchain_ananke.errors import AnankeAPIError
 from langchain_ananke.protocol import GenerateRequest

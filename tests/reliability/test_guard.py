@@ -7,9 +7,10 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from modal_service.engine import Engine, EngineConfig
-from modal_service.generation import Limits
-from modal_service.server import _Admission, create_app, json_depth_exceeds
+from modal_service.engine.engine import Engine, EngineConfig
+from modal_service.http.app import create_app
+from modal_service.http.guard import Admission, json_depth_exceeds
+from modal_service.limits import Limits
 
 
 @pytest.mark.parametrize(
@@ -89,7 +90,7 @@ def test_draining_refuses_new_work() -> None:
 
 
 def test_slots_are_bounded_and_release_once() -> None:
-    admission = _Admission(2)
+    admission = Admission(2)
     a, b = admission.slot().__enter__(), admission.slot().__enter__()
     with pytest.raises(Exception, match="2 requests in flight"):
         admission.slot().__enter__()

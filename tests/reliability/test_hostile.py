@@ -348,9 +348,9 @@ def test_constraint_never_crashes_the_process(name: str, tmp_path: Any) -> None:
         import asyncio, json, sys
         import llguidance.hf, transformers
         from langchain_ananke.protocol import Constraints
-        from modal_service.constraints import ConstraintCompiler, ConstraintError
+        from modal_service.constraints.compiler import ConstraintCompiler, ConstraintError
         from modal_service.model_prep import default_model_dir
-        from modal_service.generation import configure_compile_threads
+        from modal_service.engine.generator import configure_compile_threads
         configure_compile_threads()  # as Generator does before any compile thread exists
         tok = transformers.AutoTokenizer.from_pretrained(str(default_model_dir()))
         ll = llguidance.hf.from_tokenizer(tok, n_vocab=len(tok))

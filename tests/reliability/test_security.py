@@ -88,7 +88,7 @@ def test_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> 
     """Both sides are hashed to 32 bytes and compared with hmac.compare_digest (no length leak)."""
     from starlette.datastructures import Headers
 
-    from modal_service import server
+    from modal_service.http import guard as server
 
     calls: list[tuple[bytes, bytes]] = []
     real = server.hmac.compare_digest
@@ -98,14 +98,7 @@ def test_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> 
         return real(a, b)
 
     monkeypatch.setattr(server.hmac, "compare_digest", spy)
-    guard = server._Guard(
-        lambda *_: None,  # type: ignore[arg-type,return-value]
-        api_key="k" * 40,
-        engine=None,  # type: ignore[arg-type]
-        admission=server._Admission(1),
-        max_body_bytes=1,
-        max_json_depth=1,
-    )
+    guard = server.ApiKey("k" * 40)
     assert guard.authorized(Headers({"authorization": "Bearer " + "k" * 40}))
     assert not guard.authorized(Headers({"authorization": "Bearer short"}))
     assert not guard.authorized(Headers({"authorization": "Bearer " + "k" * 39 + "j"}))

@@ -1,4 +1,4 @@
-"""Chat rendering, the tool-call grammar and tool-call parsing (``modal_service.chat``).
+"""Chat rendering, the tool-call grammar and tool-call parsing (``constraints.tools``, ``engine.prompts``).
 
 The grammar is checked for what it admits with llguidance itself over a byte-level tokenizer, so no
 model is needed.
@@ -13,7 +13,8 @@ import llguidance
 import pytest
 
 from langchain_ananke.protocol import ChatMessage, ToolCall, ToolSpec
-from modal_service.chat import CALL_CLOSE, CALL_OPEN, parse_tool_calls, to_template_messages, tool_grammar
+from modal_service.constraints.tools import CALL_CLOSE, CALL_OPEN, parse_tool_calls, tool_grammar
+from modal_service.engine.prompts import to_template_messages
 from tests.unit.byte_tokenizer import BYTE_TOKENIZER
 
 WEATHER = ToolSpec.model_validate(

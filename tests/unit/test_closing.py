@@ -1,4 +1,4 @@
-"""Steer-to-close (:mod:`modal_service.closing`) with the real model's tokenizer and llguidance.
+"""Steer-to-close (:mod:`modal_service.constraints.closing`) with the real model's tokenizer and llguidance.
 
 No engine: truncated outputs are written by hand, tokenized, and closed. Every closed output is
 checked independently (``jsonschema`` / ``re.fullmatch`` / the matcher) and against the budget.
@@ -33,7 +33,7 @@ def hf() -> Any:
 def compiler(hf: Any) -> Any:
     import llguidance.hf
 
-    from modal_service.constraints import ConstraintCompiler
+    from modal_service.constraints.compiler import ConstraintCompiler
 
     tok = llguidance.hf.from_tokenizer(hf)
     return ConstraintCompiler(tok, vocab_size=len(hf), eos_token_ids=frozenset({hf.eos_token_id}))
@@ -165,7 +165,7 @@ DATA = ROOT / "tests" / "data" / "jsonschemabench-dev"
 
 
 def test_an_approximated_schema_needs_a_valid_instance(compiler: Any) -> None:
-    from modal_service.constraints import ConstraintError
+    from modal_service.constraints.compiler import ConstraintError
 
     # oneOf over required-sets, with every key required: no instance can match exactly one branch.
     unsatisfiable = json.loads((DATA / "Glaiveai2K" / "calculate_area_f8e04f89.json").read_text())
@@ -202,7 +202,7 @@ def test_approximated_schema_with_dependencies_gets_an_exactly_valid_length(comp
 
 
 def test_search_goes_past_outputs_the_check_refuses(compiler: Any, hf: Any) -> None:
-    from modal_service.closing import Closer
+    from modal_service.constraints.closing import Closer
 
     closer = Closer(compiler._tokenizer)
     grammar = llguidance.LLMatcher.grammar_from_regex("(a|bbbb)")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from modal_service.constraints import CompiledConstraint, ConstraintCompiler, ConstraintError
+from modal_service.constraints.compiler import CompiledConstraint, ConstraintCompiler, ConstraintError
 from tests.unit.byte_tokenizer import BYTE_TOKENIZER
 
 

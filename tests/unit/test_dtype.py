@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from modal_service.engine import cpu_flags, resolve_dtype
+from modal_service.engine.engine import cpu_flags, resolve_dtype
 
 AVX2 = frozenset({"fpu", "avx2", "fma"})
 

@@ -259,7 +259,7 @@ def test_engine_kwargs_follow_the_gpu_and_model() -> None:
 
 def test_engine_kwargs_are_engine_config_fields() -> None:
     pytest.importorskip("vllm")  # modal_service.engine imports vLLM through constraints.py
-    from modal_service.engine import EngineConfig
+    from modal_service.engine.engine import EngineConfig
 
     config = EngineConfig(**engine_kwargs(load_config({})))
     assert config.name == DEFAULT_MODEL

@@ -1,4 +1,4 @@
-"""OpenAI bodies -> protocol requests (``modal_service.openai_compat``)."""
+"""OpenAI bodies -> protocol requests (``modal_service.http.openai_api``)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from langchain_ananke.protocol import GenerateRequest
-from modal_service.generation import ApiError
-from modal_service.openai_compat import chat_to_request, completion_to_request
+from modal_service.errors import ApiError
+from modal_service.http.openai_api import chat_to_request, completion_to_request
 
 USER = {"role": "user", "content": "hi"}
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from langchain_ananke.protocol import GenerateRequest
-from modal_service.engine import Engine, EngineConfig
-from modal_service.generation import Generator, Limits
+from modal_service.engine.engine import Engine, EngineConfig
+from modal_service.engine.generator import Generator
+from modal_service.limits import Limits
 from modal_service.model_prep import default_model_dir
 
 

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 
 from langchain_ananke.protocol import GenerateRequest
-from modal_service.engine import Engine, EngineConfig
-from modal_service.generation import ApiError, Generator, Limits
-from modal_service.schema_tools import ShapeLimits
-from modal_service.server import Prechecks, timeout_error, timeout_event
+from modal_service.engine.engine import Engine, EngineConfig
+from modal_service.errors import ApiError
+from modal_service.http.lifecycle import Prechecks, error_event
+from modal_service.limits import Deadline, Limits
 
 
 class _Tokenizer:
@@ -39,7 +39,7 @@ class Lowercase:
 def _prechecks(longest: int = 10, normalizer: Any = None, context: int = 100) -> Prechecks:
     engine = Engine(EngineConfig(model="/nowhere", max_model_len=context))
     engine.tokenizer = _Tokenizer(longest, normalizer)
-    return Prechecks(Generator(engine, Limits()), ShapeLimits(max_choices=3, max_branches=2))
+    return Prechecks(engine, Limits(max_choices=3, max_branches=2))
 
 
 @pytest.mark.parametrize(
@@ -74,7 +74,7 @@ def test_normalizers_loosen_or_disable_the_bound() -> None:
 
 def test_no_tokenizer_yet_means_no_prompt_bound() -> None:
     engine = Engine(EngineConfig(model="/nowhere", max_model_len=10))
-    Prechecks(Generator(engine, Limits()), ShapeLimits())(GenerateRequest(prompt="x" * 10_000, max_tokens=8))
+    Prechecks(engine, Limits())(GenerateRequest(prompt="x" * 10_000, max_tokens=8))
 
 
 def test_max_tokens_cap_comes_before_the_prompt_bound() -> None:
@@ -105,17 +105,17 @@ def test_oversized_constraints_are_422_before_compiling(fields: dict[str, Any]) 
 
 
 def test_timeout_answers_name_the_deadline_and_the_tokens() -> None:
-    assert "before any output" in timeout_error(0.5, 0).message
-    unknown = timeout_error(0.5, None)
+    assert "before any output" in Deadline(0.5).error(0).message
+    unknown = Deadline(0.5).error(None)
     assert "aborted in the engine (raise timeout_s" in unknown.message
     assert unknown.detail == {"timeout_s": 0.5, "tokens_generated": None}
-    error = timeout_error(0.5, 7)
+    error = Deadline(0.5).error(7)
     assert (error.status, error.code) == (504, "timeout")
     assert (
         "timeout of 0.5 s passed and it was aborted in the engine after 7 generated tokens" in error.message
     )
     assert error.detail == {"timeout_s": 0.5, "tokens_generated": 7}
-    event = timeout_event(error)
+    event = error_event(error)
     assert event.event == "error"
     assert event.error is not None
     assert event.error.code == "timeout"

@@ -8,15 +8,15 @@ from typing import Any
 import jsonschema
 import pytest
 
-from modal_service.schema_tools import (
+from modal_service.constraints.schema import (
     INT_BOUND,
-    ShapeLimits,
     apply_length_caps,
     count_grammar_rules,
     exceeds_depth,
     finite_instance_error,
     shape_error,
 )
+from modal_service.limits import Limits
 
 SELF = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
 
@@ -196,7 +196,7 @@ def test_count_grammar_rules(grammar: str, rules: int) -> None:
     assert count_grammar_rules(grammar) == rules
 
 
-SMALL = ShapeLimits(max_choices=3, max_branches=2, max_enum=3, max_schema_nodes=5)
+SMALL = Limits(max_choices=3, max_branches=2, max_enum=3, max_schema_nodes=5)
 
 
 def _object(n: int) -> dict[str, Any]:
@@ -236,5 +236,5 @@ def test_shape_error_walks_deep_schemas_without_recursion() -> None:
     schema: dict[str, Any] = {"type": "string"}
     for _ in range(5_000):
         schema = {"items": schema}
-    problem = shape_error(ShapeLimits(max_schema_nodes=10_000), schemas=[schema])
+    problem = shape_error(Limits(max_schema_nodes=10_000), schemas=[schema])
     assert problem is None

@@ -15,7 +15,7 @@ import llguidance.torch as llguidance_torch
 import pytest
 import torch
 
-from modal_service import vllm_patches
+from modal_service.engine import vllm_patches
 from tests.unit.byte_tokenizer import BYTE_TOKENIZER
 
 so = pytest.importorskip("vllm.v1.structured_output")
@@ -243,7 +243,7 @@ def test_plugin_is_registered_for_vllm() -> None:
     from importlib.metadata import entry_points
 
     found = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
-    assert found.get("ananke_vllm_patches") == "modal_service.vllm_patches:engine_core_plugin"
+    assert found.get("ananke_vllm_patches") == "modal_service.engine.vllm_patches:engine_core_plugin"
 
 
 def test_plugin_leaves_other_vllm_processes_alone(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,4 @@
-"""The witness builder (:mod:`modal_service.witness`): small instances built from a schema's keywords.
+"""The witness builder (:mod:`modal_service.constraints.witness`): small instances from a schema.
 
 Every instance it returns must validate against its schema (checked with ``jsonschema``, formats
 included), on hand-written cases and on all 300 JSONSchemaBench dev schemas.
@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from modal_service.witness import json_validator, minimal_instance
+from modal_service.constraints.verify import json_validator
+from modal_service.constraints.witness import minimal_instance
 from tests.conftest import ROOT
 
 DATA = ROOT / "tests" / "data" / "jsonschemabench-dev"

@@ -1,28 +1,33 @@
-"""Constraint compiler: protocol constraints -> vLLM structured-output params, and the exact re-check.
+"""Constraint compiler: protocol constraints and tool turns -> vLLM structured-output params.
 
-The only server module that knows llguidance. Data flow per request:
+Data flow per request:
 
-1. :meth:`ConstraintCompiler.compile` turns a :class:`~langchain_ananke.protocol.Constraints` (or a
-   tool-call Lark grammar) into a :class:`CompiledConstraint`. It builds the llguidance grammar the
-   same way vLLM's ``guidance`` backend will, and validates it up front against the model's
+1. :meth:`ConstraintCompiler.compile` is the one entry point for every kind: a
+   :class:`~langchain_ananke.protocol.Constraints`, a tool turn (:class:`ToolTurn`), or both (an agent
+   turn: tool calls or an answer valid for the schema, one grammar). It builds the llguidance grammar
+   the same way vLLM's ``guidance`` backend will, and validates it up front against the model's
    tokenizer with bounded parser limits, so a bad constraint is a 422 before any token is generated.
+   It also finds the shortest output (:mod:`~modal_service.constraints.witness` and the search of
+   :mod:`~modal_service.constraints.closing`), for ``max_tokens_too_small`` and closing on budget.
    Results are cached by content hash (compiling costs 1-1000 ms; the cache hit costs a dict lookup).
 2. vLLM generates under ``CompiledConstraint.structured_outputs`` (or ``allowed_token_ids``).
-3. :meth:`ConstraintCompiler.verify` re-checks the final text/tokens independently: ``jsonschema`` for
-   schemas, a full regex match for regexes, llguidance's matcher over the produced tokens for
-   grammars and choices, and set membership for token masks. Only this decides
-   ``constraint_satisfied``.
+3. :meth:`ConstraintCompiler.verify` hands the output to :mod:`~modal_service.constraints.verify`,
+   which alone decides ``constraint_satisfied``.
+
+The module is one piece (over 450 lines) because compile, cache and shortest-output search share the
+tokenizer, the parser limits and the matcher they build; verification, closing, the witness and the
+schema walkers live in their own modules.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
@@ -30,15 +35,18 @@ import llguidance
 from llguidance.gbnf_to_lark import any_to_lark, is_lark_syntax
 from vllm.sampling_params import StructuredOutputsParams
 
-from langchain_ananke.protocol import Constraints
-from modal_service.closing import Closer, Closing
-from modal_service.schema_tools import (
+from langchain_ananke.protocol import Constraints, ToolSpec
+from modal_service.constraints.closing import Closer, Closing
+from modal_service.constraints.schema import (
     apply_length_caps,
     count_grammar_rules,
     exceeds_depth,
     finite_instance_error,
 )
-from modal_service.witness import json_validator, minimal_instance
+from modal_service.constraints.tools import Markers, is_call, tool_grammar
+from modal_service.constraints.verify import Verdict, Verifier, json_validator
+from modal_service.constraints.witness import minimal_instance
+from modal_service.limits import Limits
 
 
 class ConstraintError(ValueError):
@@ -62,7 +70,6 @@ class CompiledConstraint:
     regexes: tuple[str, ...] = ()
     allowed_token_ids: frozenset[int] | None = None
     compile_ms: float = 0.0
-    warnings: tuple[str, ...] = ()
     approximate: bool = False
     """Compiled without keywords llguidance cannot enforce; only the full-schema check decides."""
     approximation: str | None = None
@@ -73,31 +80,20 @@ class CompiledConstraint:
     shortest_output: tuple[int, ...] | None = None
     """That output's tokens: the grammar accepts it, and for a JSON Schema the full schema validates
     it. Closing falls back to it when it may rebuild an output from its start."""
-
-
-@dataclass
-class Verdict:
-    """The outcome of the independent re-check."""
-
-    satisfied: bool
-    error: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
+    tools: dict[str, dict[str, Any]] | None = None
+    """For a tool turn: each callable tool's name and argument schema (for the re-check)."""
 
 
 @dataclass(frozen=True)
-class CompilerLimits:
-    """Bounds that keep pathological constraints from stalling the engine."""
+class ToolTurn:
+    """The tools a chat turn may call, and how (``tool_choice``, parallel calls)."""
 
-    max_constraint_bytes: int = 256 * 1024
-    initial_lexer_fuel: int = 1_000_000
-    step_lexer_fuel: int = 200_000
-    max_grammar_size: int = 500_000
-    max_lexer_states: int = 250_000
-    max_schema_depth: int = 64
-    """Nesting plus ``$ref`` hops; vLLM refuses deeper JSON, and ~1,000 crashes llguidance."""
-    max_grammar_rules: int = 500
-    """A 3,000-rule chain overflowed llguidance's stack in vLLM's engine process."""
-    cache_size: int = 512
+    tools: tuple[ToolSpec, ...]
+    choice: str = "auto"
+    parallel: bool = True
+
+    def schemas(self) -> dict[str, dict[str, Any]]:
+        return {t.function.name: t.function.parameters or {"type": "object"} for t in self.tools}
 
 
 def _digest(kind: str, payload: Any) -> str:
@@ -114,43 +110,64 @@ class ConstraintCompiler:
         *,
         vocab_size: int,
         eos_token_ids: frozenset[int],
-        limits: CompilerLimits | None = None,
+        limits: Limits | None = None,
+        markers: Markers | None = None,
     ) -> None:
         self._tokenizer = tokenizer
         self._vocab_size = vocab_size
         self._eos = eos_token_ids
-        self.limits = limits or CompilerLimits()
+        self.limits = limits or Limits()
+        self._markers = markers or Markers()
         self._closer = Closer(tokenizer)
+        self._verifier = Verifier(tokenizer, eos_token_ids)
         self._cache: OrderedDict[str, CompiledConstraint | ConstraintError] = OrderedDict()
         self._lock = threading.Lock()
         self._building: dict[str, threading.Event] = {}
 
     # ----------------------------------------------------------------------------- compile
-    def compile(self, constraints: Constraints, max_tokens: int = 256) -> tuple[CompiledConstraint, bool]:
-        """Validate and compile; returns the result and whether it came from the cache.
+    def compile(
+        self, constraints: Constraints | None, max_tokens: int = 256, *, tools: ToolTurn | None = None
+    ) -> tuple[CompiledConstraint | None, bool]:
+        """Validate and compile; returns the result (None: nothing is constrained) and whether it
+        came from the cache.
 
-        ``max_tokens`` sets the length caps for JSON (see :func:`length_caps_for`).
+        ``max_tokens`` sets the length caps for JSON (see :func:`length_caps_for`). With ``tools``,
+        the grammar is the agent turn's (:func:`~modal_service.constraints.tools.tool_grammar`); a
+        ``json_schema`` (or ``json_object``) in ``constraints`` is then its answer branch.
 
         Raises:
             ConstraintError: the constraint is malformed, too large, or not supported by llguidance.
         """
-        kind = constraints.kind
-        payload = constraints.model_dump(mode="json", exclude_none=True)
+        payload = constraints.model_dump(mode="json", exclude_none=True) if constraints is not None else {}
+        if tools is not None:
+            payload["tools"] = [t.model_dump(mode="json", exclude_none=True) for t in tools.tools]
+            payload["tool_choice"], payload["parallel"] = tools.choice, tools.parallel
+        elif constraints is None:
+            return None, False
         size = len(json.dumps(payload))
         if size > self.limits.max_constraint_bytes:
             raise ConstraintError(
                 f"constraint is {size} bytes; the limit is {self.limits.max_constraint_bytes}",
                 {"size": size, "limit": self.limits.max_constraint_bytes},
             )
-        caps = length_caps_for(max_tokens) if constraints.length_caps else None
-        return self._cached(_digest(kind, [payload, caps]), lambda: self._build(constraints, caps))
+        caps = length_caps_for(max_tokens) if constraints is None or constraints.length_caps else None
+        if tools is not None:
+            turn = tools
+            answer = _answer_schema(constraints)
+            if answer is None and turn.choice == "none":
+                return None, False
+            return self._cached(
+                _digest("tools", [payload, caps]), lambda: self._build_turn(turn, answer, constraints, caps)
+            )
+        assert constraints is not None  # noqa: S101 - checked above
+        c = constraints
+        return self._cached(_digest(c.kind, [payload, caps]), lambda: self._build(c, caps))
 
-    def compile_lark(self, lark: str, kind: str = "grammar") -> tuple[CompiledConstraint, bool]:
-        """Compile a server-built Lark grammar (e.g. the tool-call grammar)."""
-        return self._cached(
-            _digest(kind, lark),
-            lambda: self._finish(kind, StructuredOutputsParams(grammar=lark), lark_to_ll(lark)),
-        )
+    def verify(
+        self, compiled: CompiledConstraint, text: str, token_ids: list[int], finish_reason: str
+    ) -> Verdict:
+        """The independent re-check (:class:`~modal_service.constraints.verify.Verifier`)."""
+        return self._verifier.verify(compiled, text, token_ids, finish_reason)
 
     def _cached(self, key: str, build: Any) -> tuple[CompiledConstraint, bool]:
         """The cached result for ``key``, else ``build()``'s, cached (errors too).
@@ -217,11 +234,57 @@ class ConstraintCompiler:
         assert c.token_mask is not None  # noqa: S101 - Constraints guarantees exactly one kind
         return self._token_mask(c)
 
+    def _build_turn(
+        self,
+        turn: ToolTurn,
+        answer: dict[str, Any] | None,
+        c: Constraints | None,
+        caps: tuple[int, int] | None,
+    ) -> CompiledConstraint:
+        """One grammar for an agent turn: calls (each tool's arguments exact), or the answer."""
+        tools = turn.schemas()
+        if answer is None:
+            lark = tool_grammar(list(turn.tools), turn.choice, turn.parallel, markers=self._markers)
+            assert lark is not None  # noqa: S101 - compile() returned early for ("none", no answer)
+            return self._finish("tools", StructuredOutputsParams(grammar=lark), lark_to_ll(lark), tools=tools)
+
+        def attempt(engine_schema: dict[str, Any], **extra: Any) -> CompiledConstraint:
+            lark = tool_grammar(list(turn.tools), turn.choice, turn.parallel, engine_schema, self._markers)
+            assert lark is not None  # noqa: S101 - an answer schema always gives a grammar
+            params = StructuredOutputsParams(grammar=lark)
+            return self._finish("tools", params, lark_to_ll(lark), tools=tools, json_schema=answer, **extra)
+
+        return self._json_modes(answer, c, caps, attempt)
+
     def _build_json(
         self, kind: str, schema: dict[str, Any], c: Constraints, caps: tuple[int, int] | None
     ) -> CompiledConstraint:
+        """A JSON Schema constraint (see :meth:`_json_modes`)."""
+
+        def attempt(engine_schema: dict[str, Any], **extra: Any) -> CompiledConstraint:
+            try:
+                ll = llguidance.LLMatcher.grammar_from_json_schema(engine_schema)
+            except ValueError as exc:
+                raise ConstraintError(f"invalid JSON Schema: {exc}") from exc
+            params = StructuredOutputsParams(json=engine_schema)
+            return self._finish(kind, params, ll, json_schema=schema, **extra)
+
+        return self._json_modes(schema, c, caps, attempt)
+
+    def _json_modes(
+        self,
+        schema: dict[str, Any],
+        c: Constraints | None,
+        caps: tuple[int, int] | None,
+        attempt: Callable[..., CompiledConstraint],
+    ) -> CompiledConstraint:
         """Exact when llguidance can enforce every keyword; otherwise (unless ``strict``) compiled
-        leniently, with ``oneOf`` as ``anyOf``, and left to the full-schema check to decide."""
+        leniently, with ``oneOf`` as ``anyOf``, and left to the full-schema check to decide.
+
+        ``attempt(engine_schema, **extra)`` compiles the engine's form of the schema: the caps
+        applied, and the per-request options in ``x-guidance`` (which override vLLM's engine-wide
+        JSON options, so the request's choice holds whatever the engine was started with).
+        """
         _check_schema(schema)
         if exceeds_depth(schema, self.limits.max_schema_depth):
             raise ConstraintError(
@@ -234,44 +297,20 @@ class ConstraintCompiler:
         engine_base, n_caps = (
             apply_length_caps(schema, max_length=caps[0], max_items=caps[1]) if caps else (schema, 0)
         )
-        options: dict[str, Any] = {"whitespace_flexible": c.whitespace == "flexible"}
+        options: dict[str, Any] = {"whitespace_flexible": c is not None and c.whitespace == "flexible"}
+
+        def engine_schema() -> dict[str, Any]:  # a copy: never mutate the caller's
+            return {**engine_base, "x-guidance": {**dict(engine_base.get("x-guidance") or {}), **options}}
+
         try:
-            return self._json_attempt(kind, schema, engine_base, options, caps_applied=n_caps)
+            return attempt(engine_schema(), caps_applied=n_caps)
         except ConstraintError as exact:
-            if c.strict:
+            if c is not None and c.strict:
                 raise
             options |= {"lenient": True, "coerce_one_of": True}
-            return self._json_attempt(
-                kind,
-                schema,
-                engine_base,
-                options,
-                caps_applied=n_caps,
-                approximate=True,
-                approximation=exact.message,
+            return attempt(
+                engine_schema(), caps_applied=n_caps, approximate=True, approximation=exact.message
             )
-
-    def _json_attempt(
-        self,
-        kind: str,
-        schema: dict[str, Any],
-        engine_base: dict[str, Any],
-        options: dict[str, Any],
-        **extra: Any,
-    ) -> CompiledConstraint:
-        # x-guidance in the schema overrides vLLM's engine-wide JSON options, so the per-request
-        # choice holds whatever the engine was started with. A copy: never mutate the caller's.
-        engine_schema = {
-            **engine_base,
-            "x-guidance": {**dict(engine_base.get("x-guidance") or {}), **options},
-        }
-        try:
-            ll = llguidance.LLMatcher.grammar_from_json_schema(engine_schema)
-        except ValueError as exc:
-            raise ConstraintError(f"invalid JSON Schema: {exc}") from exc
-        return self._finish(
-            kind, StructuredOutputsParams(json=engine_schema), ll, json_schema=schema, **extra
-        )
 
     def _token_mask(self, c: Constraints) -> CompiledConstraint:
         assert c.token_mask is not None  # noqa: S101
@@ -326,6 +365,7 @@ class ConstraintCompiler:
                 matcher,
                 extra.get("json_schema"),
                 extra.get("approximation") if extra.get("approximate") else None,
+                calls=extra.get("tools") is not None,
             )
             if kind in SHORTEST_OUTPUT_KINDS
             else None
@@ -336,23 +376,29 @@ class ConstraintCompiler:
             structured_outputs=params,
             ll_grammar=ll_grammar,
             compile_ms=round(elapsed, 3),
-            warnings=tuple(messages),
             min_tokens=None if shortest is None else len(shortest),
             shortest_output=shortest,
             **extra,
         )
 
     def _shortest(
-        self, matcher: llguidance.LLMatcher, schema: dict[str, Any] | None, approximation: str | None
+        self,
+        matcher: llguidance.LLMatcher,
+        schema: dict[str, Any] | None,
+        approximation: str | None,
+        *,
+        calls: bool = False,
     ) -> tuple[int, ...] | None:
         """The shortest output found (its tokens) that the grammar accepts and, for a JSON Schema,
         the full schema validates; None when none was found.
 
         Two ways, the shorter wins: an instance built from the schema's keywords
-        (:mod:`modal_service.witness`), and the token-level search from the start state. With a
+        (:mod:`modal_service.constraints.witness`), and the token-level search from the start state. With a
         witness in hand the search only looks for something shorter, with a node budget scaled to
         it. An *approximated* schema is accepted only with such an instance: it proves that the full
-        check can pass, and without one the schema is answered 422 (it may be unsatisfiable).
+        check can pass, and without one the schema is answered 422 (it may be unsatisfiable). In an
+        agent turn (``calls``), a complete call is accepted as it is: the grammar holds each call's
+        arguments to its tool's schema exactly.
         """
         validator = json_validator(schema) if schema is not None else None
         witness = self._witness(schema, matcher) if schema is not None else None
@@ -360,8 +406,11 @@ class ConstraintCompiler:
         if validator is not None:
 
             def accept(tokens: list[int]) -> bool:
+                text = self._tokenizer.decode_str(tokens)
+                if calls and is_call(text):
+                    return True
                 try:
-                    return bool(validator.is_valid(json.loads(self._tokenizer.decode_str(tokens))))
+                    return bool(validator.is_valid(json.loads(text)))
                 except ValueError:
                     return False
 
@@ -435,7 +484,7 @@ class ConstraintCompiler:
     def close(
         self, compiled: CompiledConstraint, token_ids: list[int], *, budget: int, window: int
     ) -> Closing | None:
-        """Finish an output that ``max_tokens`` cut short (see :mod:`modal_service.closing`)."""
+        """Finish an output that ``max_tokens`` cut short (see :mod:`modal_service.constraints.closing`)."""
         if compiled.ll_grammar is None:
             return None
         body = [t for t in token_ids if t not in self._eos]
@@ -446,50 +495,6 @@ class ConstraintCompiler:
             # rebuilt: the compile-time shortest output is known to fit and to be valid.
             return Closing(keep=0, suffix=list(shortest), dropped=len(body), nodes=0, rebuilt=True)
         return closing
-
-    # ------------------------------------------------------------------------------ verify
-    def verify(
-        self,
-        compiled: CompiledConstraint,
-        text: str,
-        token_ids: list[int],
-        finish_reason: str,
-    ) -> Verdict:
-        """Re-check the final output independently of the engine's mask.
-
-        Output cut by ``max_tokens`` satisfies a grammar constraint only if it is complete (the whole
-        schema validates, the matcher accepts): a cut that happened to land on a complete instance is
-        not reported unsatisfied, and every other cut is. A token mask has no notion of complete, so
-        a cut there is never satisfied.
-        """
-        if finish_reason in ("abort", "timeout"):
-            return Verdict(False, f"generation was cut short ({finish_reason})")
-        verdict = self._verify_complete(compiled, text, token_ids)
-        if finish_reason == "length" and (not verdict.satisfied or compiled.allowed_token_ids is not None):
-            return Verdict(False, "generation stopped at max_tokens before the constraint completed")
-        return verdict
-
-    def _verify_complete(self, compiled: CompiledConstraint, text: str, token_ids: list[int]) -> Verdict:
-        body = [t for t in token_ids if t not in self._eos]
-        if compiled.allowed_token_ids is not None:
-            stray = sorted({t for t in body if t not in compiled.allowed_token_ids})
-            if stray:
-                return Verdict(False, f"tokens outside the mask were generated: {stray[:20]}")
-            return Verdict(True)
-        if compiled.json_schema is not None:
-            return _verify_json(compiled.json_schema, text)
-        if compiled.regexes:
-            return _verify_regex(compiled.regexes, text) or self._verify_matcher(compiled, body)
-        return self._verify_matcher(compiled, body)
-
-    def _verify_matcher(self, compiled: CompiledConstraint, tokens: list[int]) -> Verdict:
-        assert compiled.ll_grammar is not None  # noqa: S101
-        matcher = llguidance.LLMatcher(self._tokenizer, compiled.ll_grammar)
-        if not matcher.consume_tokens(tokens):
-            return Verdict(False, f"output does not match the {compiled.kind}: {matcher.get_error()}")
-        if not matcher.is_accepting():
-            return Verdict(False, f"output is an incomplete {compiled.kind} match")
-        return Verdict(True)
 
 
 #: How far the compile-time search for the shortest output looks (tokens). Large on purpose: a
@@ -511,6 +516,21 @@ def _unwrap(hit: CompiledConstraint | ConstraintError) -> CompiledConstraint:
     return hit
 
 
+def _answer_schema(c: Constraints | None) -> dict[str, Any] | None:
+    """The answer schema of an agent turn; other kinds do not combine with tools."""
+    if c is None:
+        return None
+    if c.json_schema is not None:
+        return c.json_schema
+    if c.json_object:
+        return {"type": "object"}
+    raise ConstraintError(
+        f"a {c.kind} constraint does not combine with tools: only json_schema or json_object can be "
+        "the answer of a turn that may also call tools",
+        {"kind": c.kind},
+    )
+
+
 def length_caps_for(max_tokens: int) -> tuple[int, int]:
     """(maxLength, maxItems) for unbounded strings/arrays, from the request's token budget."""
     return max(16, min(256, max_tokens)), max(2, min(32, max_tokens // 8))
@@ -524,32 +544,6 @@ def _check_schema(schema: dict[str, Any]) -> None:
         raise ConstraintError(f"invalid JSON Schema: {exc.message}", {"path": list(exc.path)}) from exc
     except (TypeError, ValueError, LookupError) as exc:
         raise ConstraintError(f"invalid JSON Schema: {exc}") from exc
-
-
-def _verify_json(schema: dict[str, Any], text: str) -> Verdict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return Verdict(False, f"output is not valid JSON: {exc}")
-    try:
-        errors = sorted(json_validator(schema).iter_errors(value), key=lambda e: list(e.path))
-    except Exception as exc:  # unresolvable $ref, bad regex in the schema, ...: never valid by default
-        return Verdict(False, f"output could not be validated against the schema: {exc}")
-    if errors:
-        first = errors[0]
-        return Verdict(False, f"output does not validate: {first.message} at {list(first.path)}")
-    return Verdict(True)
-
-
-def _verify_regex(patterns: tuple[str, ...], text: str) -> Verdict | None:
-    """Full match with Python's ``re``; None when a pattern is not Python syntax (matcher decides)."""
-    try:
-        compiled = [re.compile(p) for p in patterns]
-    except re.error:
-        return None
-    if any(p.fullmatch(text) for p in compiled):
-        return Verdict(True)
-    return Verdict(False, "output does not fully match the regex")
 
 
 def grammar_to_lark(grammar: str) -> str:

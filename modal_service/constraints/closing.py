@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import llguidance
 
+from modal_service.constraints.schema import FORMAT_SAMPLES
+
 #: Tokens the search tries, best first (each kept only if the vocabulary has it as one token). Two
 #: orders, picked per state. Inside free text (a letter such as ``x`` is allowed: no JSON literal
 #: starts with it), close the string first, together with what follows it where one token can.
@@ -43,19 +45,9 @@ CLOSE_ORDER = (
 
 #: Minimal values for string formats, tried (each with its closing quote) before single characters:
 #: a string with ``format: email`` cannot close on ``"`` alone, and a character-by-character search
-#: would wander. Each is validated by the matcher before it is taken.
-FORMAT_SAMPLES = (
-    "a@b.co",
-    "2000-01-01T00:00:00Z",
-    "2000-01-01",
-    "00:00:00Z",
-    "http://a.co",
-    "00000000-0000-0000-0000-000000000000",
-    "0.0.0.0",  # noqa: S104 - an IPv4 sample value, not a bind address
-    "::1",
-    "P1D",
-    "a",
-)
+#: would wander. Each is validated by the matcher before it is taken. The one-character samples go
+#: last, as one ``a``.
+CLOSING_SAMPLES = (*dict.fromkeys(v for v in FORMAT_SAMPLES.values() if len(v) > 1), "a")
 
 #: Longest run of one repeated token the search will build (closing brackets may nest deeper).
 MAX_RUN = 4
@@ -91,7 +83,7 @@ class Closer:
         self._text_probe = self._single_tokens("x")[0]
         self._others = self._single_tokens(CLOSE_ORDER)
         self._closers = frozenset(self._single_tokens("}]"))
-        self._samples = tuple(tokenizer.tokenize_str(json.dumps(v)[1:]) for v in FORMAT_SAMPLES)
+        self._samples = tuple(tokenizer.tokenize_str(json.dumps(v)[1:]) for v in CLOSING_SAMPLES)
 
     def _single_tokens(self, texts: Iterable[str]) -> tuple[int, ...]:
         """Token ids of the texts the vocabulary has as exactly one token, in order."""

@@ -6,14 +6,15 @@ strings of ``minLength`` (a sample value for a ``format``, a short match for a `
 items. It follows ``$ref``, merges ``allOf`` and adds what ``dependentRequired``/``dependencies`` ask for.
 Where a choice has to be made (``anyOf``, ``oneOf``, ``enum``, a type list) it takes the first option
 whose instance the schema node accepts, checked with ``jsonschema``; the finished instance is checked
-against the whole schema with the validator the service's final check uses (:func:`json_validator`).
+against the whole schema with the validator the service's final check uses
+(:func:`~modal_service.constraints.verify.json_validator`).
 
 The compiler keeps an instance only if, in addition, the grammar the engine enforces accepts its
 tokens. It serves two purposes:
 
 - a length: the shortest output the service can promise, for the ``max_tokens`` check up front. The
-  token-level search in :mod:`modal_service.closing` walks the grammar one choice at a time and can get
-  lost in a large schema's optional properties; this builder knows which properties are required;
+  token-level search in :mod:`modal_service.constraints.closing` walks the grammar one choice at a time
+  and can get lost in a large schema's optional properties; this builder knows which properties are required;
 - a proof of satisfiability for schemas the service only *approximates* (llguidance enforces a superset
   of them): one valid instance shows the exact check can pass.
 """
@@ -25,32 +26,8 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import jsonschema
-
-from modal_service.schema_tools import _resolve
-
-#: Sample values for string formats (the closing search uses the same ones).
-FORMAT_SAMPLES = {
-    "email": "a@b.co",
-    "idn-email": "a@b.co",
-    "date-time": "2000-01-01T00:00:00Z",
-    "date": "2000-01-01",
-    "time": "00:00:00Z",
-    "uri": "http://a.co",
-    "iri": "http://a.co",
-    "uri-reference": "a",
-    "iri-reference": "a",
-    "url": "http://a.co",
-    "uuid": "00000000-0000-0000-0000-000000000000",
-    "ipv4": "0.0.0.0",  # noqa: S104 - a sample value, not a bind address
-    "ipv6": "::1",
-    "duration": "P1D",
-    "hostname": "a",
-    "idn-hostname": "a",
-    "regex": "a",
-    "json-pointer": "",
-    "relative-json-pointer": "0",
-}
+from modal_service.constraints.schema import FORMAT_SAMPLES, resolve_ref
+from modal_service.constraints.verify import json_validator
 
 #: Bounds on the work: values built in all, and nesting (``$ref`` hops included).
 MAX_VALUES = 20_000
@@ -62,13 +39,6 @@ class NoInstance(Exception):
 
 
 _TYPE_ORDER = ("null", "boolean", "integer", "number", "string", "array", "object")
-
-
-def json_validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
-    """A validator for the draft the schema declares (Draft 2020-12 when it declares none), formats
-    checked: the one the service's final check uses."""
-    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    return cls(schema, format_checker=cls.FORMAT_CHECKER)
 
 
 def minimal_instance(
@@ -149,7 +119,7 @@ class _Builder:
             if isinstance(ref, str):
                 if ref in refs:
                     raise NoInstance
-                target = _resolve(self.root, ref)
+                target = resolve_ref(self.root, ref)
                 if target is None:
                     raise NoInstance
                 refs = refs | {ref}

@@ -1,11 +1,13 @@
 """Request execution: one protocol request -> engine calls -> verified protocol responses.
 
-Data flow for one prompt (:meth:`Generator.events`): resolve the prompt (chat template, tools) and
-the constraint (compiled, cached) -> stream :class:`~modal_service.engine.Delta` from the engine ->
-yield ``token`` events -> re-check the whole output (:meth:`ConstraintCompiler.verify`) -> yield one
-``done`` event with the folded :class:`GenerateResponse`. Non-streaming answers fold that same
-stream (:meth:`Generator.complete`), and a prompt list runs its prompts concurrently so the engine
-batches them.
+Data flow for one prompt: :meth:`Generator.plan` renders the prompt (chat template, tools), tokenizes
+it once and compiles the constraint (cached) -> :meth:`Generator.events` streams
+:class:`~modal_service.engine.engine.Delta` from the engine under the request's
+:class:`~modal_service.limits.Deadline` -> yields ``token`` events -> closes a structure cut by
+``max_tokens`` -> re-checks the whole output (:meth:`ConstraintCompiler.verify`) -> yields one ``done``
+event with the folded :class:`GenerateResponse`. Non-streaming answers fold that same stream
+(:meth:`Generator.complete`), and a prompt list runs its prompts concurrently so the engine batches
+them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,13 +26,14 @@ from langchain_ananke.protocol import (
     GenerateRequest,
     GenerateResponse,
     StreamEvent,
-    ToolCall,
     Usage,
 )
-from modal_service.chat import parse_tool_calls, to_template_messages, tool_grammar
-from modal_service.constraints import CompiledConstraint, ConstraintError, Verdict
-from modal_service.engine import Engine
-from modal_service.witness import json_validator
+from modal_service.constraints.compiler import CompiledConstraint, ConstraintError, ToolTurn
+from modal_service.constraints.verify import Verdict
+from modal_service.engine.engine import Engine
+from modal_service.engine.prompts import to_template_messages
+from modal_service.errors import ApiError
+from modal_service.limits import Deadline, Limits
 
 #: Stack for threads created from here on. llguidance compiles recursively: a 1,000-deep ``$ref``
 #: chain or a 3,000-rule Lark chain overflowed the default 8 MiB thread stack and killed the process;
@@ -44,45 +47,18 @@ def configure_compile_threads() -> None:
         threading.stack_size(COMPILE_THREAD_STACK)
 
 
-class ApiError(Exception):
-    """An error answered with one JSON error body."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        detail: Any = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.detail, self.headers = detail, headers
-
-
 #: Tokens held back near the end of the budget while streaming, so that closing may roll them back
 #: (non-streaming output is not sent until the end, so closing may roll back all of it).
 CLOSE_WINDOW = 32
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Per-request bounds; each breach is a clear 4xx."""
-
-    max_tokens: int = 2048
-    max_batch_prompts: int = 64
-    max_inflight: int = 256
-    max_body_bytes: int = 2 * 1024 * 1024
-    default_timeout_s: float = 600.0
-
-
 @dataclass
-class _Plan:
-    prompt: str
-    prompt_tokens: int
+class Plan:
+    """One prompt, ready for the engine: its token ids and the compiled constraint."""
+
+    prompt_token_ids: list[int]
     constraint: CompiledConstraint | None
     cache_hit: bool
-    tools: dict[str, dict[str, Any]] | None
 
 
 class Generator:
@@ -95,22 +71,20 @@ class Generator:
         # Planning threads take turns at the tokenizer. vLLM (0.26-0.32) makes its tokenizer
         # thread-safe with a pool of deep copies (2 by default, enough for its own users) and
         # deep-copies the whole tokenizer for a caller that finds the pool empty: ~2 s of Python
-        # under the GIL for Qwen2.5's vocabulary. Twenty planning threads at once made the first
-        # 256-request burst on the H200 wait 25 s with the event loop blocked (bench/gpu run 4).
+        # under the GIL for Qwen2.5's vocabulary: twenty planning threads at once kept a 256-request
+        # burst on an H200 waiting 25 s with the event loop blocked.
         self._tokenizer_turn = threading.Lock()
 
     # ------------------------------------------------------------------------- planning
     def _constraint(self, req: GenerateRequest) -> tuple[CompiledConstraint | None, bool]:
         compiler = self.engine.ready()
+        if req.constraints is None and not req.tools:
+            return None, False
+        turn = ToolTurn(tuple(req.tools), req.tool_choice, req.parallel_tool_calls) if req.tools else None
         try:
-            if req.tools:
-                lark = tool_grammar(req.tools, req.tool_choice, req.parallel_tool_calls)
-                return compiler.compile_lark(lark, "tools") if lark else (None, False)
-            if req.constraints is not None:
-                return compiler.compile(req.constraints, req.max_tokens)
+            return compiler.compile(req.constraints, req.max_tokens, tools=turn)
         except ConstraintError as exc:
             raise ApiError(422, "invalid_constraint", exc.message, exc.detail) from exc
-        return None, False
 
     def check_max_tokens(self, req: GenerateRequest) -> None:
         """The ``max_tokens`` cap: a 422 before anything else looks at the request."""
@@ -121,11 +95,12 @@ class Generator:
                 f"max_tokens {req.max_tokens} exceeds the cap {self.limits.max_tokens}",
             )
 
-    def plan(self, req: GenerateRequest) -> list[_Plan]:
+    def plan(self, req: GenerateRequest) -> list[Plan]:
         """Validate limits, render prompts and compile the constraint (once for all prompts)."""
         self.check_max_tokens(req)
         if req.messages is not None:
-            messages = to_template_messages(req.messages, req.tools, req.tool_choice)
+            answer = req.constraints.json_schema if req.constraints is not None and req.tools else None
+            messages = to_template_messages(req.messages, req.tools, req.tool_choice, answer)
             with self._tokenizer_turn:
                 prompts = [self.engine.apply_chat_template(messages)]
         elif isinstance(req.prompt, list):
@@ -140,8 +115,8 @@ class Generator:
             )
         context = self.engine.config.max_model_len
         with self._tokenizer_turn:
-            counts = [self.engine.count_tokens(p) for p in prompts]
-        for i, n in enumerate(counts):
+            ids = [self.engine.tokenize(p, rendered=req.messages is not None) for p in prompts]
+        for i, n in enumerate(len(p) for p in ids):
             if n == 0:  # vLLM refuses it ("decoder prompt cannot be empty"), after a stream's 200
                 raise ApiError(422, "invalid_request", f"prompt {i} is empty (0 tokens)")
             if n + req.max_tokens > context:
@@ -161,18 +136,18 @@ class Generator:
                 f"the server could construct takes {shortest} tokens",
                 {"max_tokens": req.max_tokens, "shortest_output_tokens": shortest},
             )
-        tools = {t.function.name: t.function.parameters for t in req.tools} if req.tools else None
-        return [_Plan(p, n, constraint, hit, tools) for p, n in zip(prompts, counts, strict=True)]
+        return [Plan(p, constraint, hit) for p in ids]
 
-    async def aplan(self, req: GenerateRequest) -> list[_Plan]:
+    async def aplan(self, req: GenerateRequest) -> list[Plan]:
         """:meth:`plan` in a worker thread: compiling a large grammar never blocks other requests."""
         return await asyncio.to_thread(self.plan, req)
 
     # ------------------------------------------------------------------------ execution
     async def events(
-        self, req: GenerateRequest, plan: _Plan, *, final_only: bool = False
-    ) -> AsyncIterator[StreamEvent]:
-        """Token events, then one ``done`` event with the verified, folded response.
+        self, req: GenerateRequest, plan: Plan, deadline: Deadline, *, final_only: bool = False
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """Token events, then one ``done`` event with the verified, folded response (its
+        ``finish_reason`` is ``timeout`` when ``deadline`` passed).
 
         With a closable constraint, token events for the last ``window`` tokens of the budget are
         held back until the request ends: if ``max_tokens`` cuts the output short, those tokens may
@@ -184,11 +159,10 @@ class Generator:
         token_ids: list[int] = []
         finish: str | None = None
         first_token_ms: float | None = None
-        timeout = req.timeout_s or self.limits.default_timeout_s
         window = self._close_window(req, plan)
         sent_tokens, sent_chars = 0, 0
         stream = self.engine.stream(
-            plan.prompt,
+            plan.prompt_token_ids,
             request_id=request_id,
             max_tokens=req.max_tokens,
             temperature=req.temperature,
@@ -199,7 +173,7 @@ class Generator:
             final_only=final_only,
         )
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(deadline.left()):
                 async for delta in stream:
                     if delta.token_ids and first_token_ms is None and not final_only:
                         first_token_ms = (time.perf_counter() - started) * 1000
@@ -238,7 +212,7 @@ class Generator:
             response.metadata |= {"request_finish_reason": "length", "closed_on_budget": closing}
         yield StreamEvent(event="done", response=response)
 
-    def _close_window(self, req: GenerateRequest, plan: _Plan) -> int:
+    def _close_window(self, req: GenerateRequest, plan: Plan) -> int:
         """How many trailing tokens are held back while streaming, so that closing may roll them
         back (0: no closing). Non-streaming output is held back whole anyway."""
         c = plan.constraint
@@ -247,7 +221,7 @@ class Generator:
         return min(CLOSE_WINDOW, req.max_tokens // 2)
 
     async def _close(
-        self, req: GenerateRequest, plan: _Plan, token_ids: list[int], *, window: int
+        self, req: GenerateRequest, plan: Plan, token_ids: list[int], *, window: int
     ) -> tuple[str, list[int], dict[str, int | bool]] | None:
         """Roll back up to ``window`` tokens and finish the structure within ``max_tokens``."""
         assert plan.constraint is not None  # noqa: S101 - _close_window checked
@@ -269,7 +243,7 @@ class Generator:
     def _fold(
         self,
         req: GenerateRequest,
-        plan: _Plan,
+        plan: Plan,
         *,
         text: str,
         token_ids: list[int],
@@ -280,12 +254,10 @@ class Generator:
         elapsed_ms = (time.perf_counter() - started) * 1000
         n_out = len(token_ids)
         verdict: Verdict | None = None
-        tool_calls: list[ToolCall] | None = None
         if plan.constraint is not None:
             assert self.engine.compiler is not None  # noqa: S101 - plan() checked readiness
             verdict = self.engine.compiler.verify(plan.constraint, text, token_ids, finish)
-            if plan.tools is not None and verdict.satisfied:
-                verdict, tool_calls = _check_tool_calls(text, plan.tools)
+        tool_calls = verdict.tool_calls if verdict is not None else None
         metadata: dict[str, Any] = {
             "model": self.engine.model_name,
             "tokens_per_sec": round(n_out / (elapsed_ms / 1000), 2) if elapsed_ms > 0 else 0.0,
@@ -305,6 +277,8 @@ class Generator:
                 metadata["approximation"] = c.approximation
             if c.caps_applied:
                 metadata["length_caps_applied"] = c.caps_applied
+            if verdict is not None and verdict.branch is not None:
+                metadata["branch"] = verdict.branch
         reason: FinishReason = "tool_calls" if tool_calls else _finish_reason(finish)
         return GenerateResponse(
             generated_text=text,
@@ -315,30 +289,32 @@ class Generator:
             constraint_error=None if verdict is None else verdict.error,
             finish_reason=reason,
             usage=Usage(
-                prompt_tokens=plan.prompt_tokens,
+                prompt_tokens=len(plan.prompt_token_ids),
                 completion_tokens=n_out,
-                total_tokens=plan.prompt_tokens + n_out,
+                total_tokens=len(plan.prompt_token_ids) + n_out,
             ),
             tool_calls=tool_calls,
         )
 
-    async def complete(self, req: GenerateRequest, plan: _Plan) -> GenerateResponse:
+    async def complete(self, req: GenerateRequest, plan: Plan, deadline: Deadline) -> GenerateResponse:
         """The stream folded up: the ``done`` event's response."""
         final: GenerateResponse | None = None
-        async for event in self.events(req, plan, final_only=True):
+        async for event in self.events(req, plan, deadline, final_only=True):
             if event.event == "done":
                 final = event.response
         assert final is not None  # noqa: S101 - events() always ends with done
         return final
 
-    async def complete_verified(self, req: GenerateRequest, plan: _Plan) -> GenerateResponse:
+    async def complete_verified(
+        self, req: GenerateRequest, plan: Plan, deadline: Deadline
+    ) -> GenerateResponse:
         """:meth:`complete`, resampling JSON that fails the full-schema check (not truncation).
 
         Approximated schemas (and formats the grammar does not enforce) can yield output the final
         check rejects; the remaining attempts run concurrently with new seeds, so the engine batches
         them. The first satisfying answer wins; otherwise the last one is returned, honestly marked.
         """
-        first = await self.complete(req, plan)
+        first = await self.complete(req, plan, deadline)
         constraint = plan.constraint
         attempts = req.constraints.max_attempts if req.constraints else 1
         if (
@@ -351,7 +327,7 @@ class Generator:
             return first
         base = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "big")
         retries = [req.model_copy(update={"seed": base + i}) for i in range(1, attempts)]
-        others = await asyncio.gather(*(self.complete(r, plan) for r in retries))
+        others = await asyncio.gather(*(self.complete(r, plan, deadline) for r in retries))
         chosen = next((r for r in others if r.constraint_satisfied), others[-1])
         extra_tokens = sum(r.tokens_generated for r in (first, *others)) - chosen.tokens_generated
         chosen.metadata |= {
@@ -361,13 +337,12 @@ class Generator:
         }
         return chosen
 
-    async def run(self, req: GenerateRequest) -> GenerateResponse | BatchGenerateResponse:
-        """Non-streaming: one response, or a batch response for a prompt list."""
-        plans = await self.aplan(req)
-        if not isinstance(req.prompt, list):
-            return await self.complete_verified(req, plans[0])
+    async def batch(
+        self, req: GenerateRequest, plans: list[Plan], deadline: Deadline
+    ) -> BatchGenerateResponse:
+        """A prompt list, run concurrently (one batch in the engine); a timeout is per result."""
         started = time.perf_counter()
-        results = await asyncio.gather(*(self.complete_verified(req, p) for p in plans))
+        results = await asyncio.gather(*(self.complete_verified(req, p, deadline) for p in plans))
         usage = Usage(
             prompt_tokens=sum(r.usage.prompt_tokens for r in results),
             completion_tokens=sum(r.usage.completion_tokens for r in results),
@@ -384,18 +359,3 @@ def _finish_reason(engine_reason: str) -> FinishReason:
     if engine_reason in ("stop", "length", "timeout"):
         return engine_reason  # type: ignore[return-value]
     return "abort"
-
-
-def _check_tool_calls(text: str, tools: dict[str, dict[str, Any]]) -> tuple[Verdict, list[ToolCall] | None]:
-    """Independent check of tool calls: they parse, name a tool, and validate its schema."""
-    try:
-        calls = parse_tool_calls(text)
-    except ValueError as exc:
-        return Verdict(False, f"tool call does not parse: {exc}"), None
-    for call in calls:
-        if call.name not in tools:
-            return Verdict(False, f"tool call names an unknown tool: {call.name}"), None
-        errors = list(json_validator(tools[call.name]).iter_errors(call.arguments))
-        if errors:
-            return Verdict(False, f"arguments of {call.name} do not validate: {errors[0].message}"), None
-    return Verdict(True), calls or None

@@ -4,9 +4,9 @@
   self-reference with no base case (``{"properties": {"a": {"$ref": "#"}}, "required": ["a"]}``) does
   not; the grammar would accept a prefix forever and never close.
 - :func:`shape_error`: is any part of a constraint larger than the service compiles quickly
-  (:class:`ShapeLimits`: ``choice`` entries, ``anyOf``/``oneOf`` branches, ``enum`` values, schema
-  nodes)? Counted in linear time before llguidance sees the constraint, so an oversized one is a 422
-  in milliseconds instead of a compile of several seconds.
+  (:class:`~modal_service.limits.Limits`: ``choice`` entries, ``anyOf``/``oneOf`` branches, ``enum``
+  values, schema nodes)? Counted in linear time before llguidance sees the constraint, so an oversized
+  one is a 422 in milliseconds instead of a compile of several seconds.
 - :func:`apply_length_caps`: a copy of the schema with ``maxLength``/``maxItems``/integer bounds added
   where the schema sets none, so unbounded strings, arrays and numbers cannot eat the whole token
   budget. Caps only narrow the set of instances (never below ``minLength``/``minItems``), so output
@@ -18,16 +18,48 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
+from modal_service.limits import Limits
+
+# Where subschemas sit: one table for every walker of this package (here and in witness.py). The
+# walkers differ on purpose in which of them they enter: caps go only where an instance is built
+# (never under ``not``), while size and depth bounds count everything that is not data.
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 _SUBSCHEMA_SINGLE = ("items", "additionalProperties")
+#: Keys whose values are data, not subschemas: never walked.
+DATA_KEYS = frozenset({"enum", "const", "default", "examples"})
+#: Keys whose values map names to subschemas: the map itself is not a node.
+_NAME_MAPS = frozenset({*_SUBSCHEMA_MAPS, "dependentSchemas"})
 INT_BOUND = 10**15
 
+#: Sample values for string formats: the witness builds instances with them, and the closing search
+#: tries them (each with its closing quote) before single characters.
+FORMAT_SAMPLES = {
+    "email": "a@b.co",
+    "idn-email": "a@b.co",
+    "date-time": "2000-01-01T00:00:00Z",
+    "date": "2000-01-01",
+    "time": "00:00:00Z",
+    "uri": "http://a.co",
+    "iri": "http://a.co",
+    "uri-reference": "a",
+    "iri-reference": "a",
+    "url": "http://a.co",
+    "uuid": "00000000-0000-0000-0000-000000000000",
+    "ipv4": "0.0.0.0",  # noqa: S104 - a sample value, not a bind address
+    "ipv6": "::1",
+    "duration": "P1D",
+    "hostname": "a",
+    "idn-hostname": "a",
+    "regex": "a",
+    "json-pointer": "",
+    "relative-json-pointer": "0",
+}
 
-def _resolve(root: Any, ref: str) -> Any:
+
+def resolve_ref(root: Any, ref: str) -> Any:
     """A local ``#/...`` JSON pointer; None for anything else (remote refs are not followed)."""
     if not ref.startswith("#"):
         return None
@@ -62,7 +94,7 @@ def _inhabited(schema: Any, root: Any, visiting: frozenset[str]) -> bool:
     if isinstance(ref, str):
         if ref in visiting:
             return False
-        target = _resolve(root, ref)
+        target = resolve_ref(root, ref)
         if target is not None and not _inhabited(target, root, visiting | {ref}):
             return False
     if "enum" in schema and isinstance(schema["enum"], list) and not schema["enum"]:
@@ -166,13 +198,13 @@ def exceeds_depth(schema: Any, limit: int) -> bool:
             if ref in memo:
                 best = max(best, level + memo[ref])
             else:
-                target = _resolve(schema, ref)
+                target = resolve_ref(schema, ref)
                 if target is not None:
                     found = depth(target, path | {ref}, level + 1)
                     memo[ref] = found - level
                     best = max(best, found)
         for key, value in node.items():
-            if key in ("$defs", "definitions", "enum", "const", "default", "examples"):
+            if key in DATA_KEYS or key in ("$defs", "definitions"):
                 continue
             if isinstance(value, dict | list):
                 best = max(best, depth(value, path, level + 1))
@@ -191,35 +223,7 @@ def count_grammar_rules(grammar: str) -> int:
     return len(_LARK_RULE.findall(grammar))
 
 
-@dataclass(frozen=True)
-class ShapeLimits:
-    """Per-kind size bounds, checked before compiling (:func:`shape_error`).
-
-    Compile time grows with each of these. The per-kind defaults keep a compile under about half a
-    second on 2 shared CPU cores (measured: docs/RELIABILITY.md), where a 20,000-entry ``choice``
-    took 1.8-1.9 s and an ``anyOf`` of 500 objects 1.6-1.8 s. The node bound is a backstop for
-    large schemas that are not pathological, so it is generous.
-    """
-
-    max_choices: int = 5_000
-    """Entries in ``choice`` or ``regex_patterns`` (5,000 compile in 0.2-0.3 s)."""
-    max_branches: int = 100
-    """Branches of one ``anyOf`` or ``oneOf`` (100 object branches compile in 0.3-0.4 s)."""
-    max_enum: int = 20_000
-    """Values of one ``enum`` (20,000 compile in 0.23-0.24 s)."""
-    max_schema_nodes: int = 512
-    """Subschemas in one JSON Schema, or in all of a request's tool schemas together (an object of
-    255 required properties compiles in 0.8 s, one of 399 in 1.2 s; llguidance's own grammar
-    limit refuses about 1,000)."""
-
-
-#: Keys whose values are data, not subschemas: never walked.
-_DATA_KEYS = frozenset({"enum", "const", "default", "examples"})
-#: Keys whose values map names to subschemas: the map itself is not a node.
-_NAME_MAPS = frozenset({"properties", "$defs", "definitions", "patternProperties", "dependentSchemas"})
-
-
-def _schema_shape(schema: Any, limits: ShapeLimits) -> tuple[int, tuple[str, dict[str, int]] | None]:
+def _schema_shape(schema: Any, limits: Limits) -> tuple[int, tuple[str, dict[str, int]] | None]:
     """One walk over a schema, without recursion: its node count and the first limit it breaks."""
     nodes = 0
     stack: list[Any] = [schema]
@@ -245,7 +249,7 @@ def _schema_shape(schema: Any, limits: ShapeLimits) -> tuple[int, tuple[str, dic
                 {"enum_values": len(values), "limit": limits.max_enum},
             )
         for key, value in node.items():
-            if key in _DATA_KEYS:
+            if key in DATA_KEYS:
                 continue
             if key in _NAME_MAPS and isinstance(value, dict):
                 stack.extend(value.values())
@@ -255,7 +259,7 @@ def _schema_shape(schema: Any, limits: ShapeLimits) -> tuple[int, tuple[str, dic
 
 
 def shape_error(
-    limits: ShapeLimits,
+    limits: Limits,
     *,
     choices: int = 0,
     schemas: Iterable[Any] = (),

@@ -1,0 +1,120 @@
+"""Tool calls: the call format, the grammar an agent turn is generated under, and the parser.
+
+Every call is ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` with a real tool name and
+arguments valid for that tool's schema. :func:`tool_grammar` builds one Lark grammar for a turn:
+
+- ``auto``: the reply is either calls, or the final answer. The answer is free text (which may not
+  begin with ``<``, so a half-formed call is never text), or, when the request carries an answer
+  schema, JSON valid for it;
+- ``required`` or a named tool: only calls;
+- ``none``: only the answer (no grammar at all without an answer schema).
+
+Where the model's tokenizer has a call marker as one token (Qwen2.5's ``<tool_call>``, id 151657),
+the grammar references that token (``<[151657]>``) instead of spelling the marker: llguidance treats
+such tokens as special, and a literal would mask out the very token the model opens a call with.
+:func:`parse_tool_calls` reads the calls back out for the independent check.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from langchain_ananke.protocol import ToolCall, ToolSpec
+
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+_CALL_RE = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Markers:
+    """How the grammar writes the call markers: Lark literals, or references to single tokens."""
+
+    open: str = json.dumps(CALL_OPEN)
+    close: str = json.dumps(CALL_CLOSE)
+
+    @classmethod
+    def for_tokens(cls, open_id: int | None, close_id: int | None) -> Markers:
+        """Reference a marker's token where it is one token of the vocabulary."""
+        return cls(
+            open=f"<[{open_id}]>" if open_id is not None else json.dumps(CALL_OPEN),
+            close=f"<[{close_id}]>" if close_id is not None else json.dumps(CALL_CLOSE),
+        )
+
+
+def format_call(call: ToolCall) -> str:
+    """A call as the model writes it (earlier turns of a conversation are rendered this way)."""
+    body = json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False)
+    return f"{CALL_OPEN}{body}{CALL_CLOSE}"
+
+
+def _call_schema(tool: ToolSpec) -> dict[str, Any]:
+    params = dict(tool.function.parameters or {"type": "object", "properties": {}})
+    # Arguments are exact, as in OpenAI's strict mode: a call with invented keys would not run.
+    params.setdefault("additionalProperties", False)
+    return {
+        "type": "object",
+        "properties": {"name": {"const": tool.function.name}, "arguments": params},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+        "x-guidance": {"whitespace_flexible": False},
+    }
+
+
+def tool_grammar(
+    tools: list[ToolSpec],
+    tool_choice: str,
+    parallel: bool,
+    answer_schema: dict[str, Any] | None = None,
+    markers: Markers | None = None,
+) -> str | None:
+    """The Lark grammar for one agent turn; None when nothing is constrained (``none``, no schema).
+
+    ``answer_schema`` is the engine's form of the answer schema (length caps and ``x-guidance``
+    options already applied); with it, the answer branch is JSON for that schema instead of text.
+    """
+    markers = markers or Markers()
+    answer = "answer" if answer_schema is not None else "TEXT"
+    answer_rules = [f"answer: %json {json.dumps(answer_schema)}"] if answer_schema is not None else []
+    if tool_choice == "none":
+        return "\n".join([f"start: {answer}", *answer_rules]) if answer_schema is not None else None
+    chosen = [t for t in tools if tool_choice in ("auto", "required") or t.function.name == tool_choice]
+    rules = [f"call_{i}: %json {json.dumps(_call_schema(t))}" for i, t in enumerate(chosen)]
+    alternatives = " | ".join(f"call_{i}" for i in range(len(chosen)))
+    calls = "call+" if parallel else "call"
+    start = f"start: {answer} | {calls}" if tool_choice == "auto" else f"start: {calls}"
+    text_rule = [r"TEXT: /[^<\s](.|\n)*/"] if tool_choice == "auto" and answer_schema is None else []
+    return "\n".join(
+        [
+            start,
+            f"call: {markers.open} ({alternatives}) {markers.close}",
+            *rules,
+            *(answer_rules if tool_choice == "auto" else []),
+            *text_rule,
+        ]
+    )
+
+
+def is_call(text: str) -> bool:
+    """Whether a reply under the tool grammar took the calls branch (calls start with the marker)."""
+    return text.startswith(CALL_OPEN)
+
+
+def parse_tool_calls(text: str) -> list[ToolCall]:
+    """The calls in ``text``, in order; raises ValueError on a malformed call."""
+    calls = []
+    for body in _CALL_RE.findall(text):
+        value = json.loads(body)  # JSONDecodeError is a ValueError
+        if (
+            not isinstance(value, dict)
+            or not isinstance(value.get("name"), str)
+            or not isinstance(value.get("arguments"), dict)
+        ):
+            raise ValueError(f"malformed tool call: {body[:200]}")
+        calls.append(
+            ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=value["name"], arguments=value["arguments"])
+        )
+    return calls

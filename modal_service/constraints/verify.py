@@ -1,0 +1,151 @@
+"""The independent re-check: only this decides ``constraint_satisfied``.
+
+It does not trust the engine's mask. JSON is parsed and validated with ``jsonschema`` against the
+caller's full schema (never the capped or approximated one the engine enforced); a regex is matched in
+full with Python's ``re``; grammars and choices are replayed through a fresh llguidance matcher over
+the produced tokens; a token mask is checked by set membership. Tool calls are parsed and each call's
+arguments validated against its tool's schema; an agent turn (tools plus an answer schema) is checked
+on whichever branch it took, and the verdict says which.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import jsonschema
+import llguidance
+
+from langchain_ananke.protocol import ToolCall
+from modal_service.constraints.tools import is_call, parse_tool_calls
+
+if TYPE_CHECKING:
+    from modal_service.constraints.compiler import CompiledConstraint
+
+Branch = Literal["tool_calls", "answer"]
+
+
+@dataclass
+class Verdict:
+    """The outcome of the re-check; for a tool grammar, also the calls and the branch taken."""
+
+    satisfied: bool
+    error: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    branch: Branch | None = None
+
+
+def json_validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
+    """A validator for the draft the schema declares (Draft 2020-12 when it declares none), formats
+    checked: the one the final check, the witness and the compile-time search all use."""
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+class Verifier:
+    """Re-checks outputs for one tokenizer (whose end-of-sequence tokens are not output)."""
+
+    def __init__(self, tokenizer: llguidance.LLTokenizer, eos_token_ids: frozenset[int]) -> None:
+        self._tokenizer = tokenizer
+        self._eos = eos_token_ids
+
+    def verify(
+        self, compiled: CompiledConstraint, text: str, token_ids: list[int], finish_reason: str
+    ) -> Verdict:
+        """Re-check the final output independently of the engine's mask.
+
+        Output cut by ``max_tokens`` satisfies a grammar constraint only if it is complete (the whole
+        schema validates, the matcher accepts): a cut that happened to land on a complete instance is
+        not reported unsatisfied, and every other cut is. A token mask has no notion of complete, so
+        a cut there is never satisfied.
+        """
+        if finish_reason in ("abort", "timeout"):
+            return Verdict(False, f"generation was cut short ({finish_reason})")
+        verdict = self._complete(compiled, text, token_ids)
+        if finish_reason == "length" and (not verdict.satisfied or compiled.allowed_token_ids is not None):
+            return Verdict(False, "generation stopped at max_tokens before the constraint completed")
+        return verdict
+
+    def _complete(self, compiled: CompiledConstraint, text: str, token_ids: list[int]) -> Verdict:
+        body = [t for t in token_ids if t not in self._eos]
+        if compiled.allowed_token_ids is not None:
+            stray = sorted({t for t in body if t not in compiled.allowed_token_ids})
+            if stray:
+                return Verdict(False, f"tokens outside the mask were generated: {stray[:20]}")
+            return Verdict(True)
+        if compiled.tools is not None:
+            return self._agent_turn(compiled, text, body)
+        if compiled.json_schema is not None:
+            return verify_json(compiled.json_schema, text)
+        if compiled.regexes:
+            return verify_regex(compiled.regexes, text) or self._matcher(compiled, body)
+        return self._matcher(compiled, body)
+
+    def _agent_turn(self, compiled: CompiledConstraint, text: str, body: list[int]) -> Verdict:
+        """The grammar first, then the branch taken: calls against their tools, or the answer."""
+        assert compiled.tools is not None  # noqa: S101 - the caller checked
+        grammar = self._matcher(compiled, body)
+        if not grammar.satisfied:
+            return grammar
+        if is_call(text):
+            verdict = check_tool_calls(text, compiled.tools)
+            verdict.branch = "tool_calls"
+            return verdict
+        verdict = (
+            verify_json(compiled.json_schema, text) if compiled.json_schema is not None else Verdict(True)
+        )
+        verdict.branch = "answer"
+        return verdict
+
+    def _matcher(self, compiled: CompiledConstraint, tokens: list[int]) -> Verdict:
+        assert compiled.ll_grammar is not None  # noqa: S101 - token masks are checked above
+        matcher = llguidance.LLMatcher(self._tokenizer, compiled.ll_grammar)
+        if not matcher.consume_tokens(tokens):
+            return Verdict(False, f"output does not match the {compiled.kind}: {matcher.get_error()}")
+        if not matcher.is_accepting():
+            return Verdict(False, f"output is an incomplete {compiled.kind} match")
+        return Verdict(True)
+
+
+def verify_json(schema: dict[str, Any], text: str) -> Verdict:
+    """``text`` parses as JSON and the full ``schema`` validates it."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return Verdict(False, f"output is not valid JSON: {exc}")
+    try:
+        errors = sorted(json_validator(schema).iter_errors(value), key=lambda e: list(e.path))
+    except Exception as exc:  # unresolvable $ref, bad regex in the schema, ...: never valid by default
+        return Verdict(False, f"output could not be validated against the schema: {exc}")
+    if errors:
+        first = errors[0]
+        return Verdict(False, f"output does not validate: {first.message} at {list(first.path)}")
+    return Verdict(True)
+
+
+def verify_regex(patterns: tuple[str, ...], text: str) -> Verdict | None:
+    """Full match with Python's ``re``; None when a pattern is not Python syntax (matcher decides)."""
+    try:
+        compiled = [re.compile(p) for p in patterns]
+    except re.error:
+        return None
+    if any(p.fullmatch(text) for p in compiled):
+        return Verdict(True)
+    return Verdict(False, "output does not fully match the regex")
+
+
+def check_tool_calls(text: str, tools: dict[str, dict[str, Any]]) -> Verdict:
+    """Tool calls parse, name a tool, and their arguments validate against its schema."""
+    try:
+        calls = parse_tool_calls(text)
+    except ValueError as exc:
+        return Verdict(False, f"tool call does not parse: {exc}")
+    for call in calls:
+        if call.name not in tools:
+            return Verdict(False, f"tool call names an unknown tool: {call.name}")
+        errors = list(json_validator(tools[call.name]).iter_errors(call.arguments))
+        if errors:
+            return Verdict(False, f"arguments of {call.name} do not validate: {errors[0].message}")
+    return Verdict(True, tool_calls=calls or None)
