@@ -1,15 +1,18 @@
-"""All HTTP code: sync + async httpx clients, retries, error translation, SSE decoding.
+"""All HTTP code: a sync and an async httpx client over one retry and decision core.
 
-Data flow: a protocol :class:`GenerateRequest` -> JSON POST -> (retry on connection errors and
-429/502/503/504 with exponential backoff + jitter, up to ``max_retries`` and a cold-start deadline;
-never the service's own 504 ``timeout``, raised as :class:`AnankeRequestTimeoutError`)
--> :class:`GenerateResponse` / :class:`BatchGenerateResponse`, or for ``stream=True`` a sequence of
-:class:`StreamEvent` decoded from ``data:`` lines. A request is retried only when no response body
-has been consumed yet, so nothing is generated twice for the caller.
+Data flow: a protocol :class:`GenerateRequest` -> :class:`_Call` builds the JSON POST -> the client
+sends it (the only step that differs between sync and async) -> :meth:`_Call.outcome` decides: use
+the answer; or wait and send again (connection errors and 429/502/503/504, exponential backoff with
+jitter, up to ``max_retries`` and a cold-start deadline; never the service's own 504 ``timeout``,
+raised as :class:`AnankeRequestTimeoutError`); or raise the translated error -> :func:`parse_response`
+gives a :class:`GenerateResponse` / :class:`BatchGenerateResponse`, or, for ``stream=True``,
+:class:`_EventReader` turns ``data:`` lines into :class:`StreamEvent`. A request is retried only
+before any response body has been consumed, so nothing is generated twice for the caller.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import time
@@ -50,16 +53,35 @@ class RetryPolicy:
     """Seconds to keep retrying a cold start (a scaled-to-zero GPU container takes minutes)."""
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds to wait before retry number ``attempt + 1``; the server's ``Retry-After`` wins."""
         if retry_after is not None:
             return min(retry_after, self.max_delay)
         return random.uniform(0, min(self.max_delay, self.initial_delay * 2**attempt))  # noqa: S311
 
     def should_retry(self, attempt: int, started: float, wait: float) -> bool:
+        """Whether another attempt fits in both the attempt count and the deadline."""
         return attempt < self.max_retries and time.monotonic() - started + wait < self.deadline
 
 
-def _api_error(response: httpx.Response) -> AnankeAPIError:
-    """Translate an error answer (the service's body shape, or anything a proxy sent)."""
+def api_error(
+    message: str, *, status_code: int, code: str, detail: Any = None, request_id: str | None = None
+) -> AnankeAPIError:
+    """The typed error for one error answer: :class:`AnankeRequestTimeoutError` for the service's
+    own timeout, :class:`AnankeAPIError` otherwise."""
+    cls = AnankeRequestTimeoutError if code == "timeout" else AnankeAPIError
+    return cls(message, status_code=status_code, code=code, detail=detail, request_id=request_id)
+
+
+def _answer_error(response: httpx.Response) -> AnankeAPIError:
+    """Translate an error answer: the service's body shape, anything a proxy sent, or a redirect."""
+    if response.is_redirect:
+        location = response.headers.get("location", "?")
+        return AnankeAPIError(
+            f"the service answered with a redirect to {location}; redirects are not followed "
+            "(so the API key never leaves the configured base_url): fix base_url",
+            status_code=response.status_code,
+            code="redirect",
+        )
     code, message, detail = "http_error", response.reason_phrase or "error", None
     try:
         body = response.json()
@@ -79,13 +101,25 @@ def _api_error(response: httpx.Response) -> AnankeAPIError:
     )
 
 
-def api_error(
-    message: str, *, status_code: int, code: str, detail: Any = None, request_id: str | None = None
-) -> AnankeAPIError:
-    """The typed error for one error answer: :class:`AnankeRequestTimeoutError` for the service's
-    own timeout, :class:`AnankeAPIError` otherwise."""
-    cls = AnankeRequestTimeoutError if code == "timeout" else AnankeAPIError
-    return cls(message, status_code=status_code, code=code, detail=detail, request_id=request_id)
+def _transport_error(exc: Exception, base_url: str) -> AnankeError:
+    """Translate an httpx transport failure."""
+    if isinstance(exc, httpx.TimeoutException):
+        return AnankeTimeoutError(f"request to {base_url} timed out: {exc}")
+    return AnankeConnectionError(f"cannot reach the Ananke service at {base_url}: {exc}")
+
+
+def _retryable(error: AnankeError) -> bool:
+    return isinstance(error, AnankeConnectionError) or (isinstance(error, AnankeAPIError) and error.retryable)
+
+
+def _retry_after(response: httpx.Response | None) -> float | None:
+    if response is None:
+        return None
+    value = response.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 #: HTTP status of a stream's ``error`` event, by code (the status the request would have had).
@@ -96,15 +130,64 @@ _STREAM_ERROR_STATUS = {
     "invalid_constraint": 422,
 }
 
+#: Transport failures worth another attempt (no answer came, so nothing was generated for us).
+_TRANSPORT_ERRORS = (
+    httpx.ConnectError,
+    httpx.RemoteProtocolError,
+    httpx.ReadError,
+    httpx.WriteError,
+    httpx.TimeoutException,
+)
 
-def _redirect_error(response: httpx.Response) -> AnankeAPIError:
-    location = response.headers.get("location", "?")
-    return AnankeAPIError(
-        f"the service answered with a redirect to {location}; redirects are not followed "
-        "(so the API key never leaves the configured base_url): fix base_url",
-        status_code=response.status_code,
-        code="redirect",
-    )
+
+def parse_response(data: Any) -> GenerateResponse | BatchGenerateResponse:
+    """The one response parser: JSON -> protocol model."""
+    try:
+        if isinstance(data, dict) and "results" in data:
+            return BatchGenerateResponse.model_validate(data)
+        return GenerateResponse.model_validate(data)
+    except ValidationError as exc:
+        raise AnankeError(f"unexpected response from the service: {exc}") from exc
+
+
+def decode_sse_line(line: str) -> StreamEvent | None:
+    """One ``data:`` line -> a stream event (None for keep-alives and comments)."""
+    if not line.startswith("data:"):
+        return None
+    payload = line[5:].strip()
+    if not payload or payload == "[DONE]":
+        return None
+    try:
+        return StreamEvent.model_validate_json(payload)
+    except ValidationError as exc:
+        raise AnankeStreamError(f"malformed stream event: {payload[:200]}") from exc
+
+
+class _EventReader:
+    """Stream lines -> events; an ``error`` event raises, a stream without ``done`` raises at the end."""
+
+    def __init__(self) -> None:
+        self._done = False
+
+    def read(self, line: str) -> StreamEvent | None:
+        event = decode_sse_line(line)
+        if event is None:
+            return None
+        if event.event == "error":
+            err = event.error
+            code = err.code if err else "error"
+            raise api_error(
+                err.message if err else "stream error",
+                status_code=_STREAM_ERROR_STATUS.get(code, 500),
+                code=code,
+                detail=err.detail if err else None,
+            )
+        self._done = self._done or event.event == "done"
+        return event
+
+    def finish(self) -> None:
+        if not self._done:
+            raise AnankeStreamError("stream ended without its final event (the server stopped?)")
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
@@ -133,56 +216,9 @@ class _OriginBound(httpx.Auth):
         yield request
 
 
-def _retry_after(response: httpx.Response | None) -> float | None:
-    if response is None:
-        return None
-    value = response.headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def parse_response(data: Any) -> GenerateResponse | BatchGenerateResponse:
-    """The one response parser: JSON -> protocol model."""
-    try:
-        if isinstance(data, dict) and "results" in data:
-            return BatchGenerateResponse.model_validate(data)
-        return GenerateResponse.model_validate(data)
-    except ValidationError as exc:
-        raise AnankeError(f"unexpected response from the service: {exc}") from exc
-
-
-def decode_sse_line(line: str) -> StreamEvent | None:
-    """One ``data:`` line -> a stream event (None for keep-alives and comments)."""
-    if not line.startswith("data:"):
-        return None
-    payload = line[5:].strip()
-    if not payload or payload == "[DONE]":
-        return None
-    try:
-        return StreamEvent.model_validate_json(payload)
-    except ValidationError as exc:
-        raise AnankeStreamError(f"malformed stream event: {payload[:200]}") from exc
-
-
-def _check_event(event: StreamEvent) -> StreamEvent:
-    if event.event == "error":
-        err = event.error
-        code = err.code if err else "error"
-        raise api_error(
-            err.message if err else "stream error",
-            status_code=_STREAM_ERROR_STATUS.get(code, 500),
-            code=code,
-            detail=err.detail if err else None,
-        )
-    return event
-
-
-_RETRYABLE_EXC = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
-
-
 class _Base:
+    """Configuration and request building, shared by both clients."""
+
     def __init__(
         self,
         base_url: str = DEFAULT_BASE_URL,
@@ -232,31 +268,59 @@ class _Base:
         }
 
     @staticmethod
-    def _body(request: GenerateRequest) -> dict[str, Any]:
-        return request.model_dump(mode="json", exclude_none=True)
+    def _body(request: GenerateRequest, stream: bool) -> dict[str, Any]:
+        body = request.model_dump(mode="json", exclude_none=True)
+        return body | {"stream": True} if stream else body
 
-    def _outcome(self, exc: Exception | None, response: httpx.Response | None) -> Exception | None:
-        """None when the answer is usable; otherwise the error to raise or retry on."""
-        if exc is not None:
-            if isinstance(exc, httpx.TimeoutException):
-                return AnankeTimeoutError(f"request to {self.base_url} timed out: {exc}")
-            return AnankeConnectionError(f"cannot reach the Ananke service at {self.base_url}: {exc}")
-        assert response is not None  # noqa: S101
-        if response.is_success:
-            return None
-        return _redirect_error(response) if response.is_redirect else _api_error(response)
+    @staticmethod
+    def _parse(response: httpx.Response) -> GenerateResponse | BatchGenerateResponse:
+        return parse_response(json.loads(response.content))
 
-    def _give_up(self, error: Exception, attempt: int, started: float, wait: float) -> Exception:
+
+class _Call:
+    """The retry and decision core of one ``POST /generate_api``. The clients only send and sleep."""
+
+    def __init__(self, client: _Base, body: dict[str, Any]) -> None:
+        self._client, self._body = client, body
+        self._started, self._attempt = time.monotonic(), 0
+
+    def request(self) -> httpx.Request:
+        """The request for the next attempt."""
+        return self._client._request("POST", "/generate_api", self._body)
+
+    def outcome(self, answer: httpx.Response | Exception) -> httpx.Response | float:
+        """The usable response, or the seconds to wait before sending again.
+
+        ``answer`` is this attempt's response (an error body already read) or its transport failure.
+
+        Raises:
+            AnankeError: the translated error, when it is not retryable or the retries are spent.
+        """
+        error: AnankeError
+        if isinstance(answer, httpx.Response):
+            if answer.is_success:
+                return answer
+            error, response, cause = _answer_error(answer), answer, None
+        else:
+            error, response, cause = _transport_error(answer, self._client.base_url), None, answer
+        retry = self._client.retry
+        wait = retry.delay(self._attempt, _retry_after(response))
+        if not (_retryable(error) and retry.should_retry(self._attempt, self._started, wait)):
+            raise self._give_up(error, wait) from cause
+        self._attempt += 1
+        return wait
+
+    def _give_up(self, error: AnankeError, wait: float) -> AnankeError:
         """The error to raise: after retries, one message that names the cause and the effort."""
-        if attempt == 0 or not self._retryable(error):
+        if self._attempt == 0 or not _retryable(error):
             return error
-        elapsed = time.monotonic() - started
+        retry, elapsed = self._client.retry, time.monotonic() - self._started
         cause = (
-            f"after {attempt + 1} attempts over {elapsed:.0f} s the service at {self.base_url} "
-            f"still answers: {error}"
+            f"after {self._attempt + 1} attempts over {elapsed:.0f} s the service at "
+            f"{self._client.base_url} still answers: {error}"
         )
-        if attempt < self.retry.max_retries and elapsed + wait >= self.retry.deadline:
-            return AnankeTimeoutError(f"cold-start deadline of {self.retry.deadline:.0f} s passed; {cause}")
+        if self._attempt < retry.max_retries and elapsed + wait >= retry.deadline:
+            return AnankeTimeoutError(f"cold-start deadline of {retry.deadline:.0f} s passed; {cause}")
         if isinstance(error, AnankeAPIError):
             return api_error(
                 cause,
@@ -266,12 +330,6 @@ class _Base:
                 request_id=error.request_id,
             )
         return AnankeConnectionError(cause)
-
-    @staticmethod
-    def _retryable(error: Exception) -> bool:
-        return isinstance(error, AnankeConnectionError) or (
-            isinstance(error, AnankeAPIError) and error.retryable
-        )
 
 
 class AnankeClient(_Base):
@@ -284,57 +342,49 @@ class AnankeClient(_Base):
     def close(self) -> None:
         self._client.close()
 
-    def _send(self, method: str, path: str, body: dict[str, Any] | None, stream: bool) -> httpx.Response:
-        started, attempt = time.monotonic(), 0
+    def _send(self, body: dict[str, Any], stream: bool) -> httpx.Response:
+        call = _Call(self, body)
         while True:
-            response: httpx.Response | None = None
-            exc: Exception | None = None
             try:
-                response = self._client.send(self._request(method, path, body), stream=stream)
+                response = self._client.send(call.request(), stream=stream)
                 if stream and not response.is_success:
                     response.read()
-            except (*_RETRYABLE_EXC, httpx.TimeoutException) as err:
-                exc = err
-            error = self._outcome(exc, response)
-            if error is None:
-                assert response is not None  # noqa: S101
-                return response
-            wait = self.retry.delay(attempt, _retry_after(response))
-            if not (self._retryable(error) and self.retry.should_retry(attempt, started, wait)):
-                raise self._give_up(error, attempt, started, wait) from exc
-            time.sleep(wait)
-            attempt += 1
+            except _TRANSPORT_ERRORS as exc:
+                outcome = call.outcome(exc)
+            else:
+                outcome = call.outcome(response)
+            if isinstance(outcome, httpx.Response):
+                return outcome
+            time.sleep(outcome)
+
+    def _get_once(self, path: str) -> httpx.Response:
+        """``GET path`` once, no retries: a status answer, not work to protect."""
+        try:
+            return self._client.send(self._request("GET", path, None))
+        except _TRANSPORT_ERRORS as exc:
+            raise _transport_error(exc, self.base_url) from exc
 
     def health(self) -> HealthResponse:
-        """``GET /health`` once, no retries (503 while loading is an answer here)."""
-        try:
-            response = self._client.get("/health")
-        except (*_RETRYABLE_EXC, httpx.TimeoutException) as exc:
-            raise self._outcome(exc, None) from exc  # type: ignore[misc]
-        return HealthResponse.model_validate(response.json())
+        """``GET /health`` once (503 while loading is an answer here)."""
+        return HealthResponse.model_validate(self._get_once("/health").json())
 
     def generate(self, request: GenerateRequest) -> GenerateResponse | BatchGenerateResponse:
         """``POST /generate_api`` (non-streaming)."""
-        response = self._send("POST", "/generate_api", self._body(request), stream=False)
-        return parse_response(response.json())
+        return self._parse(self._send(self._body(request, False), stream=False))
 
     def stream(self, request: GenerateRequest) -> Iterator[StreamEvent]:
         """``POST /generate_api`` with ``stream=true``: token events, then ``done``."""
-        body = self._body(request) | {"stream": True}
-        response = self._send("POST", "/generate_api", body, stream=True)
-        done = False
+        response = self._send(self._body(request, True), stream=True)
+        reader = _EventReader()
         try:
             for line in response.iter_lines():
-                event = decode_sse_line(line)
-                if event is not None:
-                    done = done or event.event == "done"
-                    yield _check_event(event)
+                if (event := reader.read(line)) is not None:
+                    yield event
         except httpx.HTTPError as exc:
             raise AnankeStreamError(f"stream from {self.base_url} broke off: {exc}") from exc
         finally:
             response.close()
-        if not done:
-            raise AnankeStreamError("stream ended without its final event (the server stopped?)")
+        reader.finish()
 
 
 class AsyncAnankeClient(_Base):
@@ -347,50 +397,35 @@ class AsyncAnankeClient(_Base):
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def _send(
-        self, method: str, path: str, body: dict[str, Any] | None, stream: bool
-    ) -> httpx.Response:
-        import asyncio
-
-        started, attempt = time.monotonic(), 0
+    async def _send(self, body: dict[str, Any], stream: bool) -> httpx.Response:
+        call = _Call(self, body)
         while True:
-            response: httpx.Response | None = None
-            exc: Exception | None = None
             try:
-                response = await self._client.send(self._request(method, path, body), stream=stream)
+                response = await self._client.send(call.request(), stream=stream)
                 if stream and not response.is_success:
                     await response.aread()
-            except (*_RETRYABLE_EXC, httpx.TimeoutException) as err:
-                exc = err
-            error = self._outcome(exc, response)
-            if error is None:
-                assert response is not None  # noqa: S101
-                return response
-            wait = self.retry.delay(attempt, _retry_after(response))
-            if not (self._retryable(error) and self.retry.should_retry(attempt, started, wait)):
-                raise self._give_up(error, attempt, started, wait) from exc
-            await asyncio.sleep(wait)
-            attempt += 1
+            except _TRANSPORT_ERRORS as exc:
+                outcome = call.outcome(exc)
+            else:
+                outcome = call.outcome(response)
+            if isinstance(outcome, httpx.Response):
+                return outcome
+            await asyncio.sleep(outcome)
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse | BatchGenerateResponse:
         """``POST /generate_api`` (non-streaming)."""
-        response = await self._send("POST", "/generate_api", self._body(request), stream=False)
-        return parse_response(json.loads(response.content))
+        return self._parse(await self._send(self._body(request, False), stream=False))
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamEvent]:
         """``POST /generate_api`` with ``stream=true``: token events, then ``done``."""
-        body = self._body(request) | {"stream": True}
-        response = await self._send("POST", "/generate_api", body, stream=True)
-        done = False
+        response = await self._send(self._body(request, True), stream=True)
+        reader = _EventReader()
         try:
             async for line in response.aiter_lines():
-                event = decode_sse_line(line)
-                if event is not None:
-                    done = done or event.event == "done"
-                    yield _check_event(event)
+                if (event := reader.read(line)) is not None:
+                    yield event
         except httpx.HTTPError as exc:
             raise AnankeStreamError(f"stream from {self.base_url} broke off: {exc}") from exc
         finally:
             await response.aclose()
-        if not done:
-            raise AnankeStreamError("stream ended without its final event (the server stopped?)")
+        reader.finish()

@@ -1,7 +1,12 @@
-"""One error hierarchy for the client; the HTTP layer translates every failure into it."""
+"""One error hierarchy for the client; the HTTP layer translates every failure into it.
+
+:func:`check_satisfied` is the one place that turns the service's verdict on an output
+(``constraint_satisfied`` in the response metadata) into :class:`ConstraintNotSatisfiedError`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from langchain_core.exceptions import OutputParserException
@@ -70,3 +75,23 @@ class ConstraintNotSatisfiedError(OutputParserException, AnankeError):
     def __init__(self, message: str, *, finish_reason: str | None = None, llm_output: str = "") -> None:
         super().__init__(message, llm_output=llm_output)
         self.finish_reason = finish_reason
+
+
+def check_satisfied(metadata: Mapping[str, Any] | None, text: str) -> None:
+    """Raise when the service's independent check says the output does not satisfy its constraint.
+
+    Args:
+        metadata: the response metadata (``response_metadata`` of a message, ``generation_info`` of
+            a generation); ``constraint_satisfied`` is ``None`` or absent when nothing was checked.
+        text: the output, kept on the error as ``llm_output``.
+
+    Raises:
+        ConstraintNotSatisfiedError: ``constraint_satisfied`` is ``False``.
+    """
+    if metadata and metadata.get("constraint_satisfied") is False:
+        reason = metadata.get("constraint_error") or "constraint not satisfied"
+        raise ConstraintNotSatisfiedError(
+            f"the output does not satisfy the constraint: {reason}",
+            finish_reason=metadata.get("finish_reason"),
+            llm_output=text,
+        )

@@ -1,14 +1,12 @@
 """The Ananke wire protocol: one place for every request, response, stream event and error.
 
-Data flows client -> service as a :class:`GenerateRequest` (or :class:`ChatRequest`), and back as a
+Data flows client -> service as a :class:`GenerateRequest`, and back as a
 :class:`GenerateResponse` (one prompt), a :class:`BatchGenerateResponse` (a list of prompts), or a
 stream of :class:`StreamEvent` frames over Server-Sent Events whose last frame carries the folded
-response. Every non-2xx answer carries an :class:`ErrorBody`.
+response. Every non-2xx answer carries an :class:`ErrorBody`. ``GET /health`` answers a
+:class:`HealthResponse`.
 
 This module imports only pydantic, so the client, the service and third-party tools can share it.
-The field names of the original service (``prompt``, ``constraints``, ``max_tokens``,
-``temperature`` -> ``generated_text``, ``tokens_generated``, ``generation_time_ms``, ``metadata``,
-``constraint_satisfied``) are kept unchanged.
 """
 
 from __future__ import annotations
@@ -53,7 +51,7 @@ class TokenMask(_Strict):
 
 
 class Constraints(_Strict):
-    """Exactly one structural constraint, in the original service's format plus new kinds."""
+    """Exactly one structural constraint."""
 
     json_schema: dict[str, Any] | None = None
     """A JSON Schema (Draft 2020-12 as far as llguidance supports it)."""
@@ -62,7 +60,7 @@ class Constraints(_Strict):
     regex: str | None = None
     """The output must fully match this pattern (llguidance/Rust regex syntax)."""
     regex_patterns: list[str] | None = None
-    """The original list form: the output must fully match one of these patterns."""
+    """The output must fully match one of these patterns."""
     grammar: str | None = None
     """A Lark grammar in llguidance's dialect (``%json`` allowed), or a GBNF/EBNF ``::=`` grammar."""
     choice: list[str] | None = None

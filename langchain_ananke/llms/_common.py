@@ -2,22 +2,25 @@
 
 ``AnankeLLM`` and ``ChatAnanke`` both mix in :class:`AnankeParams`. Every code path (sync, async,
 stream, non-stream, batch) builds its request with :meth:`AnankeParams._request` and reads results
-with :func:`response_metadata` / :func:`usage_metadata`.
+with :func:`response_metadata` / :func:`usage_metadata`; a caller that asked for a guarantee
+(``require_satisfied``) has the metadata checked by :func:`~langchain_ananke.errors.check_satisfied`.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
-from langchain_core.language_models import LangSmithParams
+from langchain_core.language_models import LangSmithParams, LanguageModelInput
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.runnables import Runnable
 from langchain_core.utils import from_env, secret_from_env
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 
 from langchain_ananke._http import DEFAULT_BASE_URL, AnankeClient, AsyncAnankeClient, RetryPolicy
-from langchain_ananke.errors import ConstraintNotSatisfiedError
 from langchain_ananke.parsers.constraints import ConstraintLike, to_constraints
+from langchain_ananke.parsers.structured import Method, structured_runnable
 from langchain_ananke.protocol import GenerateRequest, GenerateResponse
 
 #: Per-call keywords the request builder understands (besides the sampling fields).
@@ -33,6 +36,13 @@ CALL_KWARGS = frozenset(
     }
 )
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+
+
+def check_call_kwargs(kwargs: Mapping[str, Any]) -> None:
+    """Raise ``TypeError`` naming the keywords no request field takes."""
+    unknown = set(kwargs) - CALL_KWARGS - set(SAMPLING_FIELDS)
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
 
 
 class AnankeParams(BaseModel):
@@ -68,6 +78,9 @@ class AnankeParams(BaseModel):
         default_factory=secret_from_env("ANANKE_MODAL_SECRET", default=None)
     )
     """Modal proxy-auth token secret (``ANANKE_MODAL_SECRET``), sent as ``Modal-Secret``."""
+
+    #: Keywords ``with_structured_output`` binds besides the constraint.
+    _structured_bind: ClassVar[dict[str, Any]] = {}
 
     _client: AnankeClient | None = PrivateAttr(default=None)
     _async_client: AsyncAnankeClient | None = PrivateAttr(default=None)
@@ -139,12 +152,10 @@ class AnankeParams(BaseModel):
         **kwargs: Any,
     ) -> tuple[GenerateRequest, bool]:
         """The one request builder. Returns the request and whether unsatisfied output must raise."""
+        check_call_kwargs(kwargs)
         kwargs = dict(kwargs)
         kwargs.pop("ls_structured_output_format", None)
         require = bool(kwargs.pop("require_satisfied", False))
-        unknown = set(kwargs) - CALL_KWARGS - set(SAMPLING_FIELDS)
-        if unknown:
-            raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
         fields: dict[str, Any] = self._default_params
         fields |= {k: kwargs.pop(k) for k in SAMPLING_FIELDS if kwargs.get(k) is not None}
         if stop is not None:
@@ -155,6 +166,40 @@ class AnankeParams(BaseModel):
         fields |= {k: v for k, v in kwargs.items() if v is not None}
         fields |= {"prompt": prompt, "messages": messages, "stream": stream}
         return GenerateRequest.model_validate(fields), require
+
+    def with_structured_output(
+        self,
+        schema: Any,
+        *,
+        method: Method = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, Any]:
+        """Constrained output parsed into ``schema``, like ``ChatOpenAI.with_structured_output``.
+
+        Args:
+            schema: Pydantic class (a validated instance), TypedDict / JSON Schema / OpenAI tool
+                dict (a dict), or ``Regex``/``Grammar``/``Choice`` (the matched string).
+            method: ``json_schema`` (default), ``function_calling`` (chat models) or ``json_mode``.
+            include_raw: return ``{"raw", "parsed", "parsing_error"}`` instead of raising.
+            strict: output always matches the schema exactly; ``strict=False`` leaves objects
+                open to keys the schema does not list, as OpenAI's non-strict mode does.
+
+        Returns:
+            The bound model piped into the parser. Unsatisfied output raises
+            :class:`~langchain_ananke.errors.ConstraintNotSatisfiedError`.
+        """
+        if kwargs:
+            raise TypeError(f"unexpected keyword arguments: {', '.join(kwargs)}")
+        return structured_runnable(
+            self,
+            schema,
+            method=method,
+            include_raw=include_raw,
+            strict=strict,
+            extra_bind=self._structured_bind,
+        )
 
 
 def ananke_ls_params(params: LangSmithParams) -> LangSmithParams:
@@ -184,13 +229,3 @@ def usage_metadata(resp: GenerateResponse) -> UsageMetadata:
         output_tokens=resp.usage.completion_tokens,
         total_tokens=resp.usage.total_tokens,
     )
-
-
-def enforce(resp: GenerateResponse, require: bool) -> None:
-    """Raise for unsatisfied output when the caller asked for a guarantee."""
-    if require and resp.constraint_satisfied is False:
-        raise ConstraintNotSatisfiedError(
-            f"the output does not satisfy the constraint: {resp.constraint_error}",
-            finish_reason=resp.finish_reason,
-            llm_output=resp.generated_text,
-        )

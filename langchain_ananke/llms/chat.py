@@ -1,4 +1,9 @@
-"""``ChatAnanke``: a LangChain ``BaseChatModel`` over the Ananke service, a drop-in for ``ChatOpenAI``."""
+"""``ChatAnanke``: a LangChain ``BaseChatModel`` over the Ananke service, a drop-in for ``ChatOpenAI``.
+
+Data flow: LangChain messages -> :func:`to_wire_message` -> the one request builder
+(``AnankeParams._request``) -> the HTTP client -> :class:`GenerateResponse` (or stream events) ->
+an ``AIMessage`` with content or tool calls and the service's verdict in ``response_metadata``.
+"""
 
 from __future__ import annotations
 
@@ -23,18 +28,24 @@ from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
+from langchain_ananke.errors import check_satisfied
 from langchain_ananke.llms._common import (
     AnankeParams,
     ananke_ls_params,
-    enforce,
     response_metadata,
     usage_metadata,
 )
-from langchain_ananke.parsers.structured import Method, structured_runnable
 from langchain_ananke.protocol import GenerateResponse, StreamEvent
 
-_ROLES = {"human": "user", "user": "user", "ai": "assistant", "assistant": "assistant",
-          "system": "system", "developer": "system", "tool": "tool"}
+_ROLES = {
+    "human": "user",
+    "user": "user",
+    "ai": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "developer": "system",
+    "tool": "tool",
+}
 
 
 def _content(message: BaseMessage) -> str:
@@ -142,16 +153,22 @@ class ChatAnanke(AnankeParams, BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         return ananke_ls_params(super()._get_ls_params(stop=stop, **kwargs))
 
-    def _chat_request(self, messages: list[BaseMessage], stop: list[str] | None, stream: bool,
-                      **kwargs: Any) -> Any:
+    def _chat_request(
+        self, messages: list[BaseMessage], stop: list[str] | None, stream: bool, **kwargs: Any
+    ) -> Any:
         return self._request(
             messages=[to_wire_message(m) for m in messages], stop=stop, stream=stream, **kwargs
         )
 
+    def _message_fields(self, resp: GenerateResponse, require: bool) -> dict[str, Any]:
+        fields = _ai_fields(resp, self.model)
+        if require:
+            check_satisfied(fields["response_metadata"], resp.generated_text)
+        return fields
+
     def _result(self, resp: Any, require: bool) -> ChatResult:
         assert isinstance(resp, GenerateResponse)  # noqa: S101 - a chat request has one answer
-        enforce(resp, require)
-        message = AIMessage(**_ai_fields(resp, self.model))
+        message = AIMessage(**self._message_fields(resp, require))
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _generate(
@@ -180,9 +197,7 @@ class ChatAnanke(AnankeParams, BaseChatModel):
             return None if tools else ChatGenerationChunk(message=AIMessageChunk(content=event.text))
         if event.response is None:
             return None
-        resp = event.response
-        enforce(resp, require)
-        fields = _ai_fields(resp, self.model)
+        fields = self._message_fields(event.response, require)
         chunks = [
             tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i)
             for i, c in enumerate(fields.pop("tool_calls"))
@@ -253,25 +268,3 @@ class ChatAnanke(AnankeParams, BaseChatModel):
         if parallel_tool_calls is not None:
             bound["parallel_tool_calls"] = parallel_tool_calls
         return super().bind(**bound, **kwargs)
-
-    def with_structured_output(
-        self,
-        schema: Any,
-        *,
-        method: Method = "json_schema",
-        include_raw: bool = False,
-        strict: bool | None = None,
-        **kwargs: Any,
-    ) -> Runnable[LanguageModelInput, Any]:
-        """Constrained output parsed into ``schema``, like ``ChatOpenAI.with_structured_output``.
-
-        Args:
-            schema: Pydantic class (validated instance), TypedDict / JSON Schema / OpenAI tool dict
-                (dict), or ``Regex``/``Grammar``/``Choice`` (the matched string).
-            method: ``json_schema`` (default), ``function_calling`` or ``json_mode``.
-            include_raw: return ``{"raw", "parsed", "parsing_error"}``.
-            strict: accepted for compatibility; output always matches the schema exactly.
-        """
-        if kwargs:
-            raise TypeError(f"unexpected keyword arguments: {', '.join(kwargs)}")
-        return structured_runnable(self, schema, method=method, include_raw=include_raw, strict=strict)

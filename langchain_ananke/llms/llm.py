@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseLLM, LangSmithParams
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
-from langchain_core.runnables import Runnable
 
-from langchain_ananke.llms._common import AnankeParams, ananke_ls_params, enforce, response_metadata
-from langchain_ananke.parsers.structured import Method, structured_runnable
+from langchain_ananke.errors import check_satisfied
+from langchain_ananke.llms._common import AnankeParams, ananke_ls_params, response_metadata
 from langchain_ananke.protocol import BatchGenerateResponse, GenerateResponse, StreamEvent
 
 
@@ -48,6 +47,10 @@ class AnankeLLM(AnankeParams, BaseLLM):
             llm.with_structured_output(Person).invoke("<|im_start|>user\\n...")
     """
 
+    #: Its output is a string, so the service's verdict never reaches the parser: the model itself
+    #: raises on unsatisfied output in ``with_structured_output``.
+    _structured_bind: ClassVar[dict[str, Any]] = {"require_satisfied": True}
+
     @property
     def _llm_type(self) -> str:
         return "ananke"
@@ -59,11 +62,15 @@ class AnankeLLM(AnankeParams, BaseLLM):
     def _results(resp: GenerateResponse | BatchGenerateResponse) -> list[GenerateResponse]:
         return resp.results if isinstance(resp, BatchGenerateResponse) else [resp]
 
+    def _generation_info(self, resp: GenerateResponse, require: bool) -> dict[str, Any]:
+        info = response_metadata(resp, self.model)
+        if require:
+            check_satisfied(info, resp.generated_text)
+        return info
+
     def _to_result(self, responses: list[GenerateResponse], require: bool) -> LLMResult:
-        for r in responses:
-            enforce(r, require)
         generations = [
-            [Generation(text=r.generated_text, generation_info=response_metadata(r, self.model))]
+            [Generation(text=r.generated_text, generation_info=self._generation_info(r, require))]
             for r in responses
         ]
         usage = {
@@ -99,8 +106,7 @@ class AnankeLLM(AnankeParams, BaseLLM):
         if event.event == "token":
             return GenerationChunk(text=event.text)
         if event.response is not None:
-            enforce(event.response, require)
-            return GenerationChunk(text="", generation_info=response_metadata(event.response, self.model))
+            return GenerationChunk(text="", generation_info=self._generation_info(event.response, require))
         return None
 
     def _stream(
@@ -132,23 +138,3 @@ class AnankeLLM(AnankeParams, BaseLLM):
                 if run_manager and chunk.text:
                     await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
-
-    def with_structured_output(
-        self,
-        schema: Any,
-        *,
-        method: Method = "json_schema",
-        include_raw: bool = False,
-        strict: bool | None = None,
-        **kwargs: Any,
-    ) -> Runnable[Any, Any]:
-        """Constrained output parsed into ``schema`` (Pydantic class -> instance; dicts -> dict;
-        ``Regex``/``Grammar``/``Choice`` -> the matched string). Unsatisfied output raises
-        :class:`~langchain_ananke.errors.ConstraintNotSatisfiedError`.
-        """
-        if kwargs:
-            raise TypeError(f"unexpected keyword arguments: {', '.join(kwargs)}")
-        return structured_runnable(
-            self, schema, method=method, include_raw=include_raw, strict=strict,
-            extra_bind={"require_satisfied": True},
-        )

@@ -1,9 +1,11 @@
 """User inputs -> protocol constraints: the one place the client turns schemas into constraints.
 
 Accepts typed helpers (:class:`Regex`, :class:`Grammar`, :class:`Choice`, :class:`JsonSchema`,
-:class:`TokenMask`), the original service's constraint dicts, Pydantic classes, TypedDicts, JSON
-Schema dicts and OpenAI function/tool dicts. Never imports llguidance or vLLM; the service validates
-and compiles. Never mutates the caller's objects.
+:class:`TokenMask`), the wire's constraint dicts, Pydantic classes (v2 and ``pydantic.v1``),
+TypedDicts, JSON Schema dicts and OpenAI function/tool dicts.
+:func:`to_json_schema` is the one schema converter; :func:`answer_schema` closes its objects for
+structured output. Never imports llguidance or vLLM; the service validates and compiles. Never
+mutates the caller's objects.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_core.utils.function_calling import convert_to_json_schema
 from pydantic import BaseModel, ValidationError
+from pydantic.v1 import BaseModel as BaseModelV1
 from typing_extensions import is_typeddict
 
 from langchain_ananke.protocol import Constraints
@@ -66,6 +69,7 @@ __all__ = [
     "JsonSchema",
     "Regex",
     "TokenMask",
+    "answer_schema",
     "close_objects",
     "is_pydantic_class",
     "schema_name",
@@ -104,7 +108,8 @@ def to_constraints(value: ConstraintLike) -> Constraints:
 
 
 def is_pydantic_class(obj: Any) -> bool:
-    return isinstance(obj, type) and issubclass(obj, BaseModel)
+    """A Pydantic model class, v2 or ``pydantic.v1``."""
+    return isinstance(obj, type) and issubclass(obj, BaseModel | BaseModelV1)
 
 
 def schema_name(schema: Any) -> str:
@@ -121,12 +126,17 @@ def schema_name(schema: Any) -> str:
 
 
 def to_json_schema(schema: Any) -> dict[str, Any]:
-    """A Pydantic class, TypedDict, JSON Schema dict or OpenAI function/tool dict -> a JSON Schema."""
-    if is_pydantic_class(schema):
-        return schema.model_json_schema()  # type: ignore[no-any-return]
-    if isinstance(schema, type) and is_typeddict(schema):
-        # langchain-core handles typing and typing_extensions TypedDicts on every Python version.
-        return dict(convert_to_openai_tool(schema)["function"]["parameters"])
+    """A Pydantic class, TypedDict, JSON Schema dict or OpenAI function/tool dict -> a JSON Schema.
+
+    Raises:
+        TypeError: ``schema`` is none of these.
+    """
+    if isinstance(schema, type) and issubclass(schema, BaseModel):
+        return schema.model_json_schema()
+    if isinstance(schema, type) and (is_typeddict(schema) or issubclass(schema, BaseModelV1)):
+        # As LangChain converts them: TypedDicts from typing and typing_extensions on every Python
+        # version (typing.is_typeddict misses the latter before 3.12), and pydantic.v1 models.
+        return convert_to_json_schema(schema)
     if isinstance(schema, Mapping):
         if schema.get("type") == "function" and isinstance(schema.get("function"), Mapping):
             schema = schema["function"]
@@ -138,6 +148,16 @@ def to_json_schema(schema: Any) -> dict[str, Any]:
         f"unsupported schema {schema!r}: give a Pydantic class, a TypedDict, a JSON Schema dict "
         "or an OpenAI function/tool dict"
     )
+
+
+def answer_schema(schema: Any, strict: bool | None = None) -> dict[str, Any]:
+    """The JSON Schema structured output is generated under: :func:`to_json_schema`, with objects
+    closed by :func:`close_objects` unless ``strict`` is ``False`` (as in OpenAI's strict mode).
+
+    Output is schema-exact either way; closing only stops the model from inventing keys.
+    """
+    found = to_json_schema(schema)
+    return found if strict is False else close_objects(found)
 
 
 def close_objects(schema: Mapping[str, Any]) -> dict[str, Any]:

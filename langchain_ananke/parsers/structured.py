@@ -1,10 +1,11 @@
 """Structured output: schema -> bound constraint -> parsed, validated result.
 
 Data flow: :func:`structured_runnable` binds a constraint (or a forced tool) on the model and pipes
-its output into :class:`AnankeOutputParser`, which (1) refuses output the service's independent check
-marked unsatisfied (truncation included) with :class:`ConstraintNotSatisfiedError`, (2) parses JSON
-and validates Pydantic models, and (3) while streaming yields partial dicts as the JSON grows.
-``include_raw=True`` wraps it the way ``ChatOpenAI`` does: ``{"raw", "parsed", "parsing_error"}``.
+it into :class:`AnankeOutputParser` (``bound | parser``, as LangChain's partner packages do), which
+(1) refuses output the service's independent check marked unsatisfied (truncation included) with
+:class:`ConstraintNotSatisfiedError`, (2) parses JSON and validates Pydantic models, and (3) while
+streaming yields partial dicts as the JSON grows. ``include_raw=True`` wraps it the way ``ChatOpenAI``
+does: ``{"raw", "parsed", "parsing_error"}``.
 """
 
 from __future__ import annotations
@@ -18,45 +19,25 @@ from langchain_core.exceptions import OutputParserException
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.output_parsers.transform import BaseCumulativeTransformOutputParser
 from langchain_core.outputs import ChatGeneration, Generation
-from langchain_core.runnables import (
-    Runnable,
-    RunnableConfig,
-    RunnableLambda,
-    RunnableMap,
-    RunnablePassthrough,
-    RunnableSerializable,
-)
+from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
 from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_core.utils.json import parse_partial_json
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic.v1 import BaseModel as BaseModelV1
 from pydantic.v1 import ValidationError as ValidationErrorV1
-from typing_extensions import is_typeddict
 
-from langchain_ananke.errors import ConstraintNotSatisfiedError
+from langchain_ananke.errors import check_satisfied
 from langchain_ananke.parsers.constraints import (
     TEXT_CONSTRAINTS,
     Constraints,
-    close_objects,
+    answer_schema,
     is_pydantic_class,
     schema_name,
     to_constraints,
-    to_json_schema,
 )
 
 Target = Literal["pydantic", "json", "text", "tool"]
 Method = Literal["json_schema", "function_calling", "json_mode"]
-
-
-def check_satisfied(metadata: dict[str, Any] | None, text: str) -> None:
-    """Raise when the service's independent check says the constraint is not satisfied."""
-    if metadata and metadata.get("constraint_satisfied") is False:
-        reason = metadata.get("constraint_error") or "constraint not satisfied"
-        raise ConstraintNotSatisfiedError(
-            f"the output does not satisfy the constraint: {reason}",
-            finish_reason=metadata.get("finish_reason"),
-            llm_output=text,
-        )
 
 
 class AnankeOutputParser(BaseCumulativeTransformOutputParser[Any]):
@@ -172,127 +153,8 @@ async def _atee(source: AsyncIterator[Any], sink: list[Any]) -> AsyncIterator[An
         yield item
 
 
-def _is_pydantic_v1_class(schema: Any) -> bool:
-    return isinstance(schema, type) and issubclass(schema, BaseModelV1)
-
-
-def _json_schema(schema: Any) -> dict[str, Any]:
-    """The JSON Schema to constrain with; also takes ``typing_extensions`` TypedDicts (needed on
-    Python < 3.12, where ``typing.is_typeddict`` does not recognise them) and ``pydantic.v1`` models,
-    both converted the way LangChain converts them."""
-    if (isinstance(schema, type) and is_typeddict(schema)) or _is_pydantic_v1_class(schema):
-        return convert_to_json_schema(schema)
-    return to_json_schema(schema)
-
-
-def _as_generation(output: Any) -> Generation:
-    """What ``BaseOutputParser.invoke`` wraps a model's output in: chat message or plain text."""
-    return ChatGeneration(message=output) if isinstance(output, BaseMessage) else Generation(text=output)
-
-
-class StructuredOutput(RunnableSerializable[Any, Any]):
-    """``bound | parser`` with the parse done inline on ``invoke``/``batch``.
-
-    A ``RunnableSequence`` would run the parser as its own traced step: LangChain's callback and
-    config machinery for the sequence and the step cost ~0.3 ms per call, more than the parse
-    (~20 µs) and half the client's whole overhead. Here the model call is the traced run and its
-    output is parsed directly; errors are the parser's (``OutputParserException``,
-    ``ConstraintNotSatisfiedError``). Streaming goes through ``bound | parser``, which yields the
-    growing partial objects. ``first``/``last`` are the two parts, as on a sequence.
-    """
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    bound: Runnable[Any, Any]
-    parser: AnankeOutputParser
-
-    @property
-    def first(self) -> Runnable[Any, Any]:
-        return self.bound
-
-    @property
-    def last(self) -> AnankeOutputParser:
-        return self.parser
-
-    @property
-    def InputType(self) -> Any:
-        return self.bound.InputType
-
-    @property
-    def OutputType(self) -> Any:
-        return self.parser.OutputType
-
-    def _sequence(self) -> Runnable[Any, Any]:
-        return self.bound | self.parser
-
-    def _parse(self, output: Any) -> Any:
-        return self.parser.parse_result([_as_generation(output)])
-
-    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        return self._parse(self.bound.invoke(input, config, **kwargs))
-
-    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        return self._parse(await self.bound.ainvoke(input, config, **kwargs))
-
-    def _parse_all(self, outputs: list[Any], return_exceptions: bool) -> list[Any]:
-        parsed: list[Any] = []
-        for output in outputs:
-            if isinstance(output, Exception):
-                parsed.append(output)
-                continue
-            try:
-                parsed.append(self._parse(output))
-            except Exception as exc:
-                if not return_exceptions:
-                    raise
-                parsed.append(exc)
-        return parsed
-
-    def batch(
-        self,
-        inputs: list[Any],
-        config: RunnableConfig | list[RunnableConfig] | None = None,
-        *,
-        return_exceptions: bool = False,
-        **kwargs: Any,
-    ) -> list[Any]:
-        outputs = self.bound.batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
-        return self._parse_all(outputs, return_exceptions)
-
-    async def abatch(
-        self,
-        inputs: list[Any],
-        config: RunnableConfig | list[RunnableConfig] | None = None,
-        *,
-        return_exceptions: bool = False,
-        **kwargs: Any,
-    ) -> list[Any]:
-        outputs = await self.bound.abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
-        return self._parse_all(outputs, return_exceptions)
-
-    def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
-        yield from self._sequence().stream(input, config, **kwargs)
-
-    async def astream(
-        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
-    ) -> AsyncIterator[Any]:
-        async for chunk in self._sequence().astream(input, config, **kwargs):
-            yield chunk
-
-    def transform(
-        self, input: Iterator[Any], config: RunnableConfig | None = None, **kwargs: Any
-    ) -> Iterator[Any]:
-        yield from self._sequence().transform(input, config, **kwargs)
-
-    async def atransform(
-        self, input: AsyncIterator[Any], config: RunnableConfig | None = None, **kwargs: Any
-    ) -> AsyncIterator[Any]:
-        async for chunk in self._sequence().atransform(input, config, **kwargs):
-            yield chunk
-
-
 def _parser_for(schema: Any, target: Target, tool_name: str | None = None) -> AnankeOutputParser:
-    model = schema if is_pydantic_class(schema) or _is_pydantic_v1_class(schema) else None
+    model = schema if is_pydantic_class(schema) else None
     if target == "json" and model is not None:
         target = "pydantic"
     return AnankeOutputParser(target=target, pydantic_model=model, tool_name=tool_name)
@@ -317,15 +179,15 @@ def structured_runnable(
             tool call) or ``json_mode`` (any JSON object).
         include_raw: return ``{"raw", "parsed", "parsing_error"}`` instead of raising.
         strict: like ``ChatOpenAI``'s strict mode, objects are closed (``additionalProperties:
-            false`` where the schema does not say) unless ``strict=False``. Output is always
-            schema-exact either way; closing only stops the model from inventing keys.
+            false`` where the schema does not say) unless ``strict=False``
+            (:func:`~langchain_ananke.parsers.constraints.answer_schema`).
         extra_bind: more keywords bound on the model (e.g. ``require_satisfied`` for ``AnankeLLM``).
+
+    Returns:
+        ``bound | parser``; with ``include_raw``, ``RunnableMap(raw=bound)`` piped into the parse
+        with a fallback that reports the parsing error.
     """
     extra = dict(extra_bind or {})
-
-    def target_schema() -> dict[str, Any]:
-        found = _json_schema(schema)
-        return found if strict is False else close_objects(found)
 
     bound: Runnable[Any, Any]
     if isinstance(schema, TEXT_CONSTRAINTS):
@@ -337,7 +199,11 @@ def structured_runnable(
         name = schema_name(schema)
         tool = {
             "type": "function",
-            "function": {"name": name, "parameters": target_schema(), "description": _description(schema)},
+            "function": {
+                "name": name,
+                "parameters": answer_schema(schema, strict),
+                "description": _description(schema),
+            },
         }
         bound = model.bind_tools(
             [tool],
@@ -349,7 +215,7 @@ def structured_runnable(
         parser = _parser_for(schema, "tool", name)
     elif method in ("json_schema", "json_mode"):
         constraint = (
-            Constraints(json_schema=target_schema())
+            Constraints(json_schema=answer_schema(schema, strict))
             if method == "json_schema"
             else Constraints(json_object=True)
         )
@@ -361,7 +227,7 @@ def structured_runnable(
         raise ValueError(f"unknown method {method!r}; use json_schema, function_calling or json_mode")
 
     if not include_raw:
-        return StructuredOutput(bound=bound, parser=parser)
+        return bound | parser
     parse = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
     on_error = RunnablePassthrough.assign(parsed=lambda _: None)
     with_fallback = parse.with_fallbacks([on_error], exception_key="parsing_error")

@@ -15,6 +15,7 @@ from langchain_core.outputs import ChatGeneration, ChatResult, Generation
 from langchain_core.runnables import RunnableLambda
 from langchain_core.utils.function_calling import convert_to_json_schema
 from pydantic import BaseModel, Field
+from pydantic.v1 import BaseModel as BaseModelV1
 from typing_extensions import TypedDict
 
 from langchain_ananke.errors import AnankeError, ConstraintNotSatisfiedError
@@ -29,7 +30,7 @@ from langchain_ananke.parsers import (
     to_constraints,
     to_json_schema,
 )
-from langchain_ananke.parsers.constraints import close_objects, schema_name
+from langchain_ananke.parsers.constraints import answer_schema, close_objects, schema_name
 from langchain_ananke.protocol import Constraints
 
 # ----------------------------------------------------------------------------- fixtures
@@ -211,6 +212,26 @@ def test_to_json_schema_dicts(value: dict[str, Any], expected: dict[str, Any]) -
 )
 def test_to_json_schema_function_without_parameters_is_an_empty_object(value: dict[str, Any]) -> None:
     assert to_json_schema(value) == {"type": "object", "properties": {}}
+
+
+class PersonV1(BaseModelV1):
+    name: str
+    age: int
+
+
+def test_to_json_schema_pydantic_v1_class() -> None:
+    schema = to_json_schema(PersonV1)
+    assert schema["properties"]["age"]["type"] == "integer"
+    assert sorted(schema["required"]) == ["age", "name"]
+
+
+@pytest.mark.parametrize(
+    ("strict", "closed"), [(None, True), (True, True), (False, False)], ids=["default", "strict", "open"]
+)
+def test_answer_schema_closes_objects_unless_strict_is_false(strict: bool | None, closed: bool) -> None:
+    schema = answer_schema(Person, strict)
+    assert ("additionalProperties" in schema) is closed
+    assert schema == (close_objects(to_json_schema(Person)) if closed else to_json_schema(Person))
 
 
 @pytest.mark.parametrize("value", ["a string", 3, Person(name="a", age=1), int, ["list"]])
@@ -579,7 +600,7 @@ def test_close_objects(schema: dict[str, Any], expected: dict[str, Any]) -> None
     assert schema == original
 
 
-# ------------------------------------------------------------------ the one-step structured runnable
+# ------------------------------------------------------------------ the structured runnable
 class CallbackCount(BaseCallbackHandler):
     def __init__(self) -> None:
         self.chains = 0
@@ -592,11 +613,11 @@ class CallbackCount(BaseCallbackHandler):
         self.models += 1
 
 
-def test_structured_runnable_parses_inline_with_one_traced_model_run() -> None:
+def test_structured_runnable_is_the_model_piped_into_the_parser() -> None:
     runnable = structured_runnable(fixed('{"name": "Ada", "age": 36}', SATISFIED), Person)
     counts = CallbackCount()
     assert runnable.invoke("who?", {"callbacks": [counts]}) == Person(name="Ada", age=36)
-    assert (counts.models, counts.chains) == (1, 0)  # no sequence or parser runs around the call
+    assert (counts.models, counts.chains) == (1, 2)  # one model run, in a sequence with the parser
 
 
 async def test_structured_runnable_ainvoke_and_abatch() -> None:
