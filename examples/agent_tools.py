@@ -1,14 +1,14 @@
-"""A LangGraph ReAct agent whose tool calls are guaranteed to parse and validate.
+"""A LangChain 1.x agent (``create_agent``) whose tool calls are guaranteed to parse and validate.
 
-``create_react_agent`` loops model -> tools -> model. With ``ChatAnanke.bind_tools`` every tool call
-is generated under a grammar built from the tools' JSON Schemas, so each call names a real tool and
-its arguments validate: no JSON repair, no "invalid tool call" retries.
+``create_agent`` loops model -> tools -> model. With ``ChatAnanke`` every tool call is generated under
+a grammar built from the tools' JSON Schemas, so each call names a real tool and its arguments
+validate: no JSON repair, no "invalid tool call" retries.
 
 The model here (SmolLM2-135M on CPU) is tiny, so its *choice* of tool and numbers is often wrong;
 what is guaranteed is the *shape* of every call, and this script checks exactly that. To make the
-run finish in a fixed number of steps, the model is picked per step (a LangGraph "dynamic model"):
-``tool_choice="any"`` (must call a tool) for two rounds, then no tools and a regex constraint so the
-final answer is one short sentence. ``recursion_limit`` bounds the graph as a second safety net.
+run finish in a fixed number of steps, a middleware sets each model call: ``tool_choice="any"``
+(must call a tool) for two rounds, then no tools and a regex constraint so the final answer is one
+short sentence. ``recursion_limit`` bounds the graph as a second safety net.
 
 Runs against ``ANANKE_BASE_URL`` (default http://127.0.0.1:8000); with no service there, it starts
 ``ananke serve`` for the run. The last line is ``RESULT: {json}`` for machines.
@@ -18,22 +18,20 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from langchain.agents import create_agent
+from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
 from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.tools import tool
-from langgraph.prebuilt import create_react_agent
 from pydantic import BaseModel, Field
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _local import service
 
 from langchain_ananke import ChatAnanke
-
-# LangGraph 1.x points at langchain.agents.create_agent; the prebuilt agent still works the same.
-warnings.filterwarnings("ignore", message=".*create_react_agent.*")
 
 ANSWER = r"The answer is -?[0-9]{1,13}\."
 
@@ -61,16 +59,32 @@ TOOLS = [multiply, add]
 TOOL_ROUNDS = 2
 
 
+class ToolRoundsThenAnswer(AgentMiddleware):
+    """One forced tool call per round for ``TOOL_ROUNDS`` rounds, then a one-sentence answer."""
+
+    def _step(self, request: ModelRequest) -> ModelRequest:
+        settings = request.model_settings
+        if sum(isinstance(m, ToolMessage) for m in request.messages) < TOOL_ROUNDS:
+            return request.override(
+                tool_choice="any", model_settings={**settings, "parallel_tool_calls": False}
+            )
+        # No tools: the model's settings become ``llm.bind(constraints=...)``, the final answer.
+        return request.override(tools=[], model_settings={**settings, "constraints": {"regex": ANSWER}})
+
+    def wrap_model_call(
+        self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]
+    ) -> ModelResponse:
+        return handler(self._step(request))
+
+    async def awrap_model_call(
+        self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[ModelResponse]]
+    ) -> ModelResponse:
+        return await handler(self._step(request))
+
+
 def build_agent() -> Any:
     llm = ChatAnanke(temperature=0, max_tokens=64)
-
-    def pick_model(state: dict[str, Any], runtime: Any) -> Any:
-        rounds = sum(isinstance(m, ToolMessage) for m in state["messages"])
-        if rounds < TOOL_ROUNDS:
-            return llm.bind_tools(TOOLS, tool_choice="any", parallel_tool_calls=False)
-        return llm.bind(constraints={"regex": ANSWER})  # no tools: the final answer
-
-    return create_react_agent(pick_model, TOOLS)
+    return create_agent(llm, TOOLS, middleware=[ToolRoundsThenAnswer()])
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ from langchain_ananke.protocol import (
     GenerateRequest,
     GenerateResponse,
     HealthResponse,
+    ModelList,
     StreamEvent,
 )
 
@@ -361,12 +362,26 @@ class AnankeClient(_Base):
         """``GET path`` once, no retries: a status answer, not work to protect."""
         try:
             return self._client.send(self._request("GET", path, None))
-        except _TRANSPORT_ERRORS as exc:
+        except httpx.HTTPError as exc:
             raise _transport_error(exc, self.base_url) from exc
 
     def health(self) -> HealthResponse:
         """``GET /health`` once (503 while loading is an answer here)."""
         return HealthResponse.model_validate(self._get_once("/health").json())
+
+    def models(self) -> ModelList:
+        """``GET /v1/models`` once: the served model, its context length and output cap.
+
+        Raises:
+            AnankeError: no answer, an error answer or an unexpected body.
+        """
+        response = self._get_once("/v1/models")
+        if not response.is_success:
+            raise _answer_error(response)
+        try:
+            return ModelList.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise AnankeError(f"unexpected /v1/models answer from the service: {exc}") from exc
 
     def generate(self, request: GenerateRequest) -> GenerateResponse | BatchGenerateResponse:
         """``POST /generate_api`` (non-streaming)."""

@@ -4,7 +4,7 @@ Data flows client -> service as a :class:`GenerateRequest`, and back as a
 :class:`GenerateResponse` (one prompt), a :class:`BatchGenerateResponse` (a list of prompts), or a
 stream of :class:`StreamEvent` frames over Server-Sent Events whose last frame carries the folded
 response. Every non-2xx answer carries an :class:`ErrorBody`. ``GET /health`` answers a
-:class:`HealthResponse`.
+:class:`HealthResponse` and ``GET /v1/models`` a :class:`ModelList`.
 
 This module imports only pydantic, so the client, the service and third-party tools can share it.
 """
@@ -161,6 +161,8 @@ class GenerateRequest(_Strict):
     messages: list[ChatMessage] | None = None
     """A chat; the model's chat template is applied server-side."""
     constraints: Constraints | None = None
+    """The output's constraint. With ``tools`` only ``json_schema`` is allowed: the schema of the
+    final answer, the branch the model takes when it calls no tool."""
     tools: list[ToolSpec] | None = None
     tool_choice: str = "auto"
     """``auto``, ``required``, ``none`` or the name of one tool."""
@@ -190,8 +192,13 @@ class GenerateRequest(_Strict):
         if self.tools:
             if self.messages is None:
                 raise ValueError("tools need 'messages' (a chat request)")
-            if self.constraints is not None:
-                raise ValueError("give either 'tools' or 'constraints', not both")
+            if self.constraints is not None and self.constraints.kind != "json_schema":
+                # One grammar covers "tool calls or a final answer valid for this schema"; other
+                # kinds have no such union.
+                raise ValueError(
+                    "tools combine only with a json_schema constraint (the final answer's schema), "
+                    f"not {self.constraints.kind}: give either 'tools' or 'constraints'"
+                )
             names = [tool.function.name for tool in self.tools]
             if len(set(names)) != len(names):
                 raise ValueError("tool names must be unique")
@@ -221,7 +228,8 @@ class GenerateResponse(BaseModel):
     tokens_generated: int
     generation_time_ms: float
     metadata: dict[str, Any] = Field(default_factory=dict)
-    """``tokens_per_sec``, ``model``, ``constraint_type``, ``compile_time_ms``, ``cache_hit``, ..."""
+    """``tokens_per_sec``, ``model``, ``constraint_type``, ``compile_time_ms``, ``cache_hit``, ...;
+    for a chat turn with ``tools`` and an answer schema, ``branch``: ``tool_calls`` or ``answer``."""
     constraint_satisfied: bool | None = None
     """Independent re-check of the output; ``None`` when the request had no constraint."""
     constraint_error: str | None = None
@@ -262,6 +270,25 @@ class ErrorBody(BaseModel):
     """The one error body shape of every non-2xx answer."""
 
     error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    """One served model in ``GET /v1/models``."""
+
+    id: str
+    object: str = "model"
+    owned_by: str = "ananke"
+    max_model_len: int | None = None
+    """Context length in tokens: the prompt and the output together."""
+    max_output_tokens: int | None = None
+    """The largest ``max_tokens`` the service accepts."""
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models``: the one served model, in OpenAI's list shape."""
+
+    object: str = "list"
+    data: list[ModelCard]
 
 
 class HealthResponse(BaseModel):

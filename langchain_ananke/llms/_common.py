@@ -19,7 +19,11 @@ from langchain_core.utils import from_env, secret_from_env
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 
 from langchain_ananke._http import DEFAULT_BASE_URL, AnankeClient, AsyncAnankeClient, RetryPolicy
-from langchain_ananke.parsers.constraints import ConstraintLike, to_constraints
+from langchain_ananke.parsers.constraints import (
+    ConstraintLike,
+    response_format_constraints,
+    to_constraints,
+)
 from langchain_ananke.parsers.structured import Method, structured_runnable
 from langchain_ananke.protocol import GenerateRequest, GenerateResponse
 
@@ -27,6 +31,7 @@ from langchain_ananke.protocol import GenerateRequest, GenerateResponse
 CALL_KWARGS = frozenset(
     {
         "constraints",
+        "response_format",
         "tools",
         "tool_choice",
         "parallel_tool_calls",
@@ -151,7 +156,11 @@ class AnankeParams(BaseModel):
         stream: bool = False,
         **kwargs: Any,
     ) -> tuple[GenerateRequest, bool]:
-        """The one request builder. Returns the request and whether unsatisfied output must raise."""
+        """The one request builder. Returns the request and whether unsatisfied output must raise.
+
+        ``response_format`` (OpenAI's shape, or a schema) becomes ``constraints`` here; with
+        ``tools`` it is the schema of the final answer.
+        """
         check_call_kwargs(kwargs)
         kwargs = dict(kwargs)
         kwargs.pop("ls_structured_output_format", None)
@@ -161,8 +170,13 @@ class AnankeParams(BaseModel):
         if stop is not None:
             fields["stop"] = stop
         constraints: ConstraintLike | None = kwargs.pop("constraints", None)
+        response_format = kwargs.pop("response_format", None)
+        if constraints is not None and response_format is not None:
+            raise ValueError("give either constraints or response_format, not both")
         if constraints is not None:
             fields["constraints"] = to_constraints(constraints)
+        elif response_format is not None:
+            fields["constraints"] = response_format_constraints(response_format)
         fields |= {k: v for k, v in kwargs.items() if v is not None}
         fields |= {"prompt": prompt, "messages": messages, "stream": stream}
         return GenerateRequest.model_validate(fields), require

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Self, cast
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput, ModelProfile
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -27,14 +27,18 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import model_validator
 
 from langchain_ananke.errors import check_satisfied
 from langchain_ananke.llms._common import (
     AnankeParams,
     ananke_ls_params,
+    check_call_kwargs,
     response_metadata,
     usage_metadata,
 )
+from langchain_ananke.llms._profile import ServiceProfile, token_limits
+from langchain_ananke.parsers.constraints import response_format_constraints
 from langchain_ananke.protocol import GenerateResponse, StreamEvent
 
 _ROLES = {
@@ -141,6 +145,15 @@ class ChatAnanke(AnankeParams, BaseChatModel):
 
             llm.bind_tools([multiply], tool_choice="any").invoke("What is 6 times 7?").tool_calls
 
+    Agents:
+        .. code-block:: python
+
+            from langchain.agents import create_agent
+            agent = create_agent(llm, [multiply], response_format=Person)  # ProviderStrategy
+
+        ``profile`` declares native structured output, so LangChain picks ``ProviderStrategy``:
+        each turn is either valid tool calls or a final answer valid for ``Person``, one grammar.
+
     Every constrained answer carries ``response_metadata["constraint_satisfied"]`` from the
     service's independent re-check; structured output raises
     :class:`~langchain_ananke.errors.ConstraintNotSatisfiedError` rather than return a partial object.
@@ -159,6 +172,17 @@ class ChatAnanke(AnankeParams, BaseChatModel):
         return self._request(
             messages=[to_wire_message(m) for m in messages], stop=stop, stream=stream, **kwargs
         )
+
+    def _resolve_model_profile(self) -> ModelProfile | None:
+        """The static capabilities; the token limits come from the service on first lookup."""
+        return cast("ModelProfile", ServiceProfile(lambda: token_limits(self.client.models())))
+
+    @model_validator(mode="after")
+    def _arm_profile(self) -> Self:
+        # Runs after langchain-core's own profile validators, which read the whole mapping.
+        if isinstance(self.profile, ServiceProfile):
+            self.profile.arm()
+        return self
 
     def _message_fields(self, resp: GenerateResponse, require: bool) -> dict[str, Any]:
         fields = _ai_fields(resp, self.model)
@@ -247,24 +271,52 @@ class ChatAnanke(AnankeParams, BaseChatModel):
         tool_choice: ToolChoice = None,
         parallel_tool_calls: bool | None = None,
         strict: bool | None = None,
+        response_format: Any = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools; every call the model makes is generated under the service's tool grammar.
 
+        With ``response_format`` as well, one grammar covers the turn: the model either calls tools
+        or gives a final answer valid for that schema, as JSON text in ``content`` (what LangChain's
+        ``ProviderStrategy`` parses). ``tool_choice`` ``required`` or a name allows only calls,
+        ``none`` only the answer.
+
         Args:
-            tools: LangChain tools, Pydantic classes, functions or OpenAI tool dicts.
+            tools: LangChain tools, Pydantic classes, functions or OpenAI tool dicts; may be empty.
             tool_choice: ``auto`` (default), ``any``/``required``, ``none``, or a tool name.
             parallel_tool_calls: allow several calls in one answer (default True).
-            strict: accepted so ``ChatOpenAI.bind_tools(..., strict=True)`` code runs unchanged;
-                arguments always match the tool's schema exactly.
+            strict: accepted so ``ChatOpenAI`` code runs unchanged: tool arguments always match
+                their schema exactly. ``strict=False`` leaves the answer schema's objects open
+                (:func:`~langchain_ananke.parsers.constraints.answer_schema`).
+            response_format: the final answer's schema: OpenAI's ``{"type": "json_schema",
+                "json_schema": {"name", "schema", "strict"}}``, or a Pydantic class, TypedDict or
+                JSON Schema dict. Without tools, ``{"type": "json_object"}`` works too.
+            **kwargs: more request fields (``max_tokens``, ``constraints``, ...) and LangChain's
+                ``ls_structured_output_format``.
+
+        Raises:
+            TypeError: a keyword that no request field takes.
+            ValueError: a ``tool_choice`` that no given tool satisfies, or a malformed
+                ``response_format``.
         """
-        del strict  # the tool grammar is always schema-exact
+        check_call_kwargs(kwargs)
         specs = [convert_to_openai_tool(t) for t in tools]
         names = [s["function"]["name"] for s in specs]
         for spec in specs:
             spec["function"].setdefault("parameters", {"type": "object", "properties": {}})
             spec["function"].pop("strict", None)
-        bound: dict[str, Any] = {"tools": specs, "tool_choice": _tool_choice(tool_choice, names)}
+        choice = _tool_choice(tool_choice, names)
+        bound: dict[str, Any] = {}
+        if specs:
+            bound |= {"tools": specs, "tool_choice": choice}
+        elif choice == "required":
+            raise ValueError(f"tool_choice {tool_choice!r} needs at least one tool")
         if parallel_tool_calls is not None:
             bound["parallel_tool_calls"] = parallel_tool_calls
+        # Converted once here rather than on every call (a Pydantic class rebuilds its schema).
+        answer = response_format_constraints(response_format, strict) if response_format else None
+        if answer is not None:
+            if kwargs.get("constraints") is not None:
+                raise ValueError("give either constraints or response_format, not both")
+            bound["constraints"] = answer
         return super().bind(**bound, **kwargs)

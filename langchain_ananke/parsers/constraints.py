@@ -2,7 +2,7 @@
 
 Accepts typed helpers (:class:`Regex`, :class:`Grammar`, :class:`Choice`, :class:`JsonSchema`,
 :class:`TokenMask`), the wire's constraint dicts, Pydantic classes (v2 and ``pydantic.v1``),
-TypedDicts, JSON Schema dicts and OpenAI function/tool dicts.
+TypedDicts, JSON Schema dicts, OpenAI function/tool dicts and OpenAI ``response_format`` dicts.
 :func:`to_json_schema` is the one schema converter; :func:`answer_schema` closes its objects for
 structured output. Never imports llguidance or vLLM; the service validates and compiles. Never
 mutates the caller's objects.
@@ -72,6 +72,7 @@ __all__ = [
     "answer_schema",
     "close_objects",
     "is_pydantic_class",
+    "response_format_constraints",
     "schema_name",
     "to_constraints",
     "to_json_schema",
@@ -158,6 +159,38 @@ def answer_schema(schema: Any, strict: bool | None = None) -> dict[str, Any]:
     """
     found = to_json_schema(schema)
     return found if strict is False else close_objects(found)
+
+
+def response_format_constraints(response_format: Any, strict: bool | None = None) -> Constraints | None:
+    """An OpenAI ``response_format`` -> the constraint of the final answer (``None`` for text).
+
+    Args:
+        response_format: ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``
+            (what ``ChatOpenAI`` code and LangChain's ``ProviderStrategy`` bind),
+            ``{"type": "json_object"}``, ``{"type": "text"}``, or a schema :func:`to_json_schema`
+            takes (a Pydantic class, TypedDict or JSON Schema dict).
+        strict: as in :func:`answer_schema`; ``json_schema.strict`` counts the same.
+
+    Raises:
+        ValueError: a malformed ``json_schema`` format, or two different ``strict`` values.
+        TypeError: an unsupported schema.
+    """
+    if not (isinstance(response_format, Mapping) and "type" in response_format):
+        return Constraints(json_schema=answer_schema(response_format, strict))
+    kind = response_format["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraints(json_object=True)
+    if kind != "json_schema":  # a bare JSON Schema, e.g. {"type": "object", ...}
+        return Constraints(json_schema=answer_schema(response_format, strict))
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("schema"), Mapping):
+        raise ValueError("response_format json_schema needs json_schema.schema, a JSON Schema object")
+    own = spec.get("strict")
+    if strict is not None and own is not None and own is not strict:
+        raise ValueError(f"strict={strict} contradicts the response_format's own strict={own}")
+    return Constraints(json_schema=answer_schema(spec["schema"], own if own is not None else strict))
 
 
 def close_objects(schema: Mapping[str, Any]) -> dict[str, Any]:

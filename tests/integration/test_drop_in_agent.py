@@ -4,7 +4,7 @@ Issue 4's acceptance: replacing ``ChatOpenAI(...)`` with ``ChatAnanke(...)`` nee
 change. The app code below (``build_agent``, ``extraction_chain``) takes a chat model and is the same
 for both; the only difference is the constructor. ``ChatOpenAI`` talks to the service's
 OpenAI-compatible ``/v1`` routes, ``ChatAnanke`` to ``/generate_api``; both run against the session's
-real local service (SmolLM2-135M on CPU).
+real local service (SmolLM2-135M on CPU). The agent is LangChain 1.x's ``create_agent``.
 
 What is asserted is structure, never the small model's arithmetic or knowledge: the tool is called
 with arguments valid for its schema, its result goes back to the model as a ``ToolMessage`` (the
@@ -16,51 +16,28 @@ object. The agent runs twice per model: ``invoke``, and ``astream`` token by tok
 
 from __future__ import annotations
 
-import operator
 import os
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import pytest
-from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain.agents import create_agent
+from langchain.agents.middleware import ModelRequest
+from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import Runnable, RunnableConfig
-from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
-from langgraph.prebuilt import create_react_agent
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from langchain_ananke import ChatAnanke
+from tests.integration.agent_parts import OPS, Calculation, PerTurn, calculator, tool_rounds
 
-pytestmark = [
-    pytest.mark.integration,
-    # LangGraph 1.x points at langchain.agents.create_agent (langchain is not installed here); the
-    # prebuilt agent is what existing ChatOpenAI apps use and it works the same.
-    pytest.mark.filterwarnings("ignore:.*create_react_agent.*"),
-]
+pytestmark = pytest.mark.integration
 
 #: Greedy and short: the small model is slow on CPU, and a tool call here is ~35 tokens.
 PARAMS: dict[str, Any] = {"temperature": 0, "max_tokens": 48}
-
-OPS: dict[str, Callable[[int, int], int]] = {"+": operator.add, "-": operator.sub, "*": operator.mul}
-
-
-class Calculation(BaseModel):
-    """Two integers and an operator. Bounds keep generated numbers short."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    a: int = Field(ge=-1000, le=1000, description="Left operand")
-    op: Literal["+", "-", "*"] = Field(description="Operator")
-    b: int = Field(ge=-1000, le=1000, description="Right operand")
-
-
-@tool(args_schema=Calculation)
-def calculator(a: int, op: str, b: int) -> int:
-    """Compute `a op b` for two integers."""
-    return OPS[op](a, b)
 
 
 class Person(BaseModel):
@@ -73,20 +50,22 @@ class Person(BaseModel):
 # --- the app: written once, handed either chat model ---------------------------------------------
 
 
-def build_agent(llm: BaseChatModel) -> Any:
-    """A ReAct agent that must use the calculator once, then answers in words.
-
-    The first model call forces a tool call (``tool_choice="any"``): a 135M model rarely chooses a
+class CalculatorOnce(PerTurn):
+    """The first model call must call a tool (``tool_choice="any"``): a 135M model rarely chooses a
     tool on its own, and forcing it keeps the run at two model calls. Once the tool has answered, the
-    model gets no tools, so its reply ends the loop.
-    """
+    model gets no tools, so its reply ends the loop."""
 
-    def pick_model(state: dict[str, Any], runtime: Any) -> Runnable[LanguageModelInput, BaseMessage]:
-        if any(isinstance(m, ToolMessage) for m in state["messages"]):
-            return llm
-        return llm.bind_tools([calculator], tool_choice="any", parallel_tool_calls=False)
+    def step(self, request: ModelRequest) -> ModelRequest:
+        if tool_rounds(request.messages):
+            return request.override(tools=[])
+        return request.override(
+            tool_choice="any", model_settings={**request.model_settings, "parallel_tool_calls": False}
+        )
 
-    return create_react_agent(pick_model, [calculator])
+
+def build_agent(llm: BaseChatModel) -> Any:
+    """A LangChain agent that must use the calculator once, then answers in words."""
+    return create_agent(llm, [calculator], middleware=[CalculatorOnce()])
 
 
 def extraction_chain(llm: BaseChatModel) -> Runnable[dict[str, str], Any]:

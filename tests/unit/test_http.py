@@ -492,6 +492,59 @@ def test_health_unreachable_is_a_connection_error() -> None:
         sync_client(Script(connect_error())).health()
 
 
+MODELS = {
+    "object": "list",
+    "data": [
+        {
+            "id": "tiny",
+            "object": "model",
+            "owned_by": "ananke",
+            "max_model_len": 2048,
+            "max_output_tokens": 512,
+        }
+    ],
+}
+
+
+def test_models_reads_the_served_models_limits(sleeps: list[float]) -> None:
+    script = Script(httpx.Response(200, json=MODELS))
+    models = sync_client(script, api_key="sk-test").models()
+    card = models.data[0]
+    assert (card.id, card.max_model_len, card.max_output_tokens) == ("tiny", 2048, 512)
+    sent = script.requests[0]
+    assert (sent.method, sent.url.path) == ("GET", "/v1/models")
+    assert sent.headers["authorization"] == "Bearer sk-test"
+
+
+def test_models_without_limits_parses() -> None:
+    # A service that names its model only: the limits are unknown, not an error.
+    body = {"object": "list", "data": [{"id": "tiny", "object": "model", "owned_by": "ananke"}]}
+    card = sync_client(Script(httpx.Response(200, json=body))).models().data[0]
+    assert (card.max_model_len, card.max_output_tokens) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("answer", "error", "match"),
+    [
+        (connect_error(), AnankeConnectionError, "cannot reach"),
+        (httpx.ReadTimeout("slow"), AnankeTimeoutError, "timed out"),
+        (error(401, "unauthorized", "missing or invalid API key"), AnankeAPIError, "unauthorized"),
+        (error(503, "engine_unavailable", "loading"), AnankeAPIError, "loading"),
+        (httpx.Response(200, json={"data": "nope"}), AnankeError, "unexpected /v1/models answer"),
+        (httpx.Response(200, text="<html>"), AnankeError, "unexpected /v1/models answer"),
+    ],
+    ids=["unreachable", "timeout", "401", "503", "wrong-shape", "not-json"],
+)
+def test_models_faults_raise_once_without_retrying(
+    answer: Reply, error: type[Exception], match: str, sleeps: list[float]
+) -> None:
+    script = Script(answer, httpx.Response(200, json=MODELS))
+    with pytest.raises(error, match=match):
+        sync_client(script).models()
+    assert len(script.requests) == 1
+    assert sleeps == []
+
+
 # ----------------------------------------------------------------------------- async client
 
 

@@ -118,6 +118,8 @@ def test_token_mask_with_ids_is_accepted(data: dict[str, Any]) -> None:
         {"messages": CHAT, "tools": [TOOL]},
         {"messages": CHAT, "tools": [TOOL], "tool_choice": "get_weather"},
         {"messages": CHAT, "tools": [TOOL], "tool_choice": "required"},
+        {"messages": CHAT, "tools": [TOOL], "constraints": {"json_schema": SCHEMA}},
+        {"messages": CHAT, "tools": [TOOL], "constraints": {"json_schema": SCHEMA}, "tool_choice": "none"},
         {"messages": CHAT, "tool_choice": "none"},
         {"prompt": "hi", "stream": True},
         {"prompt": "hi", "constraints": {"regex": "[a-z]+"}, "max_tokens": 1},
@@ -146,6 +148,10 @@ def test_valid_requests(data: dict[str, Any]) -> None:
         (
             {"messages": CHAT, "tools": [TOOL], "constraints": {"regex": "a"}},
             "either 'tools' or 'constraints'",
+        ),
+        (
+            {"messages": CHAT, "tools": [TOOL], "constraints": {"json_object": True}},
+            "tools combine only with a json_schema constraint",
         ),
         ({"messages": CHAT, "tools": [TOOL, TOOL]}, "tool names must be unique"),
         (
