@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from langchain_ananke.protocol import ErrorBody, GenerateRequest, GenerateResponse
+from langchain_ananke.protocol import ErrorBody, GenerateRequest, GenerateResponse, ModelCard, ModelList
 from modal_service.errors import ApiError
 from modal_service.http.errors import ERROR_RESPONSES, validation_error
 from modal_service.http.lifecycle import Lifecycle, frame, sse
@@ -216,28 +216,26 @@ class CompletionBody(_OpenAIBody):
 
 def openai_router(lifecycle: Lifecycle, require_key: Callable[..., Any]) -> APIRouter:
     """The OpenAI-compatible routes."""
-    router = APIRouter(dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
+    router = APIRouter(dependencies=[Depends(require_key)])
     engine = lifecycle.generator.engine
 
-    @router.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    @router.get("/v1/models", response_model=ModelList)
+    async def models() -> ModelList:
         """The one served model, with its context length and the largest ``max_tokens`` allowed."""
-        card = {
-            "id": engine.model_name,
-            "object": "model",
-            "owned_by": "ananke",
-            "max_model_len": engine.config.max_model_len,
-            "max_output_tokens": lifecycle.limits.max_tokens,
-        }
-        return {"object": "list", "data": [card]}
+        card = ModelCard(
+            id=engine.model_name,
+            max_model_len=engine.config.max_model_len,
+            max_output_tokens=lifecycle.limits.max_tokens,
+        )
+        return ModelList(data=[card])
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionBody) -> Any:
         """OpenAI chat completions; honours ``response_format``, ``tools`` and ``tool_choice``."""
         fields = body.model_dump(exclude_unset=True)
         return await _serve(lifecycle, chat_to_request(fields), fields, chat=True)
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(body: CompletionBody) -> Any:
         """OpenAI text completions."""
         fields = body.model_dump(exclude_unset=True)

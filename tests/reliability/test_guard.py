@@ -130,3 +130,42 @@ def test_unhandled_errors_are_answered_not_reraised() -> None:
         r = client.get("/reject")
         assert r.status_code == 422
         assert "prompt cannot be empty" in r.json()["error"]["message"]
+
+
+ROUTES = [
+    ("/generate_api", {"prompt": "x"}),
+    ("/generate_api", {"prompt": "x", "stream": True}),
+    ("/generate_api", {"prompt": ["x", "y"]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": True}),
+    ("/v1/completions", {"prompt": "x"}),
+    ("/v1/completions", {"prompt": "x", "stream": True}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), ROUTES)
+def test_planning_runs_inside_the_admission_slot_on_every_route(path: str, body: dict[str, object]) -> None:
+    """Planning (tokenize, compile) holds a slot on every route, streaming or not: with the slots all
+    taken it never starts (429), and while it runs the request is counted in flight."""
+    from modal_service.errors import ApiError
+
+    with _app(max_inflight=1) as client:
+        app = client.app
+        app.state.engine.state = "ok"  # type: ignore[attr-defined]
+        admission, lifecycle = app.state.admission, app.state.lifecycle  # type: ignore[attr-defined]
+        seen: list[int] = []
+
+        async def plan(_req: object) -> list[object]:
+            seen.append(admission.inflight)
+            raise ApiError(422, "invalid_constraint", "planned")
+
+        lifecycle.generator.aplan = plan
+        r = client.post(path, json=body)
+        assert (r.status_code, r.json()["error"]["message"]) == (422, "planned")
+        assert seen == [1]  # planned while holding the one slot
+        assert admission.inflight == 0  # and released
+        admission.inflight = 1  # another request holds the only slot
+        r = client.post(path, json=body)
+        assert (r.status_code, r.json()["error"]["code"]) == (429, "overloaded")
+        assert seen == [1]  # no planning, so no compile, above the bound
+        admission.inflight = 0  # (the app's shutdown waits for in-flight requests)
