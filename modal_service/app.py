@@ -15,6 +15,10 @@ are unit-tested offline (tests/unit/test_modal_app.py). The deploy-time settings
 environment variables, read once at import; they are baked into the image's environment as well,
 because Modal imports this file again inside every container, where the deploying shell's
 variables are not set.
+
+It is one piece (over 450 lines) on purpose: ``modal deploy`` is pointed at this file, and a reader of
+a deployment should find the image, every pin with its reason, the settings, the class and the smoke
+test in the order Modal's own examples use, without following imports.
 """
 
 from __future__ import annotations
