@@ -86,18 +86,9 @@ class Generator:
         except ConstraintError as exc:
             raise ApiError(422, "invalid_constraint", exc.message, exc.detail) from exc
 
-    def check_max_tokens(self, req: GenerateRequest) -> None:
-        """The ``max_tokens`` cap: a 422 before anything else looks at the request."""
-        if req.max_tokens > self.limits.max_tokens:
-            raise ApiError(
-                422,
-                "invalid_request",
-                f"max_tokens {req.max_tokens} exceeds the cap {self.limits.max_tokens}",
-            )
-
     def plan(self, req: GenerateRequest) -> list[Plan]:
-        """Validate limits, render prompts and compile the constraint (once for all prompts)."""
-        self.check_max_tokens(req)
+        """Render and tokenize the prompts and compile the constraint (once for all prompts). The
+        request passed :class:`~modal_service.http.lifecycle.Prechecks` first (the ``max_tokens`` cap)."""
         if req.messages is not None:
             answer = req.constraints.json_schema if req.constraints is not None and req.tools else None
             messages = to_template_messages(req.messages, req.tools, req.tool_choice, answer)
