@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -84,22 +83,19 @@ def draining_server(config: Any, admission: Any, drain_seconds: float) -> Any:
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
-        drain_deadline: float | None = None
         pending_signal: int | None = None
         announced = False
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             # Runs as a signal handler: set flags only; on_tick (on the event loop) does the rest.
             if self.pending_signal is None and not self.should_exit:
-                admission.draining = True
-                self.drain_deadline = time.monotonic() + drain_seconds
+                admission.begin_drain(drain_seconds)
                 self.pending_signal = sig
                 return
             super().handle_exit(sig, frame)
 
         async def on_tick(self, counter: int) -> bool:
             if self.pending_signal is not None and not self.should_exit:
-                assert self.drain_deadline is not None  # noqa: S101 - set with pending_signal
                 if not self.announced:
                     self.announced = True
                     log.info(
@@ -108,7 +104,7 @@ def draining_server(config: Any, admission: Any, drain_seconds: float) -> Any:
                         admission.inflight,
                         drain_seconds,
                     )
-                if admission.inflight == 0 or time.monotonic() >= self.drain_deadline:
+                if admission.drain_over():
                     log.info("drain over (%d request(s) still in flight); shutting down", admission.inflight)
                     super().handle_exit(self.pending_signal, None)
             return bool(await super().on_tick(counter))

@@ -21,6 +21,7 @@ import hmac
 import itertools
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from types import TracebackType
 from typing import Any
@@ -113,6 +114,7 @@ class Admission:
         self.limit = limit
         self.inflight = 0
         self.draining = False
+        self._drain_deadline = 0.0
 
     def acquire(self) -> None:
         if self.draining:
@@ -130,12 +132,21 @@ class Admission:
         """A context manager holding one slot (also released when the request ends)."""
         return Slot(self)
 
+    def begin_drain(self, seconds: float) -> None:
+        """Refuse new requests from now on; admitted ones get up to ``seconds`` to finish. Safe to
+        call from a signal handler (it only sets fields); a drain already begun keeps its deadline."""
+        if not self.draining:
+            self.draining = True
+            self._drain_deadline = time.monotonic() + seconds
+
+    def drain_over(self) -> bool:
+        """Whether the drain has nothing left to wait for: no request in flight, or time is up."""
+        return self.draining and (self.inflight == 0 or time.monotonic() >= self._drain_deadline)
+
     async def drain(self, seconds: float) -> None:
-        """Refuse new requests; wait up to ``seconds`` for admitted ones to finish."""
-        self.draining = True
-        for _tick in range(int(seconds * 10)):
-            if self.inflight == 0:
-                return
+        """:meth:`begin_drain`, then wait until :meth:`drain_over`."""
+        self.begin_drain(seconds)
+        while not self.drain_over():  # noqa: ASYNC110 - polled: slots are released from many places
             await asyncio.sleep(0.1)
 
 
