@@ -167,14 +167,15 @@ class GenerateRequest(_Strict):
     tool_choice: str = "auto"
     """``auto``, ``required``, ``none`` or the name of one tool."""
     parallel_tool_calls: bool = True
-    max_tokens: int = Field(default=256, gt=0)
+    max_tokens: int = Field(default=256, gt=0, le=1 << 20)
+    """Output token cap (the server's own cap, ``--max-tokens-cap``, is usually lower)."""
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(1 << 63), le=(1 << 63) - 1)
     stop: list[str] | None = None
     stream: bool = False
-    timeout_s: float | None = Field(default=None, gt=0)
-    """Server-side deadline; the request is aborted in the engine when it passes."""
+    timeout_s: float | None = Field(default=None, ge=0.01, le=86_400)
+    """Server-side deadline (0.01 s to a day); the request is aborted in the engine when it passes."""
 
     @field_validator("stop", mode="before")
     @classmethod

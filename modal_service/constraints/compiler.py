@@ -157,11 +157,17 @@ class ConstraintCompiler:
             if answer is None and turn.choice == "none":
                 return None, False
             return self._cached(
-                _digest("tools", [payload, caps]), lambda: self._build_turn(turn, answer, constraints, caps)
+                _digest("tools", [payload, caps]),
+                lambda: _uncapped_if_caps_fail(
+                    lambda caps: self._build_turn(turn, answer, constraints, caps), caps
+                ),
             )
         assert constraints is not None  # noqa: S101 - checked above
         c = constraints
-        return self._cached(_digest(c.kind, [payload, caps]), lambda: self._build(c, caps))
+        return self._cached(
+            _digest(c.kind, [payload, caps]),
+            lambda: _uncapped_if_caps_fail(lambda caps: self._build(c, caps), caps),
+        )
 
     def verify(
         self, compiled: CompiledConstraint, text: str, token_ids: list[int], finish_reason: str
@@ -508,6 +514,22 @@ WITNESS_SEARCH_NODES = 64
 PATTERN_SEARCH_NODES = 256
 #: Constraint kinds whose shortest output is searched at compile time (for max_tokens_too_small).
 SHORTEST_OUTPUT_KINDS = frozenset({"json_schema", "json_object", "tools", "choice"})
+
+
+def _uncapped_if_caps_fail(
+    build: Callable[[tuple[int, int] | None], CompiledConstraint], caps: tuple[int, int] | None
+) -> CompiledConstraint:
+    """``build(caps)``; if the caps derived from ``max_tokens`` make the constraint fail (a ``pattern``
+    longer than the string cap empties its regex), ``build(None)``. The caps are the service's own
+    bound, so they must never make a valid schema look invalid: without them the constraint either
+    compiles (and a budget too small for its shortest output is ``max_tokens_too_small``), or its own
+    error is the one to report."""
+    try:
+        return build(caps)
+    except ConstraintError:
+        if caps is None:
+            raise
+        return build(None)
 
 
 def _unwrap(hit: CompiledConstraint | ConstraintError) -> CompiledConstraint:

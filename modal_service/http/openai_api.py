@@ -30,18 +30,27 @@ from modal_service.http.lifecycle import Lifecycle, frame, sse
 _PASSTHROUGH = ("temperature", "top_p", "seed", "stop", "timeout_s")
 
 
-def _text(content: Any) -> str:
+def _text(content: Any, where: str) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        for j, part in enumerate(content):
+            kind = part.get("type", "text") if isinstance(part, dict) else type(part).__name__
+            if kind != "text":
+                raise ApiError(
+                    422,
+                    "unsupported_content",
+                    f"{where}.content.{j} is a {kind!r} part: the served model reads text only",
+                    {"field": f"{where}.content.{j}", "type": kind},
+                )
+        return "".join(p.get("text", "") for p in content)
     raise ApiError(422, "invalid_request", "message content must be a string or a list of parts")
 
 
-def _message(raw: dict[str, Any]) -> dict[str, Any]:
-    msg: dict[str, Any] = {"role": raw.get("role"), "content": _text(raw.get("content"))}
+def _message(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    msg: dict[str, Any] = {"role": raw.get("role"), "content": _text(raw.get("content"), where)}
     if msg["role"] == "developer":
         msg["role"] = "system"
     if raw.get("tool_calls"):
@@ -97,7 +106,35 @@ _FOREIGN_CONSTRAINTS = (
 )
 
 
+#: OpenAI fields that would change the output, which the service does not implement, with the values
+#: that leave the output unchanged. Any other value is refused, naming the field: never dropped.
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "best_of": (None, 1),
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "functions": (None, []),
+    "function_call": (None,),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+}
+
+
 def _common(body: dict[str, Any]) -> dict[str, Any]:
+    unsupported = [k for k, noop in _UNSUPPORTED.items() if k in body and body[k] not in noop]
+    if unsupported:
+        raise ApiError(
+            422,
+            "unsupported_parameter",
+            f"{', '.join(unsupported)}: not supported by this service (only the values that leave the "
+            "output unchanged are accepted)",
+            {"fields": unsupported},
+        )
     foreign = [k for k in _FOREIGN_CONSTRAINTS if k in body]
     if foreign:
         raise ApiError(
@@ -127,7 +164,7 @@ def chat_to_request(body: dict[str, Any]) -> GenerateRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(422, "invalid_request", "messages must be a non-empty list")
-    fields = _common(body) | {"messages": [_message(m) for m in messages]}
+    fields = _common(body) | {"messages": [_message(m, f"messages.{i}") for i, m in enumerate(messages)]}
     constraint = _response_format(body.get("response_format"))
     if constraint:
         fields["constraints"] = constraint

@@ -55,20 +55,13 @@ def test_plain_chat() -> None:
             },
             {"role": "user", "content": "Hello, world"},
         ),
-        (
-            {
-                "role": "user",
-                "content": [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "a"}],
-            },
-            {"role": "user", "content": "a"},
-        ),
         ({"role": "assistant", "content": None}, {"role": "assistant", "content": ""}),
         (
             {"role": "tool", "content": "18C", "tool_call_id": "call_1"},
             {"role": "tool", "content": "18C", "tool_call_id": "call_1"},
         ),
     ],
-    ids=["developer", "system", "text-parts", "skips-non-text", "null-content", "tool-result"],
+    ids=["developer", "system", "text-parts", "null-content", "tool-result"],
 )
 def test_message_conversion(message: dict[str, Any], expected: dict[str, Any]) -> None:
     request = chat_to_request(chat(messages=[message, USER]))
@@ -270,3 +263,37 @@ def test_completion_errors_are_422(body: dict[str, Any], match: str) -> None:
     with pytest.raises(ApiError, match=match) as info:
         completion_to_request(body)
     assert (info.value.status, info.value.code) == (422, "invalid_request")
+
+
+# ----------------------------------------------------------------------------- refused, never dropped
+
+
+@pytest.mark.parametrize("kind", ["image_url", "input_audio", "file"])
+def test_content_parts_the_model_cannot_read_are_refused_by_name(kind: str) -> None:
+    parts = [{"type": "text", "text": "a"}, {"type": kind, kind: {"url": "x"}}]
+    with pytest.raises(ApiError) as info:
+        chat_to_request(chat(messages=[USER, {"role": "user", "content": parts}]))
+    assert (info.value.status, info.value.code) == (422, "unsupported_content")
+    assert "messages.1.content.1" in info.value.message
+    assert kind in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("best_of", 2),
+        ("logprobs", True),
+        ("top_logprobs", 3),
+        ("echo", True),
+        ("frequency_penalty", 0.5),
+        ("presence_penalty", -1),
+        ("logit_bias", {"42": 5}),
+    ],
+)
+def test_fields_that_would_change_the_output_are_refused_by_name(field: str, value: Any) -> None:
+    for convert, body in ((chat_to_request, chat()), (completion_to_request, {"prompt": "x"})):
+        with pytest.raises(ApiError) as info:
+            convert(body | {field: value})
+        assert (info.value.status, info.value.code) == (422, "unsupported_parameter")
+        assert field in info.value.message
+        convert(body | {field: None})  # the no-op value is fine

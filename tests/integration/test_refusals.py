@@ -1,0 +1,73 @@
+"""What the service cannot honour is refused up front with a 4xx that names it, and blames the right
+thing; nothing is silently dropped (real local service)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+#: A real schema (JSONSchemaBench Github_hard) whose ids carry a UUID ``pattern``: 36 characters that
+#: no length cap derived from a small ``max_tokens`` can hold.
+UUID_SCHEMA = json.loads((ROOT / "tests/data/jsonschemabench-dev/Github_hard/o21223.json").read_text())
+
+
+@pytest.mark.parametrize("max_tokens", [16, 32])
+def test_a_budget_problem_is_max_tokens_too_small_not_an_invalid_schema(
+    http: httpx.Client, max_tokens: int
+) -> None:
+    body = {"prompt": "x", "max_tokens": max_tokens, "constraints": {"json_schema": UUID_SCHEMA}}
+    r = http.post("/generate_api", json=body)
+    assert r.status_code == 422
+    error = r.json()["error"]
+    assert error["code"] == "max_tokens_too_small", error
+    assert error["detail"]["shortest_output_tokens"] > max_tokens
+
+
+def test_the_same_schema_with_room_is_answered_and_valid(http: httpx.Client) -> None:
+    body = {"prompt": "x", "max_tokens": 256, "temperature": 0, "constraints": {"json_schema": UUID_SCHEMA}}
+    data = http.post("/generate_api", json=body).json()
+    assert data["constraint_satisfied"] is True, data
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "named"),
+    [
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "unsupported_content",
+            "messages.0.content.0",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+            "unsupported_parameter",
+            "logprobs",
+        ),
+    ],
+)
+def test_v1_chat_refuses_what_it_cannot_honour(
+    http: httpx.Client, body: dict[str, Any], code: str, named: str
+) -> None:
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == code
+    assert named in r.json()["error"]["message"]
+
+
+def test_v1_completions_refuses_best_of(http: httpx.Client) -> None:
+    r = http.post("/v1/completions", json={"prompt": "x", "best_of": 3})
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "unsupported_parameter")
+    assert "best_of" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("timeout_s", [5e-324, 0.0, 1e9])
+def test_absurd_numbers_are_a_422_naming_the_field(http: httpx.Client, timeout_s: float) -> None:
+    r = http.post("/generate_api", json={"prompt": "x", "timeout_s": timeout_s})
+    assert r.status_code == 422
+    assert "timeout_s" in r.json()["error"]["message"]
