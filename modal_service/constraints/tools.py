@@ -1,7 +1,10 @@
 """Tool calls: the call format, the grammar an agent turn is generated under, and the parser.
 
 Every call is ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` with a real tool name and
-arguments valid for that tool's schema. :func:`tool_grammar` builds one Lark grammar for a turn:
+arguments valid for that tool's schema, in one of two layouts: compact JSON between the markers, or
+Qwen2.5's, ``<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>`` (JSON spaced as
+``json.dumps`` spaces it, on its own line), which is how that model's chat template writes calls and
+so how the model writes them. :func:`tool_grammar` builds one Lark grammar for a turn:
 
 - ``auto``: the reply is either calls, or the final answer. The answer is free text (which may not
   begin with ``<``, so a half-formed call is never text), or, when the request carries an answer
@@ -51,7 +54,12 @@ def format_call(call: ToolCall) -> str:
     return f"{CALL_OPEN}{body}{CALL_CLOSE}"
 
 
-def _call_schema(tool: ToolSpec) -> dict[str, Any]:
+#: A call's JSON, compact (between the markers) or spaced as ``json.dumps`` spaces it (on its own line).
+_COMPACT: dict[str, Any] = {"whitespace_flexible": False}
+_SPACED: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _call_schema(tool: ToolSpec, spacing: dict[str, Any]) -> dict[str, Any]:
     params = dict(tool.function.parameters or {"type": "object", "properties": {}})
     # Arguments are exact, as in OpenAI's strict mode: a call with invented keys would not run.
     params.setdefault("additionalProperties", False)
@@ -60,7 +68,7 @@ def _call_schema(tool: ToolSpec) -> dict[str, Any]:
         "properties": {"name": {"const": tool.function.name}, "arguments": params},
         "required": ["name", "arguments"],
         "additionalProperties": False,
-        "x-guidance": {"whitespace_flexible": False},
+        "x-guidance": spacing,
     }
 
 
@@ -82,15 +90,25 @@ def tool_grammar(
     if tool_choice == "none":
         return "\n".join([f"start: {answer}", *answer_rules]) if answer_schema is not None else None
     chosen = [t for t in tools if tool_choice in ("auto", "required") or t.function.name == tool_choice]
-    rules = [f"call_{i}: %json {json.dumps(_call_schema(t))}" for i, t in enumerate(chosen)]
-    alternatives = " | ".join(f"call_{i}" for i in range(len(chosen)))
+    rules = [f"call_{i}: %json {json.dumps(_call_schema(t, _COMPACT))}" for i, t in enumerate(chosen)]
+    rules += [f"spaced_{i}: %json {json.dumps(_call_schema(t, _SPACED))}" for i, t in enumerate(chosen)]
+    compact = " | ".join(f"call_{i}" for i in range(len(chosen)))
+    spaced = " | ".join(f"spaced_{i}" for i in range(len(chosen)))
     calls = "call+" if parallel else "call"
     start = f"start: {answer} | {calls}" if tool_choice == "auto" else f"start: {calls}"
     text_rule = [r"TEXT: /[^<\s](.|\n)*/"] if tool_choice == "auto" and answer_schema is None else []
+    # Two layouts, each exact (free whitespace would let a model pad a call until it runs out of
+    # tokens): compact, or Qwen2.5's (as its chat template writes calls, and so the model). Once a
+    # layout is taken, what follows the JSON is forced, so the closing search can finish a call.
+    # A newline may follow each call: Qwen2.5 puts one between parallel calls.
+    layouts = (
+        f'{markers.open} ({compact}) {markers.close} "\\n"?',
+        f'{markers.open} "\\n" ({spaced}) "\\n" {markers.close} "\\n"?',
+    )
     return "\n".join(
         [
             start,
-            f"call: {markers.open} ({alternatives}) {markers.close}",
+            "call: " + " | ".join(layouts),
             *rules,
             *(answer_rules if tool_choice == "auto" else []),
             *text_rule,
@@ -99,8 +117,9 @@ def tool_grammar(
 
 
 def is_call(text: str) -> bool:
-    """Whether a reply under the tool grammar took the calls branch (calls start with the marker)."""
-    return text.startswith(CALL_OPEN)
+    """Whether a reply under the tool grammar took the calls branch (calls start with the marker;
+    leading whitespace is skipped, as neither branch's text can start with ``<``)."""
+    return text.lstrip().startswith(CALL_OPEN)
 
 
 def parse_tool_calls(text: str) -> list[ToolCall]:

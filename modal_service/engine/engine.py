@@ -22,9 +22,11 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from langchain_ananke.protocol import ChatMessage, ToolSpec
 from modal_service.constraints.compiler import CompiledConstraint, ConstraintCompiler
 from modal_service.constraints.tools import CALL_CLOSE, CALL_OPEN, Markers
 from modal_service.engine import vllm_patches
+from modal_service.engine.prompts import render_chat
 from modal_service.limits import Limits
 
 log = logging.getLogger(__name__)
@@ -232,9 +234,16 @@ class Engine:
         """Text for generated tokens, as vLLM's detokenizer renders them (special tokens skipped)."""
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
-        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return str(rendered)
+    def apply_chat_template(
+        self,
+        messages: list[ChatMessage],
+        tools: list[ToolSpec] | None = None,
+        tool_choice: str = "auto",
+        answer_schema: dict[str, Any] | None = None,
+    ) -> str:
+        """The chat's prompt text through the model's own chat template, with tools in the template's
+        format where it has one (:func:`~modal_service.engine.prompts.render_chat`)."""
+        return render_chat(self.tokenizer, messages, tools, tool_choice, answer_schema)
 
     async def stream(
         self,

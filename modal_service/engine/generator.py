@@ -31,7 +31,6 @@ from langchain_ananke.protocol import (
 from modal_service.constraints.compiler import CompiledConstraint, ConstraintError, ToolTurn
 from modal_service.constraints.verify import Verdict
 from modal_service.engine.engine import Engine
-from modal_service.engine.prompts import to_template_messages
 from modal_service.errors import ApiError
 from modal_service.limits import Deadline, Limits
 
@@ -91,9 +90,8 @@ class Generator:
         request passed :class:`~modal_service.http.lifecycle.Prechecks` first (the ``max_tokens`` cap)."""
         if req.messages is not None:
             answer = req.constraints.json_schema if req.constraints is not None and req.tools else None
-            messages = to_template_messages(req.messages, req.tools, req.tool_choice, answer)
             with self._tokenizer_turn:
-                prompts = [self.engine.apply_chat_template(messages)]
+                prompts = [self.engine.apply_chat_template(req.messages, req.tools, req.tool_choice, answer)]
         elif isinstance(req.prompt, list):
             prompts = req.prompt
         else:

@@ -13,8 +13,8 @@ import llguidance
 import pytest
 
 from langchain_ananke.protocol import ChatMessage, ToolCall, ToolSpec
-from modal_service.constraints.tools import CALL_CLOSE, CALL_OPEN, parse_tool_calls, tool_grammar
-from modal_service.engine.prompts import to_template_messages
+from modal_service.constraints.tools import CALL_CLOSE, CALL_OPEN, is_call, parse_tool_calls, tool_grammar
+from modal_service.engine.prompts import render_chat, renders_tools, template_tools, to_template_messages
 from tests.unit.byte_tokenizer import BYTE_TOKENIZER
 
 WEATHER = ToolSpec.model_validate(
@@ -50,8 +50,15 @@ def call(name: str, arguments: dict[str, Any]) -> str:
     return CALL_OPEN + json.dumps({"name": name, "arguments": arguments}, separators=(",", ":")) + CALL_CLOSE
 
 
+def qwen_call(name: str, arguments: dict[str, Any]) -> str:
+    """A call as Qwen2.5's chat template lays it out: on its own line, ``json.dumps`` spacing."""
+    return f"{CALL_OPEN}\n{json.dumps({'name': name, 'arguments': arguments})}\n{CALL_CLOSE}"
+
+
 PARIS = call("get_weather", {"city": "Paris"})
 SUM = call("add", {"a": 1, "b": 2})
+QWEN_PARIS = qwen_call("get_weather", {"city": "Paris"})
+QWEN_SUM = qwen_call("add", {"a": 1, "b": 2})
 
 
 # ----------------------------------------------------------------------------- to_template_messages
@@ -132,6 +139,142 @@ def test_non_ascii_arguments_are_rendered_verbatim() -> None:
     assert "Zürich" in out[0]["content"]
 
 
+# ----------------------------------------------------------------------------- native tool rendering
+
+CONVERSATION = [
+    USER,
+    ChatMessage(
+        role="assistant",
+        content="Checking.",
+        tool_calls=[ToolCall(id="call_1", name="get_weather", arguments={"city": "Paris"})],
+    ),
+    ChatMessage(role="tool", content="18C", tool_call_id="call_1"),
+]
+
+
+def test_native_rendering_keeps_calls_and_results_structured() -> None:
+    assert to_template_messages(CONVERSATION, TOOLS, "auto", native_tools=True) == [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "Checking.",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+                }
+            ],
+        },
+        {"role": "tool", "content": "18C", "tool_call_id": "call_1"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "answer", "line"),
+    [
+        ("auto", {"type": "integer"}, True),
+        ("auto", None, False),
+        ("required", {"type": "integer"}, False),
+        ("add", {"type": "integer"}, False),
+        ("none", {"type": "integer"}, False),
+    ],
+)
+def test_native_rendering_adds_only_the_answer_schema_line(
+    tool_choice: str, answer: dict[str, Any] | None, line: bool
+) -> None:
+    out = to_template_messages([USER], TOOLS, tool_choice, answer, native_tools=True)
+    expected = [{"role": "user", "content": "Weather in Paris?"}]
+    if line:
+        schema_line = (
+            'When you call no tool, give the final answer as JSON matching this schema: {"type": "integer"}'
+        )
+        expected.insert(0, {"role": "system", "content": schema_line})
+    assert out == expected
+
+
+def test_native_answer_line_joins_an_existing_system_turn() -> None:
+    system = ChatMessage(role="system", content="You are terse.")
+    out = to_template_messages([system, USER], TOOLS, "auto", {"type": "integer"}, native_tools=True)
+    head, _, tail = out[0]["content"].partition("\n\n")
+    assert (out[0]["role"], head) == ("system", "You are terse.")
+    assert tail.startswith("When you call no tool, give the final answer as JSON")
+
+
+@pytest.mark.parametrize(
+    ("tools", "tool_choice", "expected"),
+    [
+        (None, "auto", None),
+        ([], "auto", None),
+        (TOOLS, "none", None),
+        ([ADD], "required", [{"type": "function", "function": ADD.function.model_dump(exclude_none=True)}]),
+    ],
+)
+def test_template_tools(
+    tools: list[ToolSpec] | None, tool_choice: str, expected: list[dict[str, Any]] | None
+) -> None:
+    assert template_tools(tools, tool_choice) == expected
+
+
+SMOLLM2_TEMPLATE = (  # SmolLM2-135M-Instruct's chat_template.jinja
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
+    "trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TOOLS_TEMPLATE = "{% if tools %}{% for t in tools %}{{ t | tojson }}{% endfor %}{% endif %}"
+
+
+@pytest.mark.parametrize(
+    ("template", "renders"),
+    [
+        (SMOLLM2_TEMPLATE, False),
+        (TOOLS_TEMPLATE, True),
+        (None, False),
+        ("", False),
+        ("{% for m in messages %}{{ m['tools'] }}{% endfor %}", False),  # a message's key, not the variable
+        ({"default": SMOLLM2_TEMPLATE}, False),
+        ({"default": SMOLLM2_TEMPLATE, "tool_use": TOOLS_TEMPLATE}, True),
+        ("{% generation %}{{ tools }}{% endgeneration %}", True),  # transformers' own tag
+    ],
+)
+def test_renders_tools(template: str | dict[str, str] | None, renders: bool) -> None:
+    assert renders_tools(template) is renders
+
+
+class _RecordingTokenizer:
+    def __init__(self, chat_template: str | None) -> None:
+        self.chat_template = chat_template
+        self.calls: list[tuple[list[dict[str, Any]], dict[str, Any]]] = []
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        self.calls.append((messages, kwargs))
+        return "rendered"
+
+
+def test_a_template_without_tools_gets_the_hand_written_prompt() -> None:
+    tok = _RecordingTokenizer(SMOLLM2_TEMPLATE)
+    assert render_chat(tok, CONVERSATION, TOOLS, "auto", {"type": "integer"}) == "rendered"
+    assert tok.calls == [
+        (
+            to_template_messages(CONVERSATION, TOOLS, "auto", {"type": "integer"}),
+            {"tokenize": False, "add_generation_prompt": True},
+        )
+    ]
+
+
+def test_a_template_with_tools_gets_them_its_own_way() -> None:
+    tok = _RecordingTokenizer(TOOLS_TEMPLATE)
+    render_chat(tok, CONVERSATION, TOOLS, "auto")
+    assert tok.calls == [
+        (
+            to_template_messages(CONVERSATION, TOOLS, "auto", native_tools=True),
+            {"tools": template_tools(TOOLS, "auto"), "tokenize": False, "add_generation_prompt": True},
+        )
+    ]
+
+
 # ----------------------------------------------------------------------------- tool_grammar
 
 
@@ -204,6 +347,22 @@ def test_tool_grammar_does_not_mutate_the_tool_schemas() -> None:
         ("auto", True, call("add", {"a": 1, "b": "2"}), False),
         ("auto", True, call("get_weather", {"city": "Paris", "units": "C"}), False),
         ("auto", True, PARIS[:-1], False),
+        ("auto", True, QWEN_PARIS, True),
+        ("auto", True, QWEN_PARIS + "\n" + QWEN_SUM, True),
+        ("auto", True, QWEN_PARIS + "\n", True),
+        ("auto", False, QWEN_PARIS + "\n" + QWEN_SUM, False),
+        ("required", False, QWEN_SUM, True),
+        ("add", False, QWEN_SUM, True),
+        ("add", False, QWEN_PARIS, False),
+        ("required", True, CALL_OPEN + "\n\n" + QWEN_SUM.removeprefix(CALL_OPEN + "\n"), False),
+        ("required", True, "\n" + QWEN_SUM, False),
+        ("required", True, SUM + "\n" + SUM + "\n", True),
+        ("required", True, CALL_OPEN + "\n" + SUM.removeprefix(CALL_OPEN), False),
+        ("required", True, QWEN_SUM.replace("\n" + CALL_CLOSE, CALL_CLOSE), False),
+        ("required", True, CALL_OPEN + '{"name": "add", "arguments": {"a": 1,"b": 2}}' + CALL_CLOSE, False),
+        ("required", True, CALL_OPEN + '{"name":  "add", "arguments": {"a": 1, "b": 2}}' + CALL_CLOSE, False),
+        ("required", True, CALL_OPEN + '{ "name": "add", "arguments": {"a": 1, "b": 2}}' + CALL_CLOSE, False),
+        ("auto", True, qwen_call("add", {"a": 1, "b": 2, "c": 3}), False),
     ],
 )
 def test_tool_grammar_admits(tool_choice: str, parallel: bool, text: str, admitted: bool) -> None:
@@ -238,6 +397,10 @@ def test_tool_without_parameters_takes_an_empty_object() -> None:
             [("add", {"a": 1, "b": 2})],
         ),
         (call("get_weather", {"city": "Zürich"}), [("get_weather", {"city": "Zürich"})]),
+        (
+            QWEN_PARIS + "\n" + QWEN_SUM + "\n",
+            [("get_weather", {"city": "Paris"}), ("add", {"a": 1, "b": 2})],
+        ),
     ],
 )
 def test_parse_tool_calls(text: str, expected: list[tuple[str, dict[str, Any]]]) -> None:
@@ -266,6 +429,22 @@ def test_parse_tool_calls_rejects_malformed(body: str) -> None:
 def test_parse_tool_calls_rejects_a_call_without_a_name() -> None:
     with pytest.raises(ValueError, match="malformed tool call"):
         parse_tool_calls(CALL_OPEN + '{"arguments": {"a": 1}}' + CALL_CLOSE)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (PARIS, True),
+        (QWEN_PARIS, True),
+        ("\n" + QWEN_PARIS, True),
+        ('{"result": 1}', False),
+        ("Sure! " + PARIS, False),
+        ("It is sunny.", False),
+        ("", False),
+    ],
+)
+def test_is_call(text: str, expected: bool) -> None:
+    assert is_call(text) is expected
 
 
 def test_grammar_output_round_trips_through_the_parser() -> None:
