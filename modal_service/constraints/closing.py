@@ -49,6 +49,10 @@ CLOSE_ORDER = (
 #: last, as one ``a``.
 CLOSING_SAMPLES = (*dict.fromkeys(v for v in FORMAT_SAMPLES.values() if len(v) > 1), "a")
 
+#: Tokens that may end an output of a general grammar (statements, brackets, quotes, lines), tried
+#: as the last token at every step of the shortest-first search.
+GENERAL_ENDERS = (";", ")", "]", "}", '"', "'", ".", "\n", ">", "!", "?", "`", *string.punctuation, " ")
+
 #: Longest run of one repeated token the search will build (closing brackets may nest deeper).
 MAX_RUN = 4
 MAX_CLOSER_RUN = 32
@@ -83,6 +87,9 @@ class Closer:
         self._text_probe = self._single_tokens("x")[0]
         self._others = self._single_tokens(CLOSE_ORDER)
         self._closers = frozenset(self._single_tokens("}]"))
+        self._enders = self._single_tokens(GENERAL_ENDERS)
+        self._general_order = self._single_tokens((" ", *GENERAL_ENDERS, *CLOSE_ORDER))
+        self._word_tokens = frozenset(self._single_tokens(string.ascii_letters + string.digits))
         self._samples = tuple(tokenizer.tokenize_str(json.dumps(v)[1:]) for v in CLOSING_SAMPLES)
 
     def _single_tokens(self, texts: Iterable[str]) -> tuple[int, ...]:
@@ -94,8 +101,14 @@ class Closer:
                 out.append(ids[0])
         return tuple(out)
 
-    def close(self, ll_grammar: str, tokens: list[int], *, budget: int, window: int) -> Closing | None:
+    def close(
+        self, ll_grammar: str, tokens: list[int], *, budget: int, window: int, general: bool = False
+    ) -> Closing | None:
         """A completion of ``tokens`` under ``ll_grammar`` with at most ``budget`` tokens in all.
+
+        ``general``: the grammar is not JSON (a Lark grammar, GBNF, a regex). Its completions are
+        searched shortest first (:meth:`_deepening`), since the depth-first order tuned for JSON
+        follows a repetition (another column, another digit) instead of ending it.
 
         Drops trailing tokens (up to ``window``) by as many as the last search came up short (or,
         when a level finds nothing, by 1, 2, 4, ...), until a completion fits; the whole window is
@@ -123,7 +136,8 @@ class Closer:
             start = nodes[0]
             if last:
                 deadline = time.perf_counter() + self.max_seconds / 2
-            suffix = self._search(matcher, limit, nodes, deadline) if start else None
+            search = self._deepening if general else self._search
+            suffix = search(matcher, limit, nodes, deadline) if start else None
             spent += start - nodes[0]
             if suffix is not None:
                 matcher.rollback(len(suffix))
@@ -179,6 +193,17 @@ class Closer:
             return encoded
         return suffix
 
+    def _deepening(
+        self, m: llguidance.LLMatcher, room: int, nodes: list[int], deadline: float
+    ) -> list[int] | None:
+        """Iterative deepening: :meth:`_search` with depth 1, 2, 3, ... up to ``room``, in general
+        mode, so the first completion found is among the shortest. Shallow levels cost few nodes."""
+        for depth in range(1, room + 1):
+            found = self._search(m, depth, nodes, deadline, general=True)
+            if found is not None or nodes[0] <= 0 or time.perf_counter() > deadline:
+                return found
+        return None
+
     def _search(
         self,
         m: llguidance.LLMatcher,
@@ -186,6 +211,8 @@ class Closer:
         nodes: list[int],
         deadline: float,
         accept: Callable[[list[int]], bool] | None = None,
+        *,
+        general: bool = False,
     ) -> list[int] | None:
         """Depth-first, iterative (no recursion limit). On success the matcher is left after the
         returned tokens; on failure, where it started. An accepting state that ``accept`` refuses
@@ -199,7 +226,7 @@ class Closer:
                     return out
                 nodes[0] -= 1
                 expand = False
-            if expand and len(out) < room and nodes[0] > 0 and not self._runaway(out):
+            if expand and len(out) < room and nodes[0] > 0 and not self._runaway(out, general=general):
                 nodes[0] -= 1
                 if time.perf_counter() > deadline:  # a mask can take milliseconds: check each node
                     nodes[0] = 0
@@ -214,6 +241,12 @@ class Closer:
                             continue
                         if taken:
                             m.rollback(taken)
+                elif general:
+                    finish = self._finishing(m, nodes)
+                    if finish is not None:
+                        out.append(finish)
+                        return out
+                    frames.append((0, self._general_options(m, out)))
                 else:
                     frames.append((0, self._options(m, out)))
             # Backtrack to the deepest frame with an untried option and take it.
@@ -239,19 +272,55 @@ class Closer:
             else:
                 return None
 
-    def _runaway(self, out: list[int], longest: int = 16) -> bool:
+    def _runaway(self, out: list[int], longest: int = 16, *, general: bool = False) -> bool:
         """Whether ``out`` ends with a piece written twice in a row that opens more brackets than it
         closes (``{"a":[{"a":[``): a recursion the search keeps entering, such as an optional
         recursive property. A balanced repeat (``{"id":0},{"id":0},``, items of an array with
-        ``minItems``) is progress and is kept."""
+        ``minItems``) is progress and is kept. In ``general`` mode every repeated piece is a loop:
+        a shortest completion never writes the same piece twice in a row."""
         n = len(out)
-        for k in range(3, min(longest, n // 2) + 1):
+        for k in range(2 if general else 3, min(longest, n // 2) + 1):
             if out[n - k :] == out[n - 2 * k : n - k]:
+                if general:
+                    return True
                 piece = self._tok.decode_bytes(out[n - k :])
                 opened = piece.count(b"{") + piece.count(b"[") - piece.count(b"}") - piece.count(b"]")
                 if opened > 0:
                     return True
         return False
+
+    def _finishing(self, m: llguidance.LLMatcher, nodes: list[int]) -> int | None:
+        """A single separator or punctuation token after which the grammar accepts (one step of
+        lookahead, one node), left consumed; None (and the matcher as it was) when there is none."""
+        mask = m.compute_bitmask()
+        nodes[0] -= 1
+        for t in self._enders:
+            if (mask[t >> 3] >> (t & 7)) & 1 and m.try_consume_tokens([t]) == 1:
+                if m.is_accepting():
+                    return t  # left consumed, like every step of the search
+                m.rollback(1)
+        return None
+
+    def _general_options(self, m: llguidance.LLMatcher, out: list[int]) -> Iterator[list[int]]:
+        """Next steps for a general grammar: a space first (it ends a word and usually starts the
+        next clause), then punctuation; letters and digits only where neither is allowed (they
+        continue the word or number at hand, which ending it makes unnecessary), and then only the
+        first two. One token is repeated at most :data:`MAX_RUN` times."""
+        mask = m.compute_bitmask()
+        last, run = (out[-1], 0) if out else (None, 0)
+        for t in reversed(out):
+            if t != last:
+                break
+            run += 1
+        allowed = [
+            t
+            for t in self._general_order
+            if (mask[t >> 3] >> (t & 7)) & 1 and not (t == last and run >= MAX_RUN)
+        ]
+        separators = [t for t in allowed if t not in self._word_tokens]
+        # Letters and digits mostly stand for a character class, where any member does: two of
+        # them keep the search narrow (keywords are forced tokens, taken without a choice).
+        yield from ([t] for t in (separators or allowed[:2]))
 
     def _options(self, m: llguidance.LLMatcher, out: list[int]) -> Iterator[list[int]]:
         """Next steps to try, best first: closing tokens, a format sample, other characters."""

@@ -494,7 +494,8 @@ class ConstraintCompiler:
         if compiled.ll_grammar is None:
             return None
         body = [t for t in token_ids if t not in self._eos]
-        closing = self._closer.close(compiled.ll_grammar, body, budget=budget, window=window)
+        general = compiled.kind in ("grammar", "regex", "regex_patterns")
+        closing = self._closer.close(compiled.ll_grammar, body, budget=budget, window=window, general=general)
         shortest = compiled.shortest_output
         if closing is None and shortest is not None and window >= len(body) and len(shortest) <= budget:
             # The search found no way to finish what the model wrote, but the whole output may be

@@ -245,3 +245,43 @@ def test_closing_falls_back_to_the_shortest_output_when_it_may_rebuild(compiler:
     jsonschema.validate(json.loads(hf.decode(closing.suffix)), PERSON)
     assert cannot_rebuild is None  # part of the output was already sent (streaming)
     assert too_small is None
+
+
+SQL = 'start: "SELECT " col (", " col)* " FROM " tbl ";"\ncol: /[a-z]+/\ntbl: /[a-z]+/'
+
+
+@pytest.mark.parametrize(
+    ("constraints", "partial", "pattern"),
+    [
+        (
+            Constraints(grammar=SQL),
+            "SELECT a, b, c, d, e, f, g, h, i, j, k, l",
+            r"SELECT [a-z]+(, [a-z]+)* FROM [a-z]+;",
+        ),
+        (
+            Constraints(grammar='root ::= "SELECT " col (", " col)* " FROM " col ";"\ncol ::= [a-z]+'),
+            "SELECT a, b, c, d, e, f, g, h",
+            r"SELECT [a-z]+(, [a-z]+)* FROM [a-z]+;",
+        ),
+        (Constraints(regex="[0-9]+(-[0-9]+)*;"), "1000000000", r"[0-9]+(-[0-9]+)*;"),
+        (
+            Constraints(regex_patterns=["[a-z]+@[a-z]+[.]com", "[0-9]{3}"]),
+            "ab@cdefghijklmnopqrstuvwxyz",
+            r"[a-z]+@[a-z]+[.]com|[0-9]{3}",
+        ),
+    ],
+    ids=["lark-repetition", "gbnf", "regex-repetition", "regex-patterns"],
+)
+def test_general_grammars_close_where_a_repetition_would_run_on(
+    compiler: Any, hf: Any, constraints: Constraints, partial: str, pattern: str
+) -> None:
+    """The budget is exactly what the model used: the structure is finished by dropping some of its
+    last tokens, never by continuing the repetition (another column, another digit)."""
+    budget = len(hf.encode(partial, add_special_tokens=False))
+    text, closing = _close(compiler, hf, constraints, partial, budget=budget)
+    assert text is not None, closing
+    assert re.fullmatch(pattern, text), text
+    assert closing.dropped > 0
+    compiled, _ = compiler.compile(constraints, budget)
+    ids = hf.encode(text, add_special_tokens=False)
+    assert compiler.verify(compiled, text, ids, "stop").satisfied
