@@ -1,13 +1,15 @@
 """All HTTP code: a sync and an async httpx client over one retry and decision core.
 
-Data flow: a protocol :class:`GenerateRequest` -> :class:`_Call` builds the JSON POST -> the client
-sends it (the only step that differs between sync and async) -> :meth:`_Call.outcome` decides: use
-the answer; or wait and send again (connection errors and 429/502/503/504, exponential backoff with
-jitter, up to ``max_retries`` and a cold-start deadline; never the service's own 504 ``timeout``,
-raised as :class:`AnankeRequestTimeoutError`); or raise the translated error -> :func:`parse_response`
-gives a :class:`GenerateResponse` / :class:`BatchGenerateResponse`, or, for ``stream=True``,
-:class:`_EventReader` turns ``data:`` lines into :class:`StreamEvent`. A request is retried only
-before any response body has been consumed, so nothing is generated twice for the caller.
+Data flow: a protocol :class:`GenerateRequest` -> :class:`_Call` builds the JSON POST, with one
+``X-Request-ID`` for the call (the caller's ``request_id``, or a new one; the same on every retry, so
+the service's logs tie the attempts together) -> the client sends it (the only step that differs
+between sync and async) -> :meth:`_Call.outcome` decides: use the answer; or wait and send again
+(connection errors and 429/502/503/504, exponential backoff with jitter, up to ``max_retries`` and a
+cold-start deadline; never the service's own 504 ``timeout``, raised as
+:class:`AnankeRequestTimeoutError`); or raise the translated error, with the request id ->
+:func:`parse_response` gives a :class:`GenerateResponse` / :class:`BatchGenerateResponse`, or, for
+``stream=True``, :class:`_EventReader` turns ``data:`` lines into :class:`StreamEvent`. A request is
+retried only before any response body has been consumed, so nothing is generated twice for the caller.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import json
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +44,9 @@ from langchain_ananke.protocol import (
 )
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+#: The header that carries a request's id both ways; the service echoes a sane one (up to 128 of
+#: ``A-Z a-z 0-9 . _ : + = / -``) and makes its own otherwise.
+REQUEST_ID_HEADER = "X-Request-ID"
 
 
 @dataclass(frozen=True)
@@ -94,12 +100,20 @@ def _answer_error(response: httpx.Response) -> AnankeAPIError:
         text = response.text[:500] if not response.is_stream_consumed or response.is_closed else ""
         message = text or message
     return api_error(
-        message,
-        status_code=response.status_code,
-        code=code,
-        detail=detail,
-        request_id=response.headers.get("x-request-id"),
+        message, status_code=response.status_code, code=code, detail=detail, request_id=_request_id(response)
     )
+
+
+def _request_id(response: httpx.Response) -> str | None:
+    """The id the service answered with; else (a proxy's answer, say) the one that was sent."""
+    answered: str | None = response.headers.get(REQUEST_ID_HEADER)
+    if answered is not None:
+        return answered
+    try:
+        sent: str | None = response.request.headers.get(REQUEST_ID_HEADER)
+    except RuntimeError:  # a response built without its request
+        return None
+    return sent
 
 
 def _transport_error(exc: Exception, base_url: str) -> AnankeError:
@@ -167,8 +181,9 @@ def decode_sse_line(line: str) -> StreamEvent | None:
 class _EventReader:
     """Stream lines -> events; an ``error`` event raises, a stream without ``done`` raises at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, request_id: str | None = None) -> None:
         self._done = False
+        self.request_id = request_id
 
     def read(self, line: str) -> StreamEvent | None:
         event = decode_sse_line(line)
@@ -182,6 +197,7 @@ class _EventReader:
                 status_code=_STREAM_ERROR_STATUS.get(code, 500),
                 code=code,
                 detail=err.detail if err else None,
+                request_id=self.request_id,
             )
         self._done = self._done or event.event == "done"
         return event
@@ -242,8 +258,12 @@ class _Base:
         self._timeout = httpx.Timeout(timeout, connect=min(timeout or 10.0, 10.0))
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
         self._urls: dict[str, httpx.URL] = {}
+        self._fixed_request_id = any(k.lower() == REQUEST_ID_HEADER.lower() for k in self._headers)
+        """``headers`` already carry an ``X-Request-ID``: it is sent as it is, no per-call id."""
 
-    def _request(self, method: str, path: str, body: dict[str, Any] | None) -> httpx.Request:
+    def _request(
+        self, method: str, path: str, body: dict[str, Any] | None, request_id: str | None = None
+    ) -> httpx.Request:
         """The request for ``path`` under ``base_url``, with the configured headers.
 
         Built directly rather than with ``build_request``, which parses and merges the URL and the
@@ -256,7 +276,10 @@ class _Base:
         if body is None:
             return httpx.Request(method, url, headers=self._headers)
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
-        return httpx.Request(method, url, content=content, headers=self._json_headers)
+        headers = self._json_headers
+        if request_id is not None and not self._fixed_request_id:
+            headers = {**headers, REQUEST_ID_HEADER: request_id}
+        return httpx.Request(method, url, content=content, headers=headers)
 
     def _client_kwargs(self) -> dict[str, Any]:
         # follow_redirects=False is httpx's default; it is spelled out because the key depends on it.
@@ -281,13 +304,14 @@ class _Base:
 class _Call:
     """The retry and decision core of one ``POST /generate_api``. The clients only send and sleep."""
 
-    def __init__(self, client: _Base, body: dict[str, Any]) -> None:
+    def __init__(self, client: _Base, body: dict[str, Any], request_id: str | None = None) -> None:
         self._client, self._body = client, body
         self._started, self._attempt = time.monotonic(), 0
+        self.request_id = request_id or uuid.uuid4().hex
 
     def request(self) -> httpx.Request:
-        """The request for the next attempt."""
-        return self._client._request("POST", "/generate_api", self._body)
+        """The request for the next attempt (every attempt carries the call's one request id)."""
+        return self._client._request("POST", "/generate_api", self._body, self.request_id)
 
     def outcome(self, answer: httpx.Response | Exception) -> httpx.Response | float:
         """The usable response, or the seconds to wait before sending again.
@@ -343,8 +367,8 @@ class AnankeClient(_Base):
     def close(self) -> None:
         self._client.close()
 
-    def _send(self, body: dict[str, Any], stream: bool) -> httpx.Response:
-        call = _Call(self, body)
+    def _send(self, body: dict[str, Any], stream: bool, request_id: str | None = None) -> httpx.Response:
+        call = _Call(self, body, request_id)
         while True:
             try:
                 response = self._client.send(call.request(), stream=stream)
@@ -383,14 +407,18 @@ class AnankeClient(_Base):
         except ValidationError as exc:
             raise AnankeError(f"unexpected /v1/models answer from the service: {exc}") from exc
 
-    def generate(self, request: GenerateRequest) -> GenerateResponse | BatchGenerateResponse:
-        """``POST /generate_api`` (non-streaming)."""
-        return self._parse(self._send(self._body(request, False), stream=False))
+    def generate(
+        self, request: GenerateRequest, *, request_id: str | None = None
+    ) -> GenerateResponse | BatchGenerateResponse:
+        """``POST /generate_api`` (non-streaming). ``request_id`` is sent as ``X-Request-ID`` (default:
+        a new one); it comes back in ``metadata["request_id"]`` and on errors as ``.request_id``."""
+        return self._parse(self._send(self._body(request, False), False, request_id))
 
-    def stream(self, request: GenerateRequest) -> Iterator[StreamEvent]:
-        """``POST /generate_api`` with ``stream=true``: token events, then ``done``."""
-        response = self._send(self._body(request, True), stream=True)
-        reader = _EventReader()
+    def stream(self, request: GenerateRequest, *, request_id: str | None = None) -> Iterator[StreamEvent]:
+        """``POST /generate_api`` with ``stream=true``: token events, then ``done`` (``request_id`` as
+        in :meth:`generate`)."""
+        response = self._send(self._body(request, True), True, request_id)
+        reader = _EventReader(_request_id(response))
         try:
             for line in response.iter_lines():
                 if (event := reader.read(line)) is not None:
@@ -412,8 +440,10 @@ class AsyncAnankeClient(_Base):
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def _send(self, body: dict[str, Any], stream: bool) -> httpx.Response:
-        call = _Call(self, body)
+    async def _send(
+        self, body: dict[str, Any], stream: bool, request_id: str | None = None
+    ) -> httpx.Response:
+        call = _Call(self, body, request_id)
         while True:
             try:
                 response = await self._client.send(call.request(), stream=stream)
@@ -427,14 +457,18 @@ class AsyncAnankeClient(_Base):
                 return outcome
             await asyncio.sleep(outcome)
 
-    async def generate(self, request: GenerateRequest) -> GenerateResponse | BatchGenerateResponse:
-        """``POST /generate_api`` (non-streaming)."""
-        return self._parse(await self._send(self._body(request, False), stream=False))
+    async def generate(
+        self, request: GenerateRequest, *, request_id: str | None = None
+    ) -> GenerateResponse | BatchGenerateResponse:
+        """``POST /generate_api`` (non-streaming); ``request_id`` as in :meth:`AnankeClient.generate`."""
+        return self._parse(await self._send(self._body(request, False), False, request_id))
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(
+        self, request: GenerateRequest, *, request_id: str | None = None
+    ) -> AsyncIterator[StreamEvent]:
         """``POST /generate_api`` with ``stream=true``: token events, then ``done``."""
-        response = await self._send(self._body(request, True), stream=True)
-        reader = _EventReader()
+        response = await self._send(self._body(request, True), True, request_id)
+        reader = _EventReader(_request_id(response))
         try:
             async for line in response.aiter_lines():
                 if (event := reader.read(line)) is not None:

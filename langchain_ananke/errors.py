@@ -25,7 +25,11 @@ class AnankeTimeoutError(AnankeError):
 
 
 class AnankeAPIError(AnankeError):
-    """The service answered with an error body."""
+    """The service answered with an error body.
+
+    ``request_id`` is the request's ``X-Request-ID`` (the service's answer, else the one the client
+    sent): the id in the service's log lines about this request.
+    """
 
     def __init__(
         self,

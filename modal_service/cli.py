@@ -123,12 +123,20 @@ def _serve(args: argparse.Namespace) -> int:
     warning = exposure_warning(args.host, api_key)
     if warning:
         log.warning("%s", warning)
-    app = create_app(Engine(config, limits), api_key=api_key, drain_seconds=args.drain_seconds)
+    from modal_service.http.request_id import uvicorn_log_config
+
+    app = create_app(
+        Engine(config, limits),
+        api_key=api_key,
+        drain_seconds=args.drain_seconds,
+        metrics_public=args.metrics_public,
+    )
     uv_config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
+        log_config=uvicorn_log_config(),  # the request id in every line, the access log's too
         timeout_graceful_shutdown=5,  # after the drain: connections only finish sending
     )
     draining_server(uv_config, app.state.admission, args.drain_seconds).run()
@@ -173,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="require this bearer key (visible in the process list: prefer --api-key-file or ANANKE_API_KEY)",
     )
     serve.add_argument("--api-key-file", default=None, help="read the bearer key from this file")
+    serve.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="serve GET /metrics without the API key (for a scraper inside a private network)",
+    )
     serve.add_argument("--max-model-len", type=int, default=4096)
     serve.add_argument(
         "--kv-cache-gib",
@@ -200,8 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from modal_service.http.request_id import configure_logging
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.INFO)
     try:
         return int(args.func(args))
     except ModelPrepError as exc:

@@ -151,6 +151,7 @@ class Engine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.loggers import PrometheusStatLogger
 
         cfg = self.config
         dtype = resolve_dtype(cfg.dtype, is_cpu=current_platform.is_cpu())
@@ -169,14 +170,17 @@ class Engine:
             load_format=cfg.load_format,
             seed=cfg.seed,
             structured_outputs_config=StructuredOutputsConfig(backend="guidance"),
-            disable_log_stats=True,
+            disable_log_stats=True,  # no periodic stats log lines; the Prometheus logger below still runs
             **cfg.extra,
         )
         # Before AsyncLLM starts EngineCore: a forked one inherits the patches, a spawned one gets
         # them from the general plugin, which acts where this variable is set.
         os.environ[vllm_patches.ENGINE_ENV] = "1"
         vllm_patches.apply()
-        self._llm = AsyncLLM.from_engine_args(args)
+        # vLLM's own Prometheus logger as the one stat logger (``vllm:`` metrics for ``/metrics``). It
+        # runs in this process, fed by the engine core's stats, and records into prometheus_client's
+        # default registry.
+        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[PrometheusStatLogger])
         hf_tokenizer = self._llm.get_tokenizer()
         hf_tokenizer = getattr(hf_tokenizer, "tokenizer", hf_tokenizer)
         self.tokenizer = hf_tokenizer

@@ -2,9 +2,10 @@
 
 Importable with no GPU and no Modal: the engine is built in the app's lifespan, in the background, so
 ``/health`` answers ``loading`` until it is ready. Every non-2xx answer is one
-:class:`~langchain_ananke.protocol.ErrorBody` (:mod:`.errors`). Requests pass the
-:class:`~modal_service.http.guard.Guard` first, then a router (:mod:`.generate_api`, :mod:`.openai_api`),
-which runs the one :class:`~modal_service.http.lifecycle.Lifecycle`.
+:class:`~langchain_ananke.protocol.ErrorBody` (:mod:`.errors`). Requests pass
+:class:`~modal_service.http.metrics.Observe` first (request id, request metrics), then the
+:class:`~modal_service.http.guard.Guard`, then a router (:mod:`.generate_api`, :mod:`.openai_api`,
+:mod:`.metrics`), which runs the one :class:`~modal_service.http.lifecycle.Lifecycle`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from modal_service.engine.engine import Engine
 from modal_service.engine.generator import Generator
 from modal_service.http.errors import install_error_handlers
 from modal_service.http.generate_api import generate_router
-from modal_service.http.guard import Admission, ApiKey, Guard, unauthorized
+from modal_service.http.guard import OPEN_PATHS, Admission, ApiKey, Guard, unauthorized
 from modal_service.http.lifecycle import Lifecycle
+from modal_service.http.metrics import Observe, ServiceMetrics, metrics_router
 from modal_service.http.openai_api import openai_router
 from modal_service.limits import Limits
 
@@ -34,16 +36,19 @@ def create_app(
     limits: Limits | None = None,
     start_engine: bool = True,
     drain_seconds: float = 30.0,
+    metrics_public: bool = False,
 ) -> FastAPI:
     """Build the service around ``engine`` (started in the background unless ``start_engine=False``).
 
     ``limits`` (default: the engine's) become the engine's too, so the compiler it builds at start
     enforces the same bounds. With ``api_key`` set, every path but ``/health`` needs
-    ``Authorization: Bearer <key>`` (the OpenAPI document and ``/docs`` included).
+    ``Authorization: Bearer <key>`` (the OpenAPI document, ``/docs`` and ``/metrics`` included;
+    ``metrics_public`` opens ``/metrics``, for scrapers inside a private network).
     """
     limits = engine.limits = limits or engine.limits
     admission = Admission(limits.max_inflight)
-    lifecycle = Lifecycle(Generator(engine, limits), admission, limits)
+    metrics = ServiceMetrics(admission, engine)
+    lifecycle = Lifecycle(Generator(engine, limits), admission, limits, metrics)
     key = ApiKey(api_key)
 
     @contextlib.asynccontextmanager
@@ -62,7 +67,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.engine, app.state.lifecycle, app.state.admission = engine, lifecycle, admission
-    app.state.drain_seconds = drain_seconds
+    app.state.drain_seconds, app.state.metrics = drain_seconds, metrics
     app.add_middleware(
         Guard,
         api_key=key,
@@ -70,7 +75,9 @@ def create_app(
         admission=admission,
         max_body_bytes=limits.max_body_bytes,
         max_json_depth=limits.max_json_depth,
+        open_paths=OPEN_PATHS | {"/metrics"} if metrics_public else OPEN_PATHS,
     )
+    app.add_middleware(Observe, metrics=metrics)  # added last: the outermost
 
     async def require_key(request: Request) -> None:
         """Route-level check too (the guard already refused keyless requests): defence in depth."""
@@ -105,4 +112,6 @@ def create_app(
 
     app.include_router(generate_router(lifecycle, require_key))
     app.include_router(openai_router(lifecycle, require_key))
+    app.include_router(metrics_router(metrics, None if metrics_public else require_key))
+    metrics.routes = frozenset(path for r in app.routes if isinstance(path := getattr(r, "path", None), str))
     return app

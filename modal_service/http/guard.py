@@ -1,9 +1,10 @@
 """The guard in front of every route: auth, availability, draining, admission and body limits.
 
 :class:`Guard` is a plain ASGI middleware. A request passes, in order: the API key (401; every path but
-``/health``) -> draining / engine state (503) -> body size, whether announced or streamed (413) -> JSON
-nesting depth (422) -> the app, run as a task that is cancelled the moment the client goes away, so a
-disconnect aborts the engine request instead of generating tokens for nobody.
+``/health``, and ``/metrics`` with ``--metrics-public``) -> draining / engine state (503) -> body
+size, whether announced or streamed (413) -> JSON nesting depth (422) -> the app, run as a task that
+is cancelled the moment the client goes away, so a disconnect aborts the engine request instead of
+generating tokens for nobody.
 
 :class:`Admission` bounds the requests in flight. The request lifecycle takes a slot before it plans
 (tokenizes, compiles), so compile work is bounded on every route; above the bound the answer is 429 at
@@ -30,6 +31,7 @@ from starlette.datastructures import Headers
 
 from modal_service.engine.engine import Engine
 from modal_service.errors import ApiError
+from modal_service.http import request_id
 from modal_service.http.errors import engine_unavailable, error_response, unexpected_error_response
 
 log = logging.getLogger(__name__)
@@ -115,11 +117,15 @@ class Admission:
         self.inflight = 0
         self.draining = False
         self._drain_deadline = 0.0
+        self.refused = {"overloaded": 0, "shutting_down": 0}
+        """Requests refused so far, by reason (read by ``/metrics``)."""
 
     def acquire(self) -> None:
         if self.draining:
+            self.refused["shutting_down"] += 1
             raise ApiError(503, "shutting_down", "server is shutting down", headers={"Retry-After": "5"})
         if self.inflight >= self.limit:
+            self.refused["overloaded"] += 1
             raise ApiError(
                 429,
                 "overloaded",
@@ -188,8 +194,10 @@ class Guard:
         admission: Admission,
         max_body_bytes: int,
         max_json_depth: int,
+        open_paths: frozenset[str] = OPEN_PATHS,
     ) -> None:
         self.app = app
+        self.open_paths = open_paths
         self.api_key = api_key
         self.engine = engine
         self.admission = admission
@@ -212,6 +220,7 @@ class Guard:
             await _limit_error(self.max_body_bytes)(scope, receive, send)
             return
         if body is None:  # the client left before sending its body
+            _mark_disconnected()
             return
         if body and await _depth_exceeds(body, self.max_json_depth):
             await error_response(422, "too_deep", f"JSON nests deeper than {self.max_json_depth} levels")(
@@ -221,11 +230,12 @@ class Guard:
         await self._run(scope, body, receive, send)
 
     def _refusal(self, path: str, headers: Headers) -> Any:
-        if path not in OPEN_PATHS and not self.api_key.authorized(headers):
+        if path not in self.open_paths and not self.api_key.authorized(headers):
             error = unauthorized()
             return error_response(error.status, error.code, error.message, headers=error.headers)
         if path.startswith(ENGINE_PATHS):
             if self.admission.draining:
+                self.admission.refused["shutting_down"] += 1
                 return error_response(
                     503, "shutting_down", "server is shutting down", headers={"Retry-After": "5"}
                 )
@@ -298,7 +308,7 @@ class Guard:
             current = asyncio.current_task()
             if not cancelled_for_disconnect or (current is not None and current.cancelling()):
                 raise
-            log.info("client disconnected; request cancelled (%s %s)", scope["method"], scope["path"])
+            _client_left(scope)
         except Exception as exc:
             # Answered here rather than by Starlette's outermost handler, which re-raises after
             # answering: uvicorn would then log a traceback and reset the keep-alive connection.
@@ -310,6 +320,18 @@ class Guard:
             watcher.cancel()
             for slot in slots:
                 slot.release()
+
+
+def _mark_disconnected() -> None:
+    context = request_id.current()
+    if context is not None:
+        context.disconnected = True
+
+
+def _client_left(scope: Scope) -> None:
+    """The client went away mid-request and the request was cancelled."""
+    _mark_disconnected()
+    log.info("client disconnected; request cancelled (%s %s)", scope["method"], scope["path"])
 
 
 def _limit_error(limit: int, length: str | None = None) -> Any:

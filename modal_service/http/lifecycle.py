@@ -15,13 +15,17 @@ verify -> answer.
    in ``done``, or in one ``error`` event (timeout, engine failure) that each API renders in its own
    frame. :func:`sse` sends either API's frames and always closes the stream, so the engine request is
    aborted when the client goes away.
+
+Along the way the lifecycle reports to :class:`~modal_service.http.metrics.ServiceMetrics` (the plan,
+the outputs) and to the request's :class:`~modal_service.http.request_id.RequestContext` (engine work
+under way, a stream's error code), and puts the request id in each response's ``metadata``.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from fastapi.responses import StreamingResponse
@@ -31,9 +35,13 @@ from modal_service.constraints.schema import shape_error
 from modal_service.engine.engine import Engine
 from modal_service.engine.generator import Generator, Plan
 from modal_service.errors import ApiError
+from modal_service.http import request_id
 from modal_service.http.errors import error_detail
 from modal_service.http.guard import Admission, Slot
+from modal_service.http.metrics import ServiceMetrics
 from modal_service.limits import Deadline, Limits
+
+_Answer = TypeVar("_Answer", GenerateResponse, BatchGenerateResponse)
 
 
 class Prechecks:
@@ -129,10 +137,13 @@ class Admitted:
 class Lifecycle:
     """The stages every route runs a request through (see the module docstring)."""
 
-    def __init__(self, generator: Generator, admission: Admission, limits: Limits) -> None:
+    def __init__(
+        self, generator: Generator, admission: Admission, limits: Limits, metrics: ServiceMetrics
+    ) -> None:
         self.generator = generator
         self.admission = admission
         self.limits = limits
+        self.metrics = metrics
         self.prechecks = Prechecks(generator.engine, limits)
 
     async def admit(self, req: GenerateRequest) -> Admitted:
@@ -147,16 +158,21 @@ class Lifecycle:
         except BaseException:
             slot.release()
             raise
+        self.metrics.planned(plans)
         return Admitted(req, plans, deadline, slot)
 
     async def answer(self, req: GenerateRequest) -> GenerateResponse | BatchGenerateResponse:
         """The non-streaming answer; a deadline that passes is a 504, never a 200 with partial output.
         A prompt list is answered as a batch, where a timeout is per result (``finish_reason``)."""
         admitted = await self.admit(req)
+        _engine_busy(True)
         try:
             if isinstance(req.prompt, list):
-                return await self.generator.batch(req, admitted.plans, admitted.deadline)
-            resp = await self.generator.complete_verified(req, admitted.plans[0], admitted.deadline)
+                batch = await self.generator.batch(req, admitted.plans, admitted.deadline)
+                return self._answered(batch)
+            resp = self._answered(
+                await self.generator.complete_verified(req, admitted.plans[0], admitted.deadline)
+            )
         finally:
             admitted.slot.release()
         if resp.finish_reason == "timeout":
@@ -167,18 +183,46 @@ class Lifecycle:
         """Token events, then ``done``; or, once the deadline passed or the engine failed, one
         ``error`` event (the tokens sent so far are all there is)."""
         events = self.generator.events(admitted.req, admitted.plans[0], admitted.deadline)
+        _engine_busy(True)
         try:
             async for event in events:
                 response = event.response
-                if event.event == "done" and response is not None and response.finish_reason == "timeout":
-                    yield error_event(admitted.deadline.error(response.tokens_generated))
-                    return
+                if event.event == "done" and response is not None:
+                    self._answered(response)
+                    if response.finish_reason == "timeout":
+                        yield _stream_error(error_event(admitted.deadline.error(response.tokens_generated)))
+                        return
                 yield event
         except Exception as exc:  # after the 200 header, errors travel as an error event
-            yield StreamEvent(event="error", error=error_detail(exc))
+            yield _stream_error(StreamEvent(event="error", error=error_detail(exc)))
         finally:
             await events.aclose()  # aborts the engine request now, not when the generator is collected
             admitted.slot.release()
+
+    def _answered(self, response: _Answer) -> _Answer:
+        """Report the outputs to the metrics and put the request id in their metadata; the engine
+        work is over."""
+        context = request_id.current()
+        _engine_busy(False)
+        self.metrics.answered(response)
+        if context is not None:
+            results = response.results if isinstance(response, BatchGenerateResponse) else [response]
+            for resp in results:
+                resp.metadata["request_id"] = context.id
+        return response
+
+
+def _engine_busy(busy: bool) -> None:
+    context = request_id.current()
+    if context is not None:
+        context.engine_busy = busy
+
+
+def _stream_error(event: StreamEvent) -> StreamEvent:
+    context = request_id.current()
+    if context is not None and event.error is not None:
+        context.stream_error = event.error.code
+    return event
 
 
 def error_event(error: ApiError) -> StreamEvent:
