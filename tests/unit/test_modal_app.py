@@ -406,7 +406,7 @@ def test_modal_wiring_defaults(recorded: Callable[..., tuple[_Recorder, types.Mo
     assert "-devel-" in tag[0]
     assert base == {"add_python": "3.12"}
     packages, _ = rec.one("uv_pip_install")
-    assert "vllm==0.26.0" in packages
+    assert "vllm==0.32.0" in packages
     assert "llguidance==1.7.6" in packages
     assert all("==" in p for p in packages), "every package is pinned exactly"
     (baked,), _ = rec.one("env")
