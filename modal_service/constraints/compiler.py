@@ -27,7 +27,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
@@ -35,8 +34,9 @@ import llguidance
 from llguidance.gbnf_to_lark import any_to_lark, is_lark_syntax
 from vllm.sampling_params import StructuredOutputsParams
 
-from langchain_ananke.protocol import Constraints, ToolSpec
+from langchain_ananke.protocol import Constraints
 from modal_service.constraints.closing import Closer, Closing
+from modal_service.constraints.compiled import CompiledConstraint, ConstraintError, ToolTurn
 from modal_service.constraints.schema import (
     apply_length_caps,
     count_grammar_rules,
@@ -48,52 +48,7 @@ from modal_service.constraints.verify import Verdict, Verifier, json_validator
 from modal_service.constraints.witness import minimal_instance
 from modal_service.limits import Limits
 
-
-class ConstraintError(ValueError):
-    """A constraint the engine cannot honour; answered with 422."""
-
-    def __init__(self, message: str, detail: Any = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.detail = detail
-
-
-@dataclass(frozen=True)
-class CompiledConstraint:
-    """A validated constraint, ready for the engine and for the re-check."""
-
-    kind: str
-    structured_outputs: StructuredOutputsParams | None
-    ll_grammar: str | None
-    """The llguidance grammar the engine enforces (None for token masks)."""
-    json_schema: dict[str, Any] | None = None
-    regexes: tuple[str, ...] = ()
-    allowed_token_ids: frozenset[int] | None = None
-    compile_ms: float = 0.0
-    approximate: bool = False
-    """Compiled without keywords llguidance cannot enforce; only the full-schema check decides."""
-    approximation: str | None = None
-    """What the exact compile rejected (llguidance's message)."""
-    caps_applied: int = 0
-    min_tokens: int | None = None
-    """Tokens in the shortest output found at compile time (None: none found in the budget)."""
-    shortest_output: tuple[int, ...] | None = None
-    """That output's tokens: the grammar accepts it, and for a JSON Schema the full schema validates
-    it. Closing falls back to it when it may rebuild an output from its start."""
-    tools: dict[str, dict[str, Any]] | None = None
-    """For a tool turn: each callable tool's name and argument schema (for the re-check)."""
-
-
-@dataclass(frozen=True)
-class ToolTurn:
-    """The tools a chat turn may call, and how (``tool_choice``, parallel calls)."""
-
-    tools: tuple[ToolSpec, ...]
-    choice: str = "auto"
-    parallel: bool = True
-
-    def schemas(self) -> dict[str, dict[str, Any]]:
-        return {t.function.name: t.function.parameters or {"type": "object"} for t in self.tools}
+__all__ = ["CompiledConstraint", "ConstraintCompiler", "ConstraintError", "ToolTurn"]
 
 
 def _digest(kind: str, payload: Any) -> str:

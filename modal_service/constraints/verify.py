@@ -13,16 +13,14 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import jsonschema
 import llguidance
 
 from langchain_ananke.protocol import ToolCall
+from modal_service.constraints.compiled import CompiledConstraint
 from modal_service.constraints.tools import is_call, parse_tool_calls
-
-if TYPE_CHECKING:
-    from modal_service.constraints.compiler import CompiledConstraint
 
 Branch = Literal["tool_calls", "answer"]
 

@@ -28,7 +28,7 @@ from langchain_ananke.protocol import (
     StreamEvent,
     Usage,
 )
-from modal_service.constraints.compiler import CompiledConstraint, ConstraintError, ToolTurn
+from modal_service.constraints.compiled import CompiledConstraint, ConstraintError, ToolTurn
 from modal_service.constraints.verify import Verdict
 from modal_service.engine.engine import Engine
 from modal_service.errors import ApiError
