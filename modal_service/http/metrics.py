@@ -33,7 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.datastructures import Headers
 
-from langchain_ananke.protocol import BatchGenerateResponse, GenerateResponse
+from langchain_ananke.protocol import CONSTRAINT_KINDS, BatchGenerateResponse, GenerateResponse
 from modal_service.engine.engine import Engine
 from modal_service.engine.generator import Plan
 from modal_service.http import request_id
@@ -49,6 +49,7 @@ _ERROR_BODY_LIMIT = 64 * 1024
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _COMPILE_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _FINISH_REASONS = ("stop", "length", "tool_calls", "timeout", "abort")
+_KINDS = frozenset({*CONSTRAINT_KINDS, "tools"})
 
 
 class ServiceMetrics:
@@ -150,12 +151,13 @@ class ServiceMetrics:
             self.constraints.labels("none", "none").inc()
             return
         mode = "approximate" if constraint.approximate else "exact"
-        self.constraints.labels(constraint.kind, mode).inc()
+        kind = constraint.kind if constraint.kind in _KINDS else "other"
+        self.constraints.labels(kind, mode).inc()
         if plans[0].cache_hit:
             self.compile_cache.labels("hit").inc()
         else:
             self.compile_cache.labels("miss").inc()
-            self.compile_seconds.labels(constraint.kind).observe(constraint.compile_ms / 1000)
+            self.compile_seconds.labels(kind).observe(constraint.compile_ms / 1000)
 
     def answered(self, response: GenerateResponse | BatchGenerateResponse) -> None:
         """Outputs folded: verdicts, closing, resampling, agent-turn branches."""
