@@ -21,6 +21,7 @@ anything else a client chose.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -292,8 +293,6 @@ class Observe:
 
 def _error_code(body: bytes) -> str:
     """``error.code`` of the one error body shape (``other`` for anything else)."""
-    import json
-
     try:
         code = json.loads(body)["error"]["code"]
     except (ValueError, KeyError, TypeError):

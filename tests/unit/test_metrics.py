@@ -130,6 +130,29 @@ def test_outcomes_move_by_exactly_what_was_answered(stubbed: tuple[TestClient, l
     assert after.value("ananke_inflight_requests") == 0
 
 
+def test_passed_deadlines_are_counted_streamed_or_not(stubbed: tuple[TestClient, list[Any]]) -> None:
+    client, queue = stubbed
+    before = scrape(client)
+    queue += [Plan([1], None, cache_hit=False), _response(satisfied=None, finish="timeout")]
+    r = client.post("/generate_api", json={"prompt": "x"}, headers=AUTH)
+    assert (r.status_code, r.json()["error"]["code"]) == (504, "timeout")
+    queue += [Plan([1], None, cache_hit=False), _response(satisfied=None, finish="timeout")]
+    r = client.post("/v1/completions", json={"prompt": "x", "stream": True}, headers=AUTH)
+    assert r.status_code == 200
+    assert '"code": "timeout"' in r.text or '"code":"timeout"' in r.text
+    after = scrape(client)
+    assert after.delta(before, "ananke_deadline_exceeded_total", stream="false") == 1
+    assert after.delta(before, "ananke_deadline_exceeded_total", stream="true") == 1
+    assert (
+        after.delta(before, "ananke_requests_total", route="/generate_api", status="504", code="timeout") == 1
+    )
+    assert (
+        after.delta(before, "ananke_requests_total", route="/v1/completions", status="200", code="timeout")
+        == 1
+    )
+    assert after.delta(before, "ananke_outputs_total", verdict="unchecked", finish_reason="timeout") == 2
+
+
 def test_the_request_id_is_in_the_metadata(stubbed: tuple[TestClient, list[Any]]) -> None:
     client, queue = stubbed
     rid = {"X-Request-ID": "trace-7f:01"}
