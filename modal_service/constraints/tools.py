@@ -100,9 +100,10 @@ def tool_grammar(
     # Two layouts, each exact (free whitespace would let a model pad a call until it runs out of
     # tokens): compact, or Qwen2.5's (as its chat template writes calls, and so the model). Once a
     # layout is taken, what follows the JSON is forced, so the closing search can finish a call.
-    # A newline may follow each call: Qwen2.5 puts one between parallel calls.
+    # A newline may follow a call in Qwen2.5's layout only (it puts one between parallel calls):
+    # after a compact call, a newline invites a small model to start another call.
     layouts = (
-        f'{markers.open} ({compact}) {markers.close} "\\n"?',
+        f"{markers.open} ({compact}) {markers.close}",
         f'{markers.open} "\\n" ({spaced}) "\\n" {markers.close} "\\n"?',
     )
     return "\n".join(

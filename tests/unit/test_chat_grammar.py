@@ -356,7 +356,7 @@ def test_tool_grammar_does_not_mutate_the_tool_schemas() -> None:
         ("add", False, QWEN_PARIS, False),
         ("required", True, CALL_OPEN + "\n\n" + QWEN_SUM.removeprefix(CALL_OPEN + "\n"), False),
         ("required", True, "\n" + QWEN_SUM, False),
-        ("required", True, SUM + "\n" + SUM + "\n", True),
+        ("required", True, SUM + "\n" + SUM + "\n", False),  # compact calls are not newline-separated
         ("required", True, CALL_OPEN + "\n" + SUM.removeprefix(CALL_OPEN), False),
         ("required", True, QWEN_SUM.replace("\n" + CALL_CLOSE, CALL_CLOSE), False),
         ("required", True, CALL_OPEN + '{"name": "add", "arguments": {"a": 1,"b": 2}}' + CALL_CLOSE, False),

@@ -191,7 +191,7 @@ def test_the_grammar_accepts_qwens_own_tokens_for_a_call(
     "text",
     [
         '<tool_call>{"name":"add","arguments":{"a":1,"b":2}}</tool_call>',
-        '<tool_call>{"name":"add","arguments":{"a":1,"b":2}}</tool_call>\n'
+        '<tool_call>{"name":"add","arguments":{"a":1,"b":2}}</tool_call>'
         '<tool_call>{"name":"add","arguments":{"a":3,"b":4}}</tool_call>',
     ],
     ids=["compact", "compact-parallel"],
