@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from langchain_ananke.protocol import HealthResponse
 from modal_service.engine.engine import Engine
 from modal_service.engine.generator import Generator
+from modal_service.engine.release import running_vllm
 from modal_service.http.errors import install_error_handlers
 from modal_service.http.generate_api import generate_router
 from modal_service.http.guard import OPEN_PATHS, Admission, ApiKey, Guard, unauthorized
@@ -103,6 +104,7 @@ def create_app(
             "engine_unfinished": engine.num_unfinished_requests() if engine.state == "ok" else 0,
             "draining": admission.draining,
             "dtype": getattr(engine, "dtype", None),
+            "vllm": running_vllm(),
         }
         return JSONResponse(
             body.model_dump() | load,
