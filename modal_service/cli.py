@@ -146,9 +146,14 @@ def _serve(args: argparse.Namespace) -> int:
 def _pull(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from modal_service.model_prep import pull
+    from modal_service.model_prep import pull, tiny_qwen_dir
 
-    path = pull(Path(args.output) if args.output else None, force=args.force)
+    if args.tiny_qwen:
+        if args.output:
+            raise ModelPrepError("--tiny-qwen writes into $ANANKE_CACHE_DIR/models; --output is for SmolLM2")
+        path = tiny_qwen_dir(force=args.force)
+    else:
+        path = pull(Path(args.output) if args.output else None, force=args.force)
     print(path)
     return 0
 
@@ -164,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     pull = model_sub.add_parser("pull", help="fetch and convert SmolLM2-135M-Instruct (idempotent)")
     pull.add_argument("--output", help="target folder (default: $ANANKE_CACHE_DIR/models/...)")
     pull.add_argument("--force", action="store_true", help="rebuild even if the folder verifies")
+    pull.add_argument(
+        "--tiny-qwen",
+        action="store_true",
+        help="instead: a tiny random-weight Qwen2 with Qwen2.5's tokenizer and chat template (for tests)",
+    )
     pull.set_defaults(func=_pull)
 
     serve = sub.add_parser("serve", help="run the service locally")

