@@ -174,6 +174,8 @@ class GenerateRequest(_Strict):
     seed: int | None = Field(default=None, ge=-(1 << 63), le=(1 << 63) - 1)
     stop: list[str] | None = None
     stream: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    """Return each output token's log-probability and this many top alternatives (0: none)."""
     timeout_s: float | None = Field(default=None, ge=0.01, le=86_400)
     """Server-side deadline (0.01 s to a day); the request is aborted in the engine when it passes."""
 
@@ -222,6 +224,25 @@ class Usage(BaseModel):
     total_tokens: int = 0
 
 
+class TopLogprob(BaseModel):
+    """One alternative at a position of the output."""
+
+    token: str
+    token_id: int
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    """One output token with its log-probability and the most likely alternatives, from the
+    distribution it was sampled from: the constraint's mask applied, so masked tokens never appear."""
+
+    token: str
+    token_id: int
+    logprob: float | None
+    """``None`` for a token the server added to close the output on budget (not sampled)."""
+    top: list[TopLogprob] = Field(default_factory=list)
+
+
 class GenerateResponse(BaseModel):
     """The result for one prompt or chat."""
 
@@ -238,6 +259,8 @@ class GenerateResponse(BaseModel):
     finish_reason: FinishReason
     usage: Usage = Field(default_factory=Usage)
     tool_calls: list[ToolCall] | None = None
+    logprobs: list[TokenLogprob] | None = None
+    """Per output token, when the request asked for ``logprobs``."""
 
 
 class BatchGenerateResponse(BaseModel):

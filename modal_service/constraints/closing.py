@@ -132,7 +132,8 @@ class Closer:
             # that mostly goes straight; hopeless levels fail fast.
             limit = 2 * room + 32
             allowance = self.max_nodes - spent - (0 if last else reserve)
-            nodes = [max(0, allowance if last else min(allowance, 2 * limit + 32))]
+            level = (8 if general else 2) * limit + 32  # shortest-first search revisits shallow levels
+            nodes = [max(0, allowance if last else min(allowance, level))]
             start = nodes[0]
             if last:
                 deadline = time.perf_counter() + self.max_seconds / 2
@@ -303,9 +304,9 @@ class Closer:
 
     def _general_options(self, m: llguidance.LLMatcher, out: list[int]) -> Iterator[list[int]]:
         """Next steps for a general grammar: a space first (it ends a word and usually starts the
-        next clause), then punctuation; letters and digits only where neither is allowed (they
-        continue the word or number at hand, which ending it makes unnecessary), and then only the
-        first two. One token is repeated at most :data:`MAX_RUN` times."""
+        next clause), then punctuation, then the first two letters or digits allowed (one may open a
+        keyword such as ``true``; more would only continue the word at hand). One token is
+        repeated at most :data:`MAX_RUN` times."""
         mask = m.compute_bitmask()
         last, run = (out[-1], 0) if out else (None, 0)
         for t in reversed(out):
@@ -319,8 +320,9 @@ class Closer:
         ]
         separators = [t for t in allowed if t not in self._word_tokens]
         # Letters and digits mostly stand for a character class, where any member does: two of
-        # them keep the search narrow (keywords are forced tokens, taken without a choice).
-        yield from ([t] for t in (separators or allowed[:2]))
+        # them keep the search narrow (a keyword's first letter opens it; the rest is forced).
+        words = [t for t in allowed if t in self._word_tokens][:2]
+        yield from ([t] for t in (*separators, *words))
 
     def _options(self, m: llguidance.LLMatcher, out: list[int]) -> Iterator[list[int]]:
         """Next steps to try, best first: closing tokens, a format sample, other characters."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import os
 import time
 import uuid
@@ -22,7 +23,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from langchain_ananke.protocol import ChatMessage, ToolSpec
+from langchain_ananke.protocol import ChatMessage, TokenLogprob, ToolSpec, TopLogprob
 from modal_service.constraints.compiler import CompiledConstraint, ConstraintCompiler
 from modal_service.constraints.tools import CALL_CLOSE, CALL_OPEN, Markers
 from modal_service.engine import vllm_patches
@@ -68,6 +69,8 @@ class Delta:
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
+    """One entry per token in ``token_ids``, when the request asked for them."""
 
 
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -261,6 +264,7 @@ class Engine:
         stop: list[str] | None,
         constraint: CompiledConstraint | None,
         final_only: bool = False,
+        logprobs: int | None = None,
     ) -> AsyncGenerator[Delta, None]:
         """Generate for one prompt; the engine batches concurrent calls together.
 
@@ -285,6 +289,7 @@ class Engine:
                 else None
             ),
             output_kind=RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA,
+            logprobs=logprobs,
         )
         finished = False
         try:
@@ -296,10 +301,33 @@ class Engine:
                     text=choice.text,
                     token_ids=list(choice.token_ids),
                     finish_reason=choice.finish_reason if out.finished else None,
+                    logprobs=None if logprobs is None else self._logprobs(choice, logprobs),
                 )
         finally:
             if not finished:
                 await self._llm.abort(request_id)
+
+    def _logprobs(self, choice: Any, top: int) -> list[TokenLogprob]:
+        """vLLM's per-token logprob dicts as protocol entries. vLLM computes them from the logits
+        the sampler saw, after the grammar's mask: a masked token has -inf, and is left out."""
+        out = []
+        for token_id, position in zip(choice.token_ids, choice.logprobs or (), strict=False):
+            chosen = position.get(token_id)
+            ranked = sorted(
+                (lp for lp in position.items() if math.isfinite(lp[1].logprob)), key=lambda lp: -lp[1].logprob
+            )[:top]
+            out.append(
+                TokenLogprob(
+                    token=self.decode([token_id]),
+                    token_id=token_id,
+                    logprob=chosen.logprob if chosen is not None else None,
+                    top=[
+                        TopLogprob(token=self.decode([tid]), token_id=tid, logprob=lp.logprob)
+                        for tid, lp in ranked
+                    ],
+                )
+            )
+        return out
 
     def num_unfinished_requests(self) -> int:
         # AsyncLLM.get_num_unfinished_requests is not in vLLM 0.26; its output processor is (0.26-0.32)

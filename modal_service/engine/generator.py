@@ -26,6 +26,7 @@ from langchain_ananke.protocol import (
     GenerateRequest,
     GenerateResponse,
     StreamEvent,
+    TokenLogprob,
     Usage,
 )
 from modal_service.constraints.compiled import CompiledConstraint, ConstraintError, ToolTurn
@@ -146,6 +147,7 @@ class Generator:
         started = time.perf_counter()
         text_parts: list[str] = []
         token_ids: list[int] = []
+        logprobs: list[TokenLogprob] = []
         finish: str | None = None
         first_token_ms: float | None = None
         window = self._close_window(req, plan)
@@ -160,6 +162,7 @@ class Generator:
             stop=req.stop,
             constraint=plan.constraint,
             final_only=final_only,
+            logprobs=req.logprobs,
         )
         try:
             async with asyncio.timeout(deadline.left()):
@@ -168,6 +171,7 @@ class Generator:
                         first_token_ms = (time.perf_counter() - started) * 1000
                     text_parts.append(delta.text)
                     token_ids.extend(delta.token_ids)
+                    logprobs.extend(delta.logprobs or ())
                     finish = delta.finish_reason or finish
                     held = window and len(token_ids) > req.max_tokens - window
                     if (delta.text or delta.token_ids) and not held:
@@ -186,6 +190,10 @@ class Generator:
             if closed is not None:
                 text, token_ids, closing = closed
                 finish = "stop"
+                added = token_ids[len(token_ids) - int(closing["added_tokens"]) :]
+                logprobs = logprobs[: len(token_ids) - len(added)] + [
+                    TokenLogprob(token=self.engine.decode([t]), token_id=t, logprob=None) for t in added
+                ]
         if len(token_ids) > sent_tokens:
             yield StreamEvent(event="token", text=text[sent_chars:], token_ids=token_ids[sent_tokens:])
         response = self._fold(
@@ -197,6 +205,8 @@ class Generator:
             started=started,
             first_token_ms=first_token_ms,
         )
+        if req.logprobs is not None:
+            response.logprobs = logprobs
         if closing is not None:  # the engine stopped at max_tokens; the closing search finished it
             response.metadata |= {"request_finish_reason": "length", "closed_on_budget": closing}
         yield StreamEvent(event="done", response=response)

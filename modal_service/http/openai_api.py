@@ -110,8 +110,6 @@ _FOREIGN_CONSTRAINTS = (
 #: that leave the output unchanged. Any other value is refused, naming the field: never dropped.
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1),
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
     "echo": (None, False),
     "suffix": (None, ""),
     "frequency_penalty": (None, 0, 0.0),
@@ -165,6 +163,11 @@ def chat_to_request(body: dict[str, Any]) -> GenerateRequest:
     if not isinstance(messages, list) or not messages:
         raise ApiError(422, "invalid_request", "messages must be a non-empty list")
     fields = _common(body) | {"messages": [_message(m, f"messages.{i}") for i, m in enumerate(messages)]}
+    top = body.get("top_logprobs")
+    if body.get("logprobs"):
+        fields["logprobs"] = top or 0
+    elif top:
+        raise ApiError(422, "invalid_request", "top_logprobs needs logprobs: true")
     constraint = _response_format(body.get("response_format"))
     if constraint:
         fields["constraints"] = constraint
@@ -179,10 +182,44 @@ def chat_to_request(body: dict[str, Any]) -> GenerateRequest:
 def completion_to_request(body: dict[str, Any]) -> GenerateRequest:
     """An OpenAI completions body -> the protocol request (``response_format`` honoured too)."""
     fields = _common(body) | {"prompt": body.get("prompt")}
+    if body.get("logprobs") is not None:
+        fields["logprobs"] = body["logprobs"]
     constraint = _response_format(body.get("response_format"))
     if constraint:
         fields["constraints"] = constraint
     return _build(fields)
+
+
+def _chat_logprobs(resp: GenerateResponse) -> dict[str, Any] | None:
+    """OpenAI's chat ``logprobs``; a token the server added to close the output has ``logprob: null``."""
+    if resp.logprobs is None:
+        return None
+
+    def entry(token: str, logprob: float | None) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {
+        "content": [
+            entry(t.token, t.logprob) | {"top_logprobs": [entry(a.token, a.logprob) for a in t.top]}
+            for t in resp.logprobs
+        ]
+    }
+
+
+def _completion_logprobs(resp: GenerateResponse) -> dict[str, Any] | None:
+    """OpenAI's legacy completions ``logprobs``."""
+    if resp.logprobs is None:
+        return None
+    offsets, at = [], 0
+    for t in resp.logprobs:
+        offsets.append(at)
+        at += len(t.token)
+    return {
+        "tokens": [t.token for t in resp.logprobs],
+        "token_logprobs": [t.logprob for t in resp.logprobs],
+        "top_logprobs": [{a.token: a.logprob for a in t.top} for t in resp.logprobs],
+        "text_offset": offsets,
+    }
 
 
 def _ananke(resp: GenerateResponse) -> dict[str, Any]:
@@ -240,6 +277,8 @@ class ChatCompletionBody(_OpenAIBody):
     """``POST /v1/chat/completions``."""
 
     messages: list[dict[str, Any]]
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -249,6 +288,7 @@ class CompletionBody(_OpenAIBody):
     """``POST /v1/completions``."""
 
     prompt: str | list[str] | None = None
+    logprobs: int | None = None
 
 
 def openai_router(lifecycle: Lifecycle, require_key: Callable[..., Any]) -> APIRouter:
@@ -292,11 +332,25 @@ async def _serve(lifecycle: Lifecycle, req: GenerateRequest, body: dict[str, Any
         resp = await lifecycle.answer(req)
         assert isinstance(resp, GenerateResponse)  # noqa: S101 - prompt lists were refused above
         if chat:
-            choice = {"index": 0, "message": _chat_message(resp), "finish_reason": resp.finish_reason}
+            choice = {
+                "index": 0,
+                "message": _chat_message(resp),
+                "finish_reason": resp.finish_reason,
+                "logprobs": _chat_logprobs(resp),
+            }
         else:
-            choice = {"index": 0, "text": resp.generated_text, "finish_reason": resp.finish_reason}
+            choice = {
+                "index": 0,
+                "text": resp.generated_text,
+                "finish_reason": resp.finish_reason,
+                "logprobs": _completion_logprobs(resp),
+            }
         return head | {"object": obj, "choices": [choice], "usage": _usage(resp), "ananke": _ananke(resp)}
 
+    if req.logprobs is not None:
+        raise ApiError(
+            422, "unsupported_parameter", "logprobs with stream: true is not supported; ask without stream"
+        )
     admitted = await lifecycle.admit(req)
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     obj = "chat.completion.chunk" if chat else "text_completion"

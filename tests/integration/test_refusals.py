@@ -45,9 +45,9 @@ def test_the_same_schema_with_room_is_answered_and_valid(http: httpx.Client) -> 
             "messages.0.content.0",
         ),
         (
-            {"messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+            {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 1},
             "unsupported_parameter",
-            "logprobs",
+            "presence_penalty",
         ),
     ],
 )

@@ -282,8 +282,6 @@ def test_content_parts_the_model_cannot_read_are_refused_by_name(kind: str) -> N
     ("field", "value"),
     [
         ("best_of", 2),
-        ("logprobs", True),
-        ("top_logprobs", 3),
         ("echo", True),
         ("frequency_penalty", 0.5),
         ("presence_penalty", -1),
@@ -297,3 +295,12 @@ def test_fields_that_would_change_the_output_are_refused_by_name(field: str, val
         assert (info.value.status, info.value.code) == (422, "unsupported_parameter")
         assert field in info.value.message
         convert(body | {field: None})  # the no-op value is fine
+
+
+def test_logprobs_are_honoured_on_both_apis() -> None:
+    assert chat_to_request(chat(logprobs=True, top_logprobs=3)).logprobs == 3
+    assert chat_to_request(chat(logprobs=True)).logprobs == 0
+    assert chat_to_request(chat(logprobs=False)).logprobs is None
+    assert completion_to_request({"prompt": "x", "logprobs": 2}).logprobs == 2
+    with pytest.raises(ApiError, match="top_logprobs needs logprobs"):
+        chat_to_request(chat(top_logprobs=3))
