@@ -10,6 +10,9 @@ cold-start deadline; never the service's own 504 ``timeout``, raised as
 :func:`parse_response` gives a :class:`GenerateResponse` / :class:`BatchGenerateResponse`, or, for
 ``stream=True``, :class:`_EventReader` turns ``data:`` lines into :class:`StreamEvent`. A request is
 retried only before any response body has been consumed, so nothing is generated twice for the caller.
+
+One module (a little over 450 lines) because the house keeps all HTTP code in one place: the two
+clients are thin shells around the shared core, and splitting them would split the core from them.
 """
 
 from __future__ import annotations
