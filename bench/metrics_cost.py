@@ -1,11 +1,13 @@
 """What ``GET /metrics`` costs: throughput at c=16 with a scrape every second, against none.
 
-``python -m bench.metrics_cost`` starts ``ananke serve`` (:func:`bench._server.start_ours`), warms it
-up, then runs the raw JSON workload of ``bench.run`` (:func:`bench.load.run_phase`: ``n`` requests from
-16 closed-loop workers, every request to ``max_tokens``) in phases that alternate A-B-A-B: A without
-scrapes, B with a ``GET /metrics`` every second for the whole phase, so a drift in the machine's load
-hits both alike. vLLM's stat logger runs in both (it is always on); the comparison is the scrape.
-Raw results go to ``bench/results/metrics-<stamp>.json``.
+``python -m bench.metrics_cost`` starts ``ananke serve`` (:func:`bench._server.start_ours`) and warms
+it up with one unreported phase of the same shape (the first c=16 phase of a fresh engine ran at 40 %
+of the later ones' speed). Then it runs the raw JSON workload of ``bench.run``
+(:func:`bench.load.run_phase`: ``n`` requests from 16 closed-loop workers, every request to
+``max_tokens``) in phases that alternate A-B-A-B: A without scrapes, B with a ``GET /metrics`` every
+second for the whole phase, so a drift in the machine's load hits both alike. vLLM's stat logger runs
+in both (it is always on); the comparison is the scrape. Raw results go to
+``bench/results/metrics-<stamp>.json``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,15 @@ async def _scraper(url: str, every_s: float, samples: list[dict[str, float]], st
 
 async def phases(url: str, *, rounds: int, n: int, c: int, max_tokens: int) -> list[dict[str, Any]]:
     await load.run_phase(
-        "warmup", url, target="ours", mode="json", c=4, n=4, max_tokens=8, close=False, caps=False, log=print
+        "warmup",
+        url,
+        target="ours",
+        mode="json",
+        c=c,
+        n=2 * c,
+        max_tokens=max_tokens,
+        close=False,
+        caps=False,
     )
     out = []
     for i in range(rounds):
@@ -76,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.metrics_cost", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--rounds", type=int, default=2, help="A-B rounds (default 2: A-B-A-B)")
-    parser.add_argument("--requests", type=int, default=64, help="requests per phase")
+    parser.add_argument("--requests", type=int, default=192, help="requests per phase")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
