@@ -250,8 +250,9 @@ class GenerateResponse(BaseModel):
     tokens_generated: int
     generation_time_ms: float
     metadata: dict[str, Any] = Field(default_factory=dict)
-    """``tokens_per_sec``, ``model``, ``constraint_type``, ``compile_time_ms``, ``cache_hit``, ...;
-    for a chat turn with ``tools`` and an answer schema, ``branch``: ``tool_calls`` or ``answer``."""
+    """``request_id``, ``tokens_per_sec``, ``model``, ``constraint_type``, ``compile_time_ms``,
+    ``cache_hit``, ...; for a chat turn with ``tools`` and an answer schema, ``branch``: ``tool_calls``
+    or ``answer``."""
     constraint_satisfied: bool | None = None
     """Independent re-check of the output; ``None`` when the request had no constraint."""
     constraint_error: str | None = None

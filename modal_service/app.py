@@ -327,7 +327,10 @@ if modal is not None:
 
             from modal_service.engine.engine import Engine, EngineConfig
             from modal_service.http.app import create_app
+            from modal_service.http.request_id import configure_logging
             from modal_service.limits import Limits
+
+            configure_logging()  # the request id in every log line, as under `ananke serve`
 
             # Fetch the weights into the volume before the container takes requests (a no-op once
             # they are there). Requests wait for this instead of hitting a container that is busy
