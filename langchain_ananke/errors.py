@@ -73,12 +73,21 @@ class ConstraintNotSatisfiedError(OutputParserException, AnankeError):
     """The service's independent check says the output does not satisfy the constraint.
 
     Raised instead of returning a partial or invalid object; ``finish_reason == "length"`` means the
-    output was truncated by ``max_tokens``.
+    output was truncated by ``max_tokens``. ``code`` is the service's ``constraint_error_code``
+    (``budget_exhausted``, ``schema_mismatch``, ...; see ``protocol.ConstraintErrorCode``).
     """
 
-    def __init__(self, message: str, *, finish_reason: str | None = None, llm_output: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        finish_reason: str | None = None,
+        llm_output: str = "",
+        code: str | None = None,
+    ) -> None:
         super().__init__(message, llm_output=llm_output)
         self.finish_reason = finish_reason
+        self.code = code
 
 
 def check_satisfied(metadata: Mapping[str, Any] | None, text: str) -> None:
@@ -98,4 +107,5 @@ def check_satisfied(metadata: Mapping[str, Any] | None, text: str) -> None:
             f"the output does not satisfy the constraint: {reason}",
             finish_reason=metadata.get("finish_reason"),
             llm_output=text,
+            code=metadata.get("constraint_error_code"),
         )

@@ -224,6 +224,25 @@ class Usage(BaseModel):
     total_tokens: int = 0
 
 
+#: Why an output does not satisfy its constraint (``constraint_error_code``): cut short (abort,
+#: deadline), the budget ran out before the structure completed, the independent check failed (and
+#: how), or the check could not be run (``unverifiable``: e.g. an unresolvable ``$ref``).
+ConstraintErrorCode = Literal[
+    "cut_short",
+    "budget_exhausted",
+    "mask_violation",
+    "grammar_mismatch",
+    "incomplete",
+    "not_json",
+    "schema_mismatch",
+    "unverifiable",
+    "regex_mismatch",
+    "tool_call_malformed",
+    "tool_unknown",
+    "tool_arguments_invalid",
+]
+
+
 class TopLogprob(BaseModel):
     """One alternative at a position of the output."""
 
@@ -257,6 +276,8 @@ class GenerateResponse(BaseModel):
     """Independent re-check of the output; ``None`` when the request had no constraint."""
     constraint_error: str | None = None
     """Why the constraint is not satisfied (e.g. truncated by ``max_tokens``)."""
+    constraint_error_code: ConstraintErrorCode | None = None
+    """The same reason as a stable code."""
     finish_reason: FinishReason
     usage: Usage = Field(default_factory=Usage)
     tool_calls: list[ToolCall] | None = None

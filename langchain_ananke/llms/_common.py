@@ -230,6 +230,7 @@ def response_metadata(resp: GenerateResponse, model: str | None = None) -> dict[
         "finish_reason": resp.finish_reason,
         "constraint_satisfied": resp.constraint_satisfied,
         "constraint_error": resp.constraint_error,
+        "constraint_error_code": resp.constraint_error_code,
         "model_name": resp.metadata.get("model") or model,
         "generation_time_ms": resp.generation_time_ms,
         "tokens_generated": resp.tokens_generated,

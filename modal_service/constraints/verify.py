@@ -18,7 +18,7 @@ from typing import Any, Literal
 import jsonschema
 import llguidance
 
-from langchain_ananke.protocol import ToolCall
+from langchain_ananke.protocol import ConstraintErrorCode, ToolCall
 from modal_service.constraints.compiled import CompiledConstraint
 from modal_service.constraints.tools import is_call, parse_tool_calls
 
@@ -33,6 +33,8 @@ class Verdict:
     error: str | None = None
     tool_calls: list[ToolCall] | None = None
     branch: Branch | None = None
+    code: ConstraintErrorCode | None = None
+    """Why it is not satisfied, as a stable code (``error`` says it for people)."""
 
 
 def json_validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
@@ -60,10 +62,14 @@ class Verifier:
         a cut there is never satisfied.
         """
         if finish_reason in ("abort", "timeout"):
-            return Verdict(False, f"generation was cut short ({finish_reason})")
+            return Verdict(False, f"generation was cut short ({finish_reason})", code="cut_short")
         verdict = self._complete(compiled, text, token_ids)
         if finish_reason == "length" and (not verdict.satisfied or compiled.allowed_token_ids is not None):
-            return Verdict(False, "generation stopped at max_tokens before the constraint completed")
+            return Verdict(
+                False,
+                "generation stopped at max_tokens before the constraint completed",
+                code="budget_exhausted",
+            )
         return verdict
 
     def _complete(self, compiled: CompiledConstraint, text: str, token_ids: list[int]) -> Verdict:
@@ -71,7 +77,9 @@ class Verifier:
         if compiled.allowed_token_ids is not None:
             stray = sorted({t for t in body if t not in compiled.allowed_token_ids})
             if stray:
-                return Verdict(False, f"tokens outside the mask were generated: {stray[:20]}")
+                return Verdict(
+                    False, f"tokens outside the mask were generated: {stray[:20]}", code="mask_violation"
+                )
             return Verdict(True)
         if compiled.tools is not None:
             return self._agent_turn(compiled, text, body)
@@ -101,9 +109,10 @@ class Verifier:
         assert compiled.ll_grammar is not None  # noqa: S101 - token masks are checked above
         matcher = llguidance.LLMatcher(self._tokenizer, compiled.ll_grammar)
         if not matcher.consume_tokens(tokens):
-            return Verdict(False, f"output does not match the {compiled.kind}: {matcher.get_error()}")
+            error = f"output does not match the {compiled.kind}: {matcher.get_error()}"
+            return Verdict(False, error, code="grammar_mismatch")
         if not matcher.is_accepting():
-            return Verdict(False, f"output is an incomplete {compiled.kind} match")
+            return Verdict(False, f"output is an incomplete {compiled.kind} match", code="incomplete")
         return Verdict(True)
 
 
@@ -112,14 +121,15 @@ def verify_json(schema: dict[str, Any], text: str) -> Verdict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        return Verdict(False, f"output is not valid JSON: {exc}")
+        return Verdict(False, f"output is not valid JSON: {exc}", code="not_json")
     try:
         errors = sorted(json_validator(schema).iter_errors(value), key=lambda e: list(e.path))
     except Exception as exc:  # unresolvable $ref, bad regex in the schema, ...: never valid by default
-        return Verdict(False, f"output could not be validated against the schema: {exc}")
+        return Verdict(False, f"output could not be validated against the schema: {exc}", code="unverifiable")
     if errors:
         first = errors[0]
-        return Verdict(False, f"output does not validate: {first.message} at {list(first.path)}")
+        error = f"output does not validate: {first.message} at {list(first.path)}"
+        return Verdict(False, error, code="schema_mismatch")
     return Verdict(True)
 
 
@@ -131,7 +141,7 @@ def verify_regex(patterns: tuple[str, ...], text: str) -> Verdict | None:
         return None
     if any(p.fullmatch(text) for p in compiled):
         return Verdict(True)
-    return Verdict(False, "output does not fully match the regex")
+    return Verdict(False, "output does not fully match the regex", code="regex_mismatch")
 
 
 def check_tool_calls(text: str, tools: dict[str, dict[str, Any]]) -> Verdict:
@@ -139,11 +149,12 @@ def check_tool_calls(text: str, tools: dict[str, dict[str, Any]]) -> Verdict:
     try:
         calls = parse_tool_calls(text)
     except ValueError as exc:
-        return Verdict(False, f"tool call does not parse: {exc}")
+        return Verdict(False, f"tool call does not parse: {exc}", code="tool_call_malformed")
     for call in calls:
         if call.name not in tools:
-            return Verdict(False, f"tool call names an unknown tool: {call.name}")
+            return Verdict(False, f"tool call names an unknown tool: {call.name}", code="tool_unknown")
         errors = list(json_validator(tools[call.name]).iter_errors(call.arguments))
         if errors:
-            return Verdict(False, f"arguments of {call.name} do not validate: {errors[0].message}")
+            error = f"arguments of {call.name} do not validate: {errors[0].message}"
+            return Verdict(False, error, code="tool_arguments_invalid")
     return Verdict(True, tool_calls=calls or None)

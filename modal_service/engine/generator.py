@@ -286,6 +286,7 @@ class Generator:
             metadata=metadata,
             constraint_satisfied=None if verdict is None else verdict.satisfied,
             constraint_error=None if verdict is None else verdict.error,
+            constraint_error_code=None if verdict is None else verdict.code,
             finish_reason=reason,
             usage=Usage(
                 prompt_tokens=len(plan.prompt_token_ids),

@@ -226,6 +226,7 @@ def _ananke(resp: GenerateResponse) -> dict[str, Any]:
     return {
         "constraint_satisfied": resp.constraint_satisfied,
         "constraint_error": resp.constraint_error,
+        "constraint_error_code": resp.constraint_error_code,
         "metadata": resp.metadata,
     }
 

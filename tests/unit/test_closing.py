@@ -285,3 +285,43 @@ def test_general_grammars_close_where_a_repetition_would_run_on(
     compiled, _ = compiler.compile(constraints, budget)
     ids = hf.encode(text, add_special_tokens=False)
     assert compiler.verify(compiled, text, ids, "stop").satisfied
+
+
+@pytest.mark.parametrize(
+    ("constraints", "case"),
+    [
+        (Constraints(json_schema=PERSON), ('{"name": "A"', "abort", "cut_short")),
+        (Constraints(json_schema=PERSON), ('{"name": "A"', "length", "budget_exhausted")),
+        (Constraints(json_schema=PERSON), ("not json", "stop", "not_json")),
+        (Constraints(json_schema=PERSON), ('{"name": "A"}', "stop", "schema_mismatch")),
+        (Constraints(regex="[0-9]{3}"), ("12a", "stop", "regex_mismatch")),
+        (Constraints(grammar='start: "ab" "cd"'), ("ab", "stop", "incomplete")),
+        (Constraints(grammar='start: "ab" "cd"'), ("ax", "stop", "grammar_mismatch")),
+        (Constraints(token_mask={"allowed_tokens": [42]}), ("x", "stop", "mask_violation")),
+    ],
+)
+def test_every_unsatisfied_verdict_has_a_reason_code(
+    compiler: Any, hf: Any, constraints: Constraints, case: tuple[str, str, str]
+) -> None:
+    text, finish, code = case
+    compiled, _ = compiler.compile(constraints, 64)
+    ids = hf.encode(text, add_special_tokens=False)
+    verdict = compiler.verify(compiled, text, ids, finish)
+    assert (verdict.satisfied, verdict.code) == (False, code)
+    assert verdict.error
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ('<tool_call>{"name": "add", "arguments": {"a": 1,}}</tool_call>', "tool_call_malformed"),
+        ('<tool_call>{"name": "sub", "arguments": {"a": 1}}</tool_call>', "tool_unknown"),
+        ('<tool_call>{"name": "add", "arguments": {"a": "x"}}</tool_call>', "tool_arguments_invalid"),
+    ],
+)
+def test_tool_call_verdicts_have_reason_codes(text: str, code: str) -> None:
+    from modal_service.constraints.verify import check_tool_calls
+
+    tools = {"add": {"type": "object", "properties": {"a": {"type": "integer"}}}}
+    verdict = check_tool_calls(text, tools)
+    assert (verdict.satisfied, verdict.code) == (False, code)

@@ -221,3 +221,18 @@ def test_batch_response_keeps_order() -> None:
         }
     )
     assert [r.generated_text for r in batch.results] == ["a", "b"]
+
+
+def test_an_unsatisfied_answer_carries_its_reason_code_to_the_client_exception() -> None:
+    from langchain_ananke.errors import ConstraintNotSatisfiedError, check_satisfied
+
+    metadata = {
+        "constraint_satisfied": False,
+        "constraint_error": "generation stopped at max_tokens before the constraint completed",
+        "constraint_error_code": "budget_exhausted",
+        "finish_reason": "length",
+    }
+    with pytest.raises(ConstraintNotSatisfiedError) as info:
+        check_satisfied(metadata, '{"a": ')
+    assert info.value.code == "budget_exhausted"
+    assert info.value.finish_reason == "length"
