@@ -70,7 +70,9 @@ def test_non_stream_disconnect_aborts_the_engine_request(service: Service) -> No
 
     def call() -> None:
         try:
-            httpx.post(f"{service.url}/generate_api", json=LONG, headers=service.headers, timeout=1.5)
+            # 3 s: long enough for the request to reach the engine on a loaded 2-core box (with 1.5 s
+            # the client once left while it was still being planned), far short of its ~9 s of tokens.
+            httpx.post(f"{service.url}/generate_api", json=LONG, headers=service.headers, timeout=3.0)
         except httpx.TimeoutException as exc:  # the client gives up: the server must notice
             errors.append(exc)
 
