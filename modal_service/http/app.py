@@ -51,6 +51,7 @@ def create_app(
     metrics = ServiceMetrics(admission, engine)
     lifecycle = Lifecycle(Generator(engine, limits), admission, limits, metrics)
     key = ApiKey(api_key)
+    vllm_release = running_vllm()  # fixed for the process: not looked up on every /health poll
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -104,7 +105,7 @@ def create_app(
             "engine_unfinished": engine.num_unfinished_requests() if engine.state == "ok" else 0,
             "draining": admission.draining,
             "dtype": getattr(engine, "dtype", None),
-            "vllm": running_vllm(),
+            "vllm": vllm_release,
         }
         return JSONResponse(
             body.model_dump() | load,
