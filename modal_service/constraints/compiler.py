@@ -105,7 +105,11 @@ class ConstraintCompiler:
                 f"constraint is {size} bytes; the limit is {self.limits.max_constraint_bytes}",
                 {"size": size, "limit": self.limits.max_constraint_bytes},
             )
-        caps = length_caps_for(max_tokens) if constraints is None or constraints.length_caps else None
+        # Caps bound JSON only: keying other kinds (and tool calls without an answer schema) on them
+        # would compile the same grammar again for every max_tokens.
+        caps = None
+        if constraints is not None and constraints.length_caps and constraints.kind in _JSON_KINDS:
+            caps = length_caps_for(max_tokens)
         if tools is not None:
             turn = tools
             answer = _answer_schema(constraints)
@@ -492,6 +496,9 @@ def _unwrap(hit: CompiledConstraint | ConstraintError) -> CompiledConstraint:
     if isinstance(hit, ConstraintError):
         raise hit
     return hit
+
+
+_JSON_KINDS = ("json_schema", "json_object")
 
 
 def _answer_schema(c: Constraints | None) -> dict[str, Any] | None:
