@@ -21,7 +21,7 @@ import pytest
 from bench._server import ROOT as ROOT_DIR
 from bench._server import ServerProcess
 
-__all__ = ["ROOT_DIR", "Service", "chat", "wait_until"]
+__all__ = ["NEVER_ENDS", "ROOT_DIR", "Service", "chat", "wait_until"]
 
 API_KEY = "rel-test-key-Zx81"
 MAX_INFLIGHT = 4
@@ -29,6 +29,10 @@ MAX_TOKENS_CAP = 256
 MAX_BATCH = 4
 MAX_MODEL_LEN = 1024
 DRAIN_SECONDS = 20
+#: A regex no answer within the cap can finish: more words than the cap has tokens, one space between
+#: them (SmolLM2 has no token that spans two words, so each word costs a token; ``[a-z ]{2000}`` could
+#: be finished early by its 16- to 64-space tokens, and once was, ending a "long" stream in seconds).
+NEVER_ENDS = {"regex": f"[a-z]+( [a-z]+){{{MAX_TOKENS_CAP}}}"}
 SERVER_ARGS = [
     "--max-inflight",
     str(MAX_INFLIGHT),
