@@ -29,7 +29,11 @@ def probe_records(probe_dir: Path) -> list[dict[str, Any]]:
 
 
 def probe_summary(  # noqa: PLR0917
-    probe_dir: Path, t0: float, t1: float, c: int, api_pid: Any = None,
+    probe_dir: Path,
+    t0: float,
+    t1: float,
+    c: int,
+    api_pid: Any = None,
     recs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any] | None:
     recs = probe_records(probe_dir) if recs is None else recs
@@ -63,9 +67,17 @@ def probe_summary(  # noqa: PLR0917
     return out
 
 
-_IDLE = ("threading.py:wait", "queue.py:get", "selectors.py:select", "base_events.py:_run_once",
-         "runners.py:run",  # uvloop: the event loop is in C (idle, or in a C callback)
-         "so_probe.py:_flusher", "socket.py:recv", "poll", "thread.py:_worker")
+_IDLE = (
+    "threading.py:wait",
+    "queue.py:get",
+    "selectors.py:select",
+    "base_events.py:_run_once",
+    "runners.py:run",  # uvloop: the event loop is in C (idle, or in a C callback)
+    "so_probe.py:_flusher",
+    "socket.py:recv",
+    "poll",
+    "thread.py:_worker",
+)
 
 
 def stack_summary(recs: list[dict[str, Any]], api_pid: Any, top: int = 8) -> dict[str, Any]:
@@ -89,9 +101,13 @@ def stack_summary(recs: list[dict[str, Any]], api_pid: Any, top: int = 8) -> dic
             counts[key] = counts.get(key, 0) + 1
         lags = [r["ms"] for r in mine if r["k"] == "lag"]
         ticks = len({r["t"] for r in mine if r["k"] == "stk"})
-        out[name] = {"ticks": ticks, "idle_samples": idle, "sampler_late_ms_max": max(lags, default=0),
-                     "sampler_late_ms_sum": round(sum(lags), 1),
-                     "busy": sorted(counts.items(), key=lambda kv: -kv[1])[:top]}
+        out[name] = {
+            "ticks": ticks,
+            "idle_samples": idle,
+            "sampler_late_ms_max": max(lags, default=0),
+            "sampler_late_ms_sum": round(sum(lags), 1),
+            "busy": sorted(counts.items(), key=lambda kv: -kv[1])[:top],
+        }
     return out
 
 
@@ -111,8 +127,10 @@ def trace_summary(trace: list[dict[str, Any]], t0: float) -> dict[str, Any]:
     cpu = [r["cpu_s"] for r in trace if r["k"] == "cpu"]
     gcs = [r for r in trace if r["k"] == "gc" and r["t"] >= t0]
     return {
-        "gc_over_20ms": len(gcs), "gc_ms_max": max((r["ms"] for r in gcs), default=0),
-        "gc_ms_sum": round(sum(r["ms"] for r in gcs), 1), "gc_gens": sorted({r["gen"] for r in gcs}),
+        "gc_over_20ms": len(gcs),
+        "gc_ms_max": max((r["ms"] for r in gcs), default=0),
+        "gc_ms_sum": round(sum(r["ms"] for r in gcs), 1),
+        "gc_gens": sorted({r["gen"] for r in gcs}),
         "process_cpu_s": cpu[-1] if cpu else None,
         "arrive_s": spread([r["t0"] - t0 for r in http]),
         "plan_start_s": spread([r["t0"] - t0 for r in plans]),
@@ -121,7 +139,8 @@ def trace_summary(trace: list[dict[str, Any]], t0: float) -> dict[str, Any]:
         "engine_call_s": spread([r["t0"] - t0 for r in eng]),
         "first_token_s": spread([r["first"] - t0 for r in eng if r.get("first")]),
         "engine_ms": spread([(r["t1"] - r["t0"]) * 1000 for r in eng]),
-        "loop_late_ms_max": max(loop, default=0), "loop_late_ms_sum": round(sum(loop), 1),
+        "loop_late_ms_max": max(loop, default=0),
+        "loop_late_ms_sum": round(sum(loop), 1),
     }
 
 

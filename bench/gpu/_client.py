@@ -31,27 +31,35 @@ def ws_outside_strings(text: str) -> int:
     return n
 
 
-
 def summarize(records: list[dict[str, Any]], wall_s: float, c: int) -> dict[str, Any]:
     ok = [r for r in records if r.get("tokens")]
     toks = [r["tokens"] for r in ok]
     lat = [r["latency_ms"] for r in ok]
     ttft = [r["ttft_ms"] for r in ok if r.get("ttft_ms")]
-    tpot = [(r["gen_ms"] - r["ttft_ms"]) / (r["tokens"] - 1) for r in ok
-            if r.get("ttft_ms") and r["tokens"] > 1]
+    tpot = [
+        (r["gen_ms"] - r["ttft_ms"]) / (r["tokens"] - 1) for r in ok if r.get("ttft_ms") and r["tokens"] > 1
+    ]
     ms_tok = [r["gen_ms"] / r["tokens"] for r in ok]
     finishes: dict[str, int] = {}
     for r in records:
         finishes[str(r.get("finish"))] = finishes.get(str(r.get("finish")), 0) + 1
     out: dict[str, Any] = {
-        "c": c, "requests": len(records), "ok": len(ok),
+        "c": c,
+        "requests": len(records),
+        "ok": len(ok),
         "errors": sum(1 for r in records if r.get("error")),
-        "tokens": sum(toks), "mean_tokens": sum(toks) / len(toks) if toks else 0,
-        "wall_s": round(wall_s, 3), "agg_tok_s": round(sum(toks) / wall_s, 1) if wall_s > 0 else 0,
-        "lat_p50_ms": percentile(lat, 50), "lat_p95_ms": percentile(lat, 95),
-        "ttft_p50_ms": percentile(ttft, 50), "ttft_p95_ms": percentile(ttft, 95),
-        "tpot_p50_ms": percentile(tpot, 50), "tpot_p95_ms": percentile(tpot, 95),
-        "ms_per_token_p50": percentile(ms_tok, 50), "finish": finishes,
+        "tokens": sum(toks),
+        "mean_tokens": sum(toks) / len(toks) if toks else 0,
+        "wall_s": round(wall_s, 3),
+        "agg_tok_s": round(sum(toks) / wall_s, 1) if wall_s > 0 else 0,
+        "lat_p50_ms": percentile(lat, 50),
+        "lat_p95_ms": percentile(lat, 95),
+        "ttft_p50_ms": percentile(ttft, 50),
+        "ttft_p95_ms": percentile(ttft, 95),
+        "tpot_p50_ms": percentile(tpot, 50),
+        "tpot_p95_ms": percentile(tpot, 95),
+        "ms_per_token_p50": percentile(ms_tok, 50),
+        "finish": finishes,
     }
     sat = [r["satisfied"] for r in records if r.get("satisfied") is not None]
     if sat:
@@ -100,8 +108,11 @@ async def http_phase(  # noqa: PLR0917
 
         async def worker() -> None:
             for i in counter:
-                body: dict[str, Any] = {"prompt": prompt_for(i), "max_tokens": max_tokens,
-                                        "temperature": TEMPERATURE}
+                body: dict[str, Any] = {
+                    "prompt": prompt_for(i, mode),
+                    "max_tokens": max_tokens,
+                    "temperature": TEMPERATURE,
+                }
                 cons = constraints_for(mode)
                 if cons is not None:
                     body["constraints"] = cons
@@ -121,11 +132,17 @@ async def http_phase(  # noqa: PLR0917
                 if "error" not in rec:
                     md = data.get("metadata", {})
                     text = data.get("generated_text", "")
-                    rec.update(tokens=data.get("tokens_generated", 0), gen_ms=data.get("generation_time_ms"),
-                               ttft_ms=md.get("time_to_first_token_ms"), finish=data.get("finish_reason"),
-                               satisfied=data.get("constraint_satisfied"),
-                               compile_ms=md.get("compile_time_ms"), cache_hit=md.get("cache_hit"),
-                               text=text, closed=md.get("closed_on_budget"))
+                    rec.update(
+                        tokens=data.get("tokens_generated", 0),
+                        gen_ms=data.get("generation_time_ms"),
+                        ttft_ms=md.get("time_to_first_token_ms"),
+                        finish=data.get("finish_reason"),
+                        satisfied=data.get("constraint_satisfied"),
+                        compile_ms=md.get("compile_time_ms"),
+                        cache_hit=md.get("cache_hit"),
+                        text=text,
+                        closed=md.get("closed_on_budget"),
+                    )
                     if cons is not None:
                         rec["ws"] = ws_outside_strings(text)
                 records.append(rec)
@@ -139,10 +156,13 @@ async def raw_phase(  # noqa: PLR0917
 ) -> tuple[list[dict], float]:
     import aiohttp
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as sess, sess.post(
-        f"http://127.0.0.1:{port}/_bench/raw",
-        json={"c": c, "n": n, "mode": mode, "max_tokens": max_tokens, "output_kind": output_kind},
-    ) as resp:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as sess,
+        sess.post(
+            f"http://127.0.0.1:{port}/_bench/raw",
+            json={"c": c, "n": n, "mode": mode, "max_tokens": max_tokens, "output_kind": output_kind},
+        ) as resp,
+    ):
         data = await resp.json(content_type=None)
         if resp.status != 200:
             raise RuntimeError(f"raw phase: {resp.status} {json.dumps(data)[:400]}")

@@ -25,25 +25,89 @@ CLOSING_SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
 }
 
-GRAPHS = {"compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
-                                 "max_cudagraph_capture_size": 256}}
+GRAPHS = {
+    "compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY", "max_cudagraph_capture_size": 256}
+}
 # name, arch, enforce_eager, extra engine args, latest end (s after start), step estimates (ms) by c.
 # "compile" is what modal_service/app.py ships: enforce_eager=False and vLLM's default compilation
 # (torch.compile + piecewise and full CUDA graphs).
 ENGINES: list[dict[str, Any]] = [
-    {"name": "32b-graphs", "arch": "qwen2.5-coder-32b", "enforce_eager": False, "extra": GRAPHS,
-     "end_by": 300, "start_est": 110, "step": {1: 17, 8: 19, 64: 28, 256: 45}},
-    {"name": "32b-compile", "arch": "qwen2.5-coder-32b", "enforce_eager": False, "extra": {},
-     "end_by": 480, "start_est": 150, "step": {1: 17, 8: 19, 64: 28, 256: 45}},
-    {"name": "7b-graphs", "arch": "qwen2.5-coder-7b", "enforce_eager": False, "extra": GRAPHS,
-     "end_by": 555, "start_est": 50, "step": {1: 6, 8: 7, 64: 12, 256: 25}},
-    {"name": "32b-eager", "arch": "qwen2.5-coder-32b", "enforce_eager": True, "extra": {},
-     "end_by": 555, "start_est": 80, "step": {1: 40, 8: 42, 64: 50, 256: 70}},
+    {
+        "name": "32b-graphs",
+        "arch": "qwen2.5-coder-32b",
+        "enforce_eager": False,
+        "extra": GRAPHS,
+        "end_by": 300,
+        "start_est": 110,
+        "step": {1: 17, 8: 19, 64: 28, 256: 45},
+    },
+    {
+        "name": "32b-compile",
+        "arch": "qwen2.5-coder-32b",
+        "enforce_eager": False,
+        "extra": {},
+        "end_by": 480,
+        "start_est": 150,
+        "step": {1: 17, 8: 19, 64: 28, 256: 45},
+    },
+    {
+        "name": "7b-graphs",
+        "arch": "qwen2.5-coder-7b",
+        "enforce_eager": False,
+        "extra": GRAPHS,
+        "end_by": 555,
+        "start_est": 50,
+        "step": {1: 6, 8: 7, 64: 12, 256: 25},
+    },
+    {
+        "name": "32b-eager",
+        "arch": "qwen2.5-coder-32b",
+        "enforce_eager": True,
+        "extra": {},
+        "end_by": 555,
+        "start_est": 80,
+        "step": {1: 40, 8: 42, 64: 50, 256: 70},
+    },
     # The app's setting on vLLM's V1 model runner (0.26 picks the V2 runner for dense models): a cheap
     # single-stream variant (different input preparation and sampler, same model kernels).
-    {"name": "32b-compile-v1", "arch": "qwen2.5-coder-32b", "enforce_eager": False, "extra": {},
-     "env": {"VLLM_USE_V2_MODEL_RUNNER": "0"}, "diag": False,
-     "end_by": 555, "start_est": 100, "step": {1: 17, 8: 19, 64: 28, 256: 45}},
+    {
+        "name": "32b-compile-v1",
+        "arch": "qwen2.5-coder-32b",
+        "enforce_eager": False,
+        "extra": {},
+        "env": {"VLLM_USE_V2_MODEL_RUNNER": "0"},
+        "diag": False,
+        "end_by": 555,
+        "start_est": 100,
+        "step": {1: 17, 8: 19, 64: 28, 256: 45},
+    },
+]
+# vLLM 0.32 runs (issue 23). "32b-app" is the app's setting, as "32b-compile"; "32b-sleep" adds
+# enable_sleep_mode (Modal's GPU-snapshot path): before its warm-up rounds it is put to sleep and woken
+# (SLEEP_CYCLES), then the latency knee (1.5k-token prompts, 200-token outputs) runs on it.
+STEP_032 = {1: 24, 8: 26, 64: 36, 256: 60}  # H100 estimates, for the time guard only
+ENGINES += [
+    {
+        "name": "32b-app",
+        "arch": "qwen2.5-coder-32b",
+        "enforce_eager": False,
+        "extra": {},
+        "diag": False,
+        "end_by": 585,
+        "start_est": 200,
+        "step": STEP_032,
+    },
+    {
+        "name": "32b-sleep",
+        "arch": "qwen2.5-coder-32b",
+        "enforce_eager": False,
+        "extra": {"enable_sleep_mode": True},
+        "diag": False,
+        "sleep_cycles": 2,
+        "end_by": 585,
+        "start_est": 200,
+        "step": STEP_032,
+    },
 ]
 DEFAULT_ENGINES = ["32b-graphs", "32b-compile", "7b-graphs"]
 
@@ -52,8 +116,16 @@ def variant_engine(name: str) -> dict[str, Any]:
     """``32b+VARIANT`` (run 5): the app's setting plus one of ``step_split.VARIANTS``' engine keywords,
     with the c=1 phases, to check a setting found there on the service's HTTP path."""
     v = VARIANTS[name.removeprefix("32b+")]
-    return {"name": name, "arch": "qwen2.5-coder-32b", "enforce_eager": False, "extra": v["kwargs"],
-            "diag": False, "end_by": 555, "start_est": 130, "step": {1: 17, 8: 19, 64: 28, 256: 45}}
+    return {
+        "name": name,
+        "arch": "qwen2.5-coder-32b",
+        "enforce_eager": False,
+        "extra": v["kwargs"],
+        "diag": False,
+        "end_by": 555,
+        "start_est": 130,
+        "step": {1: 17, 8: 19, 64: 28, 256: 45},
+    }
 
 
 UPSTREAM = {"mode": "vllm"}  # so_probe: vLLM's own mask fill, the service's patch bypassed
@@ -79,7 +151,8 @@ PHASES: dict[str, list[dict[str, Any]]] = {
         _p("raw_c64_unc", "raw", 64, 128, "unc", 1),
         _p("c64_json_closing", "http", 64, 64, "json_closing", 2),
         _p("c64_json_close", "http", 64, 128, "json_close", 2),
-        _p("c64_unc_r2", "http", 64, 128, "unc", 2), _p("c64_json_r2", "http", 64, 128, "json", 2),
+        _p("c64_unc_r2", "http", 64, 128, "unc", 2),
+        _p("c64_json_r2", "http", 64, 128, "json", 2),
         _p("c64_json_vllm_r2", "http", 64, 128, "json", 2, ctl=UPSTREAM),
         _p("raw_c64_json", "raw", 64, 128, "json", 2),
         _p("c256_json_vllm", "http", 256, 256, "json", 2, ctl=UPSTREAM),
@@ -89,8 +162,11 @@ PHASES: dict[str, list[dict[str, Any]]] = {
         *_matrix(1),
         # Run 4: A-B-B-A blocks at c=64 (unconstrained / JSON), so the ratio has a spread, then closing
         # on budget on / off / on (every JSON request is cut at max_tokens).
-        *[_p(f"c64_{m}_{4 * b + i}", "http", 64, 128, m, 1) for b in range(3)
-          for i, m in enumerate(("unc", "json", "json", "unc"), start=1)],
+        *[
+            _p(f"c64_{m}_{4 * b + i}", "http", 64, 128, m, 1)
+            for b in range(3)
+            for i, m in enumerate(("unc", "json", "json", "unc"), start=1)
+        ],
         _p("c64_json_close_1", "http", 64, 128, "json_close", 1),
         _p("c64_json_off_1", "http", 64, 128, "json", 1),
         _p("c64_json_close_2", "http", 64, 128, "json_close", 1),
@@ -98,10 +174,16 @@ PHASES: dict[str, list[dict[str, Any]]] = {
         _p("c64_json_min1", "http", 64, 128, "json_min1", 1),
         _p("c64_json_close_s", "http", 64, 128, "json_close", 1, ctl=SAMPLED),
         # Run 4c: two more A-B-B-A blocks, then gc.freeze() in the server, then two more.
-        *[_p(f"c64_{m}_{4 * b + i}", "http", 64, 128, m, 1) for b in range(3, 5)
-          for i, m in enumerate(("unc", "json", "json", "unc"), start=1)],
-        *[{**_p(f"c64_{m}_f{4 * b + i}", "http", 64, 128, m, 1), "gc_freeze": b == 0 and i == 1}
-          for b in range(2) for i, m in enumerate(("unc", "json", "json", "unc"), start=1)],
+        *[
+            _p(f"c64_{m}_{4 * b + i}", "http", 64, 128, m, 1)
+            for b in range(3, 5)
+            for i, m in enumerate(("unc", "json", "json", "unc"), start=1)
+        ],
+        *[
+            {**_p(f"c64_{m}_f{4 * b + i}", "http", 64, 128, m, 1), "gc_freeze": b == 0 and i == 1}
+            for b in range(2)
+            for i, m in enumerate(("unc", "json", "json", "unc"), start=1)
+        ],
         *_matrix(64, 8, 256),
         _p("c64_json_vllm", "http", 64, 128, "json", 2, ctl=UPSTREAM),
         _p("c256_json_vllm", "http", 256, 256, "json", 2, ctl=UPSTREAM),
@@ -122,8 +204,46 @@ PHASES: dict[str, list[dict[str, Any]]] = {
 }
 
 
+KNEE_PROMPT_TOKENS = 1500  # about; Qwen2.5 tokens of prompt_for(i, long=True)
+KNEE_MAX_TOKENS = 200
+KNEE_N = {1: 3, 8: 16, 16: 32, 24: 48, 32: 64, 48: 96, 64: 128, 96: 96, 128: 128}
+
+
+def _knee(c: int, prio: int) -> dict[str, Any]:
+    return _p(f"knee_c{c}", "http", c, KNEE_N[c], "knee", prio, max_tokens=KNEE_MAX_TOKENS)
+
+
+# One block of the patch A/B at c=64 (issue 23): unconstrained, JSON with the service's mask fill, JSON
+# with vLLM's own fill (the patch bypassed), then the same in reverse order.
+def _patch_ab(block: int, prio: int) -> list[dict[str, Any]]:
+    a, b = 2 * block - 1, 2 * block
+    return [
+        _p(f"c64_unc_{a}", "http", 64, 128, "unc", prio),
+        _p(f"c64_json_{a}", "http", 64, 128, "json", prio),
+        _p(f"c64_json_vllm_{a}", "http", 64, 128, "json", prio, ctl=UPSTREAM),
+        _p(f"c64_json_vllm_{b}", "http", 64, 128, "json", prio, ctl=UPSTREAM),
+        _p(f"c64_json_{b}", "http", 64, 128, "json", prio),
+        _p(f"c64_unc_{b}", "http", 64, 128, "unc", prio),
+    ]
+
+
+PHASES["32b-app"] = [
+    *_matrix(1),
+    *_patch_ab(1, 1),
+    *_matrix(256),
+    _p("c256_json_vllm", "http", 256, 256, "json", 1, ctl=UPSTREAM),
+    _p("raw_c1_unc", "raw", 1, 3, "unc", 1),
+    _p("raw_c64_unc", "raw", 64, 128, "unc", 1),
+    _p("raw_c64_json", "raw", 64, 128, "json", 1),
+    *_patch_ab(2, 2),
+    _p("raw_c256_unc", "raw", 256, 256, "unc", 2),
+    *[{**ph, "prio": 2} for ph in _matrix(8)],
+]
+PHASES["32b-sleep"] = [*(_knee(c, 1) for c in (1, 8, 16, 32, 64)), *(_knee(c, 2) for c in (24, 48, 128, 96))]
+
+
 def constraints_for(mode: str) -> dict[str, Any] | None:
-    if mode == "unc":
+    if mode in {"unc", "knee"}:
         return None
     if mode == "json_closing":
         return {"json_schema": CLOSING_SCHEMA}
@@ -137,5 +257,8 @@ def constraints_for(mode: str) -> dict[str, Any] | None:
     return {"json_schema": schema, "close_on_budget": mode == "json_close"}
 
 
-def prompt_for(i: int) -> str:
+def prompt_for(i: int, mode: str = "") -> str:
+    if mode == "knee":  # ~1,500 tokens, distinct from its first block on (no prefix-cache hits)
+        body = "".join(f"def f{k}(x):\n    return x * {k} + {k % 7}\n\n" for k in range(89))
+        return f"Request {i}. Summarise what these functions compute.\n\n{body}"
     return f"Request {i}. List the records of the inventory as a JSON array of objects with id, name, ok.\n"

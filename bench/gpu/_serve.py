@@ -62,8 +62,11 @@ class _FakeEngine:
                 for i in range(kw["max_tokens"]):
                     await asyncio.sleep(0.001)
                     last = i == kw["max_tokens"] - 1
-                    yield Delta(text=text if i == 0 else "1", token_ids=[16], prompt_tokens=5,
-                                finish_reason="length" if last else None)
+                    yield Delta(
+                        text=text if i == 0 else "1",
+                        token_ids=[16],
+                        finish_reason="length" if last else None,
+                    )
 
         return FakeEngine(config)
 
@@ -76,8 +79,12 @@ def add_bench_routes(app: Any, engine: Any, fake: bool) -> None:
 
     @app.get("/_bench/info")
     async def info() -> dict[str, Any]:
-        out: dict[str, Any] = {"state": engine.state, "error": engine.error,
-                               "engine_start_s": engine.start_seconds, "pid": os.getpid()}
+        out: dict[str, Any] = {
+            "state": engine.state,
+            "error": engine.error,
+            "engine_start_s": engine.start_seconds,
+            "pid": os.getpid(),
+        }
         for mod in ("vllm", "torch", "llguidance", "fastapi", "uvicorn", "pydantic", "transformers"):
             with contextlib.suppress(Exception):
                 out[f"{mod}_version"] = __import__(mod).__version__
@@ -130,9 +137,14 @@ def add_bench_routes(app: Any, engine: Any, fake: bool) -> None:
                 from vllm.sampling_params import RequestOutputKind
 
                 params = SamplingParams(
-                    max_tokens=max_tokens, temperature=TEMPERATURE, top_p=1.0, structured_outputs=so,
-                    output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY)
-                async for out in engine._llm.generate(prompt_for(i), params, f"raw-{time.time_ns()}-{i}"):
+                    max_tokens=max_tokens,
+                    temperature=TEMPERATURE,
+                    top_p=1.0,
+                    structured_outputs=so,
+                    output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
+                )
+                rid = f"raw-{time.time_ns()}-{i}"
+                async for out in engine._llm.generate(prompt_for(i, mode), params, rid):
                     got = len(out.outputs[0].token_ids)
                     if got and first is None:
                         first = time.perf_counter()
@@ -140,10 +152,17 @@ def add_bench_routes(app: Any, engine: Any, fake: bool) -> None:
                     if out.finished:
                         finish = out.outputs[0].finish_reason
             done = time.perf_counter()
-            records.append({"latency_ms": (done - started) * 1000, "tokens": tokens, "finish": finish,
-                            "t_start": started - t_begin,
-                            "ttft_ms": (first - started) * 1000 if (first and delta) else None,
-                            "gen_ms": (done - started) * 1000, "t_end": done - t_begin})
+            records.append(
+                {
+                    "latency_ms": (done - started) * 1000,
+                    "tokens": tokens,
+                    "finish": finish,
+                    "t_start": started - t_begin,
+                    "ttft_ms": (first - started) * 1000 if (first and delta) else None,
+                    "gen_ms": (done - started) * 1000,
+                    "t_end": done - t_begin,
+                }
+            )
 
         async def worker() -> None:
             for i in counter:
@@ -151,6 +170,30 @@ def add_bench_routes(app: Any, engine: Any, fake: bool) -> None:
 
         await asyncio.gather(*(worker() for _ in range(c)))
         return {"records": records, "wall_s": time.perf_counter() - t_begin}
+
+
+def add_sleep_routes(app: Any, engine: Any) -> None:
+    """``/_bench/sleep`` and ``/_bench/wake``: vLLM's sleep mode on the engine, timed."""
+    from fastapi import Body
+
+    @app.post("/_bench/sleep")
+    async def sleep(body: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
+        """vLLM's sleep mode (engine started with ``enable_sleep_mode``): level 1 offloads the weights to
+        CPU memory and drops the KV cache, as before a GPU memory snapshot."""
+        level = int(body.get("level", 1))
+        t = time.perf_counter()
+        await engine._llm.sleep(level=level)
+        return {
+            "level": level,
+            "sleep_s": round(time.perf_counter() - t, 3),
+            "is_sleeping": await engine._llm.is_sleeping(),
+        }
+
+    @app.post("/_bench/wake")
+    async def wake() -> dict[str, Any]:
+        t = time.perf_counter()
+        await engine._llm.wake_up()
+        return {"wake_s": round(time.perf_counter() - t, 3), "is_sleeping": await engine._llm.is_sleeping()}
 
 
 def serve(spec: dict[str, Any]) -> None:
@@ -177,11 +220,13 @@ def serve(spec: dict[str, Any]) -> None:
     engine = _FakeEngine.make(config) if spec.get("fake") else Engine(config)
     app = create_app(engine, limits=Limits(max_tokens=2048, max_inflight=1024))
     add_bench_routes(app, engine, bool(spec.get("fake")))
+    add_sleep_routes(app, engine)
     from bench.gpu import so_probe
 
     so_probe.start_sampler()
-    uvicorn.run(_traced(app, engine), host="127.0.0.1", port=spec["port"], log_level="warning",
-                access_log=False)
+    uvicorn.run(
+        _traced(app, engine), host="127.0.0.1", port=spec["port"], log_level="warning", access_log=False
+    )
 
 
 #: Per-request timestamps in the server process (wall clock), read and cleared by ``/_bench/trace``.
@@ -194,7 +239,8 @@ def _traced(app: Any, engine: Any) -> Any:  # noqa: PLR0915
     import gc
     import threading
 
-    generator = app.state.generator
+    state = app.state  # the app keeps its Generator in its Lifecycle (since the observability work)
+    generator = state.lifecycle.generator if hasattr(state, "lifecycle") else state.generator
     plan, stream = generator.plan, engine.stream
 
     def traced_plan(req: Any) -> Any:
@@ -242,15 +288,25 @@ def _traced(app: Any, engine: Any) -> Any:  # noqa: PLR0915
             gc.collect()
             gc.freeze()
             body = json.dumps({"frozen": gc.get_freeze_count()}).encode()
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/json")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
             return
         if scope["type"] == "http" and scope["path"] == "/_bench/trace":
             body = json.dumps([*TRACE, {"k": "cpu", "t": time.time(), "cpu_s": time.process_time()}]).encode()
             TRACE.clear()
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/json")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
             return
         if scope["type"] != "http" or scope["path"] != "/generate_api":

@@ -76,4 +76,3 @@ def graph(fn):
     torch.cuda.synchronize()
     return g, (time.perf_counter() - t) / 20 * 1000
 """
-

@@ -17,8 +17,11 @@ from typing import Any
 CATEGORIES: list[tuple[str, str]] = [  # first match wins; FA3's names carry cutlass:: templates
     ("attention", r"flash|fmha|attn|attention|paged"),
     ("bitmask", r"bitmask"),
-    ("sampler", r"gumbel|sample|argmax|temperature|softmax|top_?k|top_?p|sort|exponential|min_p|logit|"
-                r"penalt|nan"),
+    (
+        "sampler",
+        r"gumbel|sample|argmax|temperature|softmax|top_?k|top_?p|sort|exponential|min_p|logit|"
+        r"penalt|nan",
+    ),
     ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|cublas|splitk"),
     ("norm", r"rms|norm|rsqrt"),
     ("rotary_kv", r"rotary|rope|_cos|_sin|cos_|sin_|cache"),
@@ -45,9 +48,10 @@ def split_trace(events: list[dict[str, Any]], n_steps_hint: int) -> dict[str, An
     A step is the interval between two starts of one kernel that runs once per step (the longest-running
     such kernel, found by its count); steps longer than 1.5x the median (prefill, the window's ends)
     are left out."""
-    gpu = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy",
-                                                                               "gpu_memset")),
-                 key=lambda e: float(e["ts"]))
+    gpu = sorted(
+        (e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+        key=lambda e: float(e["ts"]),
+    )
     if not gpu:
         return {"error": "no GPU events in the trace (CUPTI missing?)"}
     counts: dict[str, int] = {}
@@ -95,8 +99,15 @@ def split_trace(events: list[dict[str, Any]], n_steps_hint: int) -> dict[str, An
             prev = e["name"]
             n_k += 1
             j += 1
-        per_step.append({"interval_us": b - a, "busy_us": busy, "idle_us": b - a - busy,
-                         "idle_gaps_ge5us_us": idle_big, "kernels": n_k})
+        per_step.append(
+            {
+                "interval_us": b - a,
+                "busy_us": busy,
+                "idle_us": b - a - busy,
+                "idle_gaps_ge5us_us": idle_big,
+                "kernels": n_k,
+            }
+        )
         i = j
     k = len(steady)
     if not k:
@@ -107,18 +118,32 @@ def split_trace(events: list[dict[str, Any]], n_steps_hint: int) -> dict[str, An
 
     top = sorted(name_us, key=lambda n: -name_us[n])[:30]
     return {
-        "marker": _short(marker), "steps": k, "steps_left_out": len(intervals) - k,
-        "interval_us_p50": p50("interval_us"), "busy_us_p50": p50("busy_us"), "idle_us_p50": p50("idle_us"),
-        "idle_gaps_ge5us_us_p50": p50("idle_gaps_ge5us_us"), "kernels_per_step_p50": p50("kernels"),
+        "marker": _short(marker),
+        "steps": k,
+        "steps_left_out": len(intervals) - k,
+        "interval_us_p50": p50("interval_us"),
+        "busy_us_p50": p50("busy_us"),
+        "idle_us_p50": p50("idle_us"),
+        "idle_gaps_ge5us_us_p50": p50("idle_gaps_ge5us_us"),
+        "kernels_per_step_p50": p50("kernels"),
         "sum_kernel_us_per_step": round(sum(cat_us.values()) / k, 1),
         "category_us_per_step": {c: round(v / k, 1) for c, v in sorted(cat_us.items(), key=lambda x: -x[1])},
-        "top_kernels": [{"name": _short(n, 140), "category": category(n), "per_step": round(name_n[n] / k, 2),
-                         "us_per_step": round(name_us[n] / k, 1), "us_each": round(name_us[n] / name_n[n], 2)}
-                        for n in top],
-        "idle_gaps_us_per_step": {g: round(v / k, 1) for g, v in
-                                  sorted(gap_at.items(), key=lambda x: -x[1])[:8]},
-        "graph_kernels": sum(1 for e in gpu if "graph id" in e.get("args", {}) or "graph node id"
-                             in e.get("args", {})),
+        "top_kernels": [
+            {
+                "name": _short(n, 140),
+                "category": category(n),
+                "per_step": round(name_n[n] / k, 2),
+                "us_per_step": round(name_us[n] / k, 1),
+                "us_each": round(name_us[n] / name_n[n], 2),
+            }
+            for n in top
+        ],
+        "idle_gaps_us_per_step": {
+            g: round(v / k, 1) for g, v in sorted(gap_at.items(), key=lambda x: -x[1])[:8]
+        },
+        "graph_kernels": sum(
+            1 for e in gpu if "graph id" in e.get("args", {}) or "graph node id" in e.get("args", {})
+        ),
     }
 
 
@@ -134,10 +159,15 @@ def fake_trace(steps: int) -> list[dict[str, Any]]:
     t = 0.0
     for _ in range(steps):
         for _layer in range(64):
-            for name, dur in (("triton_red_fused_add_rsqrt_0", 3.0), ("nvjet_tst_gemm_qkv", 22.0),
-                              ("flash::FlashAttnFwdSm90<cutlass::bf16>", 6.0), ("nvjet_tst_gemm_o", 16.0),
-                              ("triton_poi_fused_silu_mul_1", 3.0), ("nvjet_tst_gemm_gate_up", 137.0),
-                              ("nvjet_tst_gemm_down", 72.0)):
+            for name, dur in (
+                ("triton_red_fused_add_rsqrt_0", 3.0),
+                ("nvjet_tst_gemm_qkv", 22.0),
+                ("flash::FlashAttnFwdSm90<cutlass::bf16>", 6.0),
+                ("nvjet_tst_gemm_o", 16.0),
+                ("triton_poi_fused_silu_mul_1", 3.0),
+                ("nvjet_tst_gemm_gate_up", 137.0),
+                ("nvjet_tst_gemm_down", 72.0),
+            ):
                 ev.append({"ph": "X", "cat": "kernel", "name": name, "ts": t, "dur": dur})
                 t += dur + 1.5
         for name, dur in (("nvjet_tst_gemm_lm_head", 370.0), ("_gumbel_sample_kernel", 8.0)):

@@ -60,7 +60,8 @@ from bench.gpu._shared import GRAPH_CODE, LIST_SCHEMA, ROOT, T_START, log, model
 # bf16 GEMVs (M=1, torch F.linear = cuBLAS, what vLLM's unquantized linear layers run) over every
 # weight matrix one 32B decode step reads, distinct buffers (61 GiB, far beyond L2), in one CUDA graph:
 # the step time of the weight reads alone with these kernels, to set against the engine's step.
-GEMV_CODE = r"""
+GEMV_CODE = (
+    r"""
 import json, time, torch
 import torch.nn.functional as F
 H, KV, I, V, L = 5120, 1024, 27648, 152064, 64
@@ -69,7 +70,9 @@ shapes = {"qkv": (H + 2 * KV, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H
 W = {k: [torch.empty(s, dtype=dt, device="cuda").fill_(0.01) for _ in range(L)] for k, s in shapes.items()}
 W["lm_head"] = [torch.empty((V, H), dtype=dt, device="cuda").fill_(0.01)]
 x = {k: torch.randn(1, w[0].shape[1], dtype=dt, device="cuda") for k, w in W.items()}
-""" + GRAPH_CODE + r"""
+"""
+    + GRAPH_CODE
+    + r"""
 def graph_ms(fn):
     return graph(fn)[1]
 def timed(kinds):
@@ -100,6 +103,7 @@ def layers():
 out["layers_with_7_tiny_ms"] = round(graph_ms(layers), 3)
 print(json.dumps(out))
 """
+)
 
 
 def host_facts() -> dict[str, Any]:
@@ -111,9 +115,11 @@ def host_facts() -> dict[str, Any]:
     out: dict[str, Any] = {"cpu_count": os.cpu_count()}
     with contextlib.suppress(Exception):
         out["affinity_cpus"] = len(os.sched_getaffinity(0))
-    for key, path in {"somaxconn": "/proc/sys/net/core/somaxconn",
-                      "thp": "/sys/kernel/mm/transparent_hugepage/enabled",
-                      "overcommit": "/proc/sys/vm/overcommit_memory"}.items():
+    for key, path in {
+        "somaxconn": "/proc/sys/net/core/somaxconn",
+        "thp": "/sys/kernel/mm/transparent_hugepage/enabled",
+        "overcommit": "/proc/sys/vm/overcommit_memory",
+    }.items():
         with contextlib.suppress(Exception):
             out[key] = Path(path).read_text().strip()
     for label, size in (("threads32_default_ms", 0), ("threads32_256mib_ms", 256 << 20)):
@@ -129,11 +135,30 @@ def host_facts() -> dict[str, Any]:
     return out
 
 
+def gpu_mib() -> int | None:
+    """GPU memory in use, as nvidia-smi reports it (MiB)."""
+    with contextlib.suppress(Exception):
+        used = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+        return int(used.split()[0])
+    return None
+
 
 class Bench:
     def __init__(  # noqa: PLR0917
-        self, out_dir: Path, deadline: float, fake: bool, only: list[str] | None, first_bursts: bool,
-        windows: list[float] | None, gemv: bool = False,
+        self,
+        out_dir: Path,
+        deadline: float,
+        fake: bool,
+        only: list[str] | None,
+        first_bursts: bool,
+        windows: list[float] | None,
+        gemv: bool = False,
     ) -> None:
         self.gemv = gemv
         self._last_cpu_s: float | None = None
@@ -143,9 +168,15 @@ class Bench:
         self.deadline = deadline
         self.fake = fake
         self.only = only
-        self.results: dict[str, Any] = {"started_unix": T_START, "max_tokens": MAX_TOKENS,
-                                        "temperature": TEMPERATURE, "list_schema": LIST_SCHEMA,
-                                        "closing_schema": CLOSING_SCHEMA, "engines": {}, "skipped": []}
+        self.results: dict[str, Any] = {
+            "started_unix": T_START,
+            "max_tokens": MAX_TOKENS,
+            "temperature": TEMPERATURE,
+            "list_schema": LIST_SCHEMA,
+            "closing_schema": CLOSING_SCHEMA,
+            "engines": {},
+            "skipped": [],
+        }
 
     def elapsed(self) -> float:
         return time.time() - T_START
@@ -162,9 +193,16 @@ class Bench:
             return
         with contextlib.suppress(Exception):
             self.results["nvidia_smi"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,"
-                 "power.limit", "--format=csv"], check=False, capture_output=True, text=True,
-                timeout=20).stdout
+                [
+                    "nvidia-smi",
+                    "--query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit",
+                    "--format=csv",
+                ],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout
         code = (
             "import torch,time\n"
             "x=torch.empty(4<<30,dtype=torch.uint8,device='cuda');y=torch.empty_like(x)\n"
@@ -177,8 +215,9 @@ class Bench:
         )
         res = None
         try:
-            res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
-                                 timeout=90)
+            res = subprocess.run(
+                [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=90
+            )
             bw, *rest = res.stdout.split()
             self.results["copy_bandwidth_tbps"] = round(float(bw), 3)
             self.results["device"] = " ".join(rest[:-2])
@@ -189,8 +228,13 @@ class Bench:
         if self.gemv:
             res = None
             try:
-                res = subprocess.run([sys.executable, "-c", GEMV_CODE], check=False, capture_output=True,
-                                     text=True, timeout=120)
+                res = subprocess.run(
+                    [sys.executable, "-c", GEMV_CODE],
+                    check=False,
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
                 self.results["gemv"] = json.loads(res.stdout.strip().splitlines()[-1])
                 log(f"gemv {self.results['gemv']}")
             except Exception as exc:
@@ -206,21 +250,31 @@ class Bench:
         with one new schema, twice (compile of a schema many requests share at once)."""
         rounds = [("cold_first_json", "http", "json", 1, 1, MAX_TOKENS)]
         if not self.first_bursts or not eng.get("diag", True):
-            return [*rounds, ("warmup_unc", "http", "unc", 8, 8, 32),
-                    ("warmup_json", "http", "json", 8, 8, MAX_TOKENS)]
+            return [
+                *rounds,
+                ("warmup_unc", "http", "unc", 8, 8, 32),
+                ("warmup_json", "http", "json", 8, 8, MAX_TOKENS),
+            ]
         tag = f"{eng['name']}-{int(time.time())}"
         for c in (8, 256):
-            rounds += [(f"raw_first_c{c}_unc", "raw", "unc", c, c, 32),
-                       (f"first_c{c}_unc", "http", "unc", c, c, 32),
-                       (f"second_c{c}_unc", "http", "unc", c, c, 32)]
-        rounds += [("first_c256_json_new", "http", f"json_new:{tag}", 256, 256, 64),
-                   ("second_c256_json_new", "http", f"json_new:{tag}", 256, 256, 64),
-                   ("warm_c64_unc", "http", "unc", 64, 64, 32),
-                   ("warm_c64_json", "http", "json", 64, 64, MAX_TOKENS)]
+            rounds += [
+                (f"raw_first_c{c}_unc", "raw", "unc", c, c, 32),
+                (f"first_c{c}_unc", "http", "unc", c, c, 32),
+                (f"second_c{c}_unc", "http", "unc", c, c, 32),
+            ]
+        rounds += [
+            ("first_c256_json_new", "http", f"json_new:{tag}", 256, 256, 64),
+            ("second_c256_json_new", "http", f"json_new:{tag}", 256, 256, 64),
+            ("warm_c64_unc", "http", "unc", 64, 64, 32),
+            ("warm_c64_json", "http", "json", 64, 64, MAX_TOKENS),
+        ]
         return rounds
 
     def est(self, eng: dict[str, Any], ph: dict[str, Any]) -> float:
         c = ph["c"]
+        if ph["mode"] == "knee":  # long prompts: the KV cache holds ~20 such requests on an 80 GB card
+            decode_s = math.ceil(ph["n"] / c) * ph.get("max_tokens", MAX_TOKENS) * 0.03
+            return max(decode_s, ph["n"] * 0.5) * 1.2 + 5
         step = eng["step"][c] + (0.45 * c if c <= 128 else 0.06 * c) * (ph["mode"] != "unc")
         return math.ceil(ph["n"] / c) * MAX_TOKENS * step / 1000 * 1.2 + 2
 
@@ -240,24 +294,41 @@ class Bench:
         dist.mkdir(parents=True)
         (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ananke-bench-probe\nVersion: 0.1\n")
         (dist / "entry_points.txt").write_text(
-            "[vllm.general_plugins]\nananke_bench_probe = bench.gpu.so_probe:register\n")
+            "[vllm.general_plugins]\nananke_bench_probe = bench.gpu.so_probe:register\n"
+        )
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
-            [str(ROOT), str(plugin_dir), *filter(None, [env.get("PYTHONPATH")])])
+            [str(ROOT), str(plugin_dir), *filter(None, [env.get("PYTHONPATH")])]
+        )
         env["ANANKE_BENCH_PROBE_DIR"] = str(probe_dir)
         env.update(eng.get("env", {}))
-        spec = {"model": model, "enforce_eager": eng["enforce_eager"], "extra": eng["extra"],
-                "port": port, "fake": self.fake}
+        spec = {
+            "model": model,
+            "enforce_eager": eng["enforce_eager"],
+            "extra": eng["extra"],
+            "port": port,
+            "fake": self.fake,
+        }
         log_path = self.out / f"server-{name.replace('+', '_')}.log"  # "+" does not come back from $OUT
-        res: dict[str, Any] = {"arch": eng["arch"], "enforce_eager": eng["enforce_eager"],
-                               "extra": eng["extra"], "env": eng.get("env", {}),
-                               "weights": weight_bytes(eng["arch"]), "phases": {}}
+        res: dict[str, Any] = {
+            "arch": eng["arch"],
+            "enforce_eager": eng["enforce_eager"],
+            "extra": eng["extra"],
+            "env": eng.get("env", {}),
+            "weights": weight_bytes(eng["arch"]),
+            "phases": {},
+        }
         self.results["engines"][name] = res
         t_launch = time.time()
         with open(log_path, "w", encoding="utf-8") as logf:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "bench.gpu._serve", json.dumps(spec)],
-                cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+                cwd=ROOT,
+                env=env,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             try:
                 self._drive(eng, res, proc, port, t_launch, end_by, probe_dir)
             finally:
@@ -271,13 +342,17 @@ class Bench:
         while time.time() < limit:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}")
-            with contextlib.suppress(Exception), urllib.request.urlopen(
-                    f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            with (
+                contextlib.suppress(Exception),
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r,
+            ):
                 if r.status == 200:
                     break
             info: dict[str, Any] = {}
-            with contextlib.suppress(Exception), urllib.request.urlopen(
-                    f"http://127.0.0.1:{port}/_bench/info", timeout=2) as r:
+            with (
+                contextlib.suppress(Exception),
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/_bench/info", timeout=2) as r,
+            ):
                 info = json.loads(r.read())
             if info.get("state") == "ok":  # ready even if /health itself fails
                 break
@@ -290,8 +365,14 @@ class Bench:
             return dict(json.loads(r.read()))
 
     def _drive(  # noqa: PLR0917
-        self, eng: dict[str, Any], res: dict[str, Any], proc: subprocess.Popen[bytes], port: int,
-        t_launch: float, end_by: float, probe_dir: Path,
+        self,
+        eng: dict[str, Any],
+        res: dict[str, Any],
+        proc: subprocess.Popen[bytes],
+        port: int,
+        t_launch: float,
+        end_by: float,
+        probe_dir: Path,
     ) -> None:
         name = eng["name"]
         try:
@@ -304,13 +385,28 @@ class Bench:
         res["ready_wall_s"] = round(time.time() - t_launch, 2)
         log(f"engine {name} ready: engine {info.get('engine_start_s')}s, process {res['ready_wall_s']}s")
         self.save()
+        if eng.get("sleep_cycles"):
+            self._sleep_cycles(res, port, int(eng["sleep_cycles"]), probe_dir)
         # warm-up; the very first constrained request initialises the llguidance backend in EngineCore
         for wname, kind, mode, c, n, max_tokens in self.warmups(eng):
-            self._phase(res, {"name": wname, "kind": kind, "c": c, "n": n, "mode": mode,
-                              "max_tokens": max_tokens, "ctl": {"mode": "service", "sample": True}},
-                        port, 60, probe_dir)
-        log(f"{name} warm-up done; first JSON request "
-            f"{res['phases']['cold_first_json'].get('lat_p50_ms')} ms")
+            self._phase(
+                res,
+                {
+                    "name": wname,
+                    "kind": kind,
+                    "c": c,
+                    "n": n,
+                    "mode": mode,
+                    "max_tokens": max_tokens,
+                    "ctl": {"mode": "service", "sample": True},
+                },
+                port,
+                60,
+                probe_dir,
+            )
+        log(
+            f"{name} warm-up done; first JSON request {res['phases']['cold_first_json'].get('lat_p50_ms')} ms"
+        )
         phases = PHASES.get(name) or PHASES["32b-compile-v1"]  # a 32b+VARIANT engine: c=1 only
         for prio in (1, 2):
             for ph in phases:
@@ -327,7 +423,62 @@ class Bench:
             win = summary.pop("_window", None)
             if win:
                 summary["probe"] = probe_summary(
-                    probe_dir, win[0], win[1], summary["c"], info.get("pid"), recs)
+                    probe_dir, win[0], win[1], summary["c"], info.get("pid"), recs
+                )
+
+    def _sleep_cycles(self, res: dict[str, Any], port: int, cycles: int, probe_dir: Path) -> None:
+        """Sleep mode as Modal's GPU-snapshot path uses it: the engine is up and warmed (``Engine.start``
+        ran its constrained warm-up request), then it sleeps (level 1) and wakes; then the first
+        requests after the wake, one at a time: unconstrained and JSON (the list schema) in turn,
+        JSON first on the second cycle."""
+        import urllib.request
+
+        def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}{path}",
+                data=json.dumps(body).encode(),
+                headers={"content-type": "application/json"},
+            )
+            t = time.perf_counter()
+            with urllib.request.urlopen(req, timeout=300) as r:  # noqa: S310 - loopback
+                out = dict(json.loads(r.read()))
+            out["call_s"] = round(time.perf_counter() - t, 3)
+            return out
+
+        out: list[dict[str, Any]] = []
+        res["sleep"] = out
+        for k in range(1, cycles + 1):
+            cyc: dict[str, Any] = {"gpu_mib_before": gpu_mib()}
+            try:
+                cyc["sleep"] = post("/_bench/sleep", {"level": 1})
+                cyc["gpu_mib_asleep"] = gpu_mib()
+                cyc["wake"] = post("/_bench/wake", {})
+                cyc["gpu_mib_awake"] = gpu_mib()
+            except Exception as exc:
+                cyc["error"] = f"{type(exc).__name__}: {exc}"
+                out.append(cyc)
+                log(f"  sleep cycle {k} failed: {cyc['error']}")
+                self.save()
+                return
+            out.append(cyc)
+            log(f"  sleep cycle {k}: {cyc}")
+            order = ("unc", "json") if k % 2 else ("json", "unc")
+            for i, mode in enumerate(order, start=1):
+                self._phase(
+                    res,
+                    {
+                        "name": f"wake{k}_{i}_{mode}",
+                        "kind": "http",
+                        "c": 1,
+                        "n": 1,
+                        "mode": mode,
+                        "max_tokens": MAX_TOKENS,
+                    },
+                    port,
+                    30,
+                    probe_dir,
+                )
+            self.save()
 
     def _phase(self, res: dict[str, Any], ph: dict[str, Any], port: int, est: float, probe_dir: Path) -> None:
         ctl = ph.get("ctl", {"mode": "service"})
@@ -343,13 +494,35 @@ class Bench:
         try:
             max_tokens = ph.get("max_tokens", MAX_TOKENS)
             if ph["kind"] == "raw":
-                recs, wall = asyncio.run(raw_phase(port, ph["c"], ph["n"], ph["mode"],
-                                                   ph.get("output_kind", "final"), max(60, 4 * est),
-                                                   max_tokens))
+                recs, wall = asyncio.run(
+                    raw_phase(
+                        port,
+                        ph["c"],
+                        ph["n"],
+                        ph["mode"],
+                        ph.get("output_kind", "final"),
+                        max(60, 4 * est),
+                        max_tokens,
+                    )
+                )
             else:
-                recs, wall = asyncio.run(http_phase(port, ph["c"], ph["n"], ph["mode"], max(60, 4 * est),
-                                                    max_tokens=max_tokens))
+                recs, wall = asyncio.run(
+                    http_phase(port, ph["c"], ph["n"], ph["mode"], max(60, 4 * est), max_tokens=max_tokens)
+                )
             summary = summarize(recs, wall, ph["c"])
+            if ph["n"] == 1 and recs:  # a single request (after a wake): its own latency and TTFT
+                summary["first"] = {
+                    k: recs[0].get(k)
+                    for k in (
+                        "latency_ms",
+                        "ttft_ms",
+                        "gen_ms",
+                        "tokens",
+                        "compile_ms",
+                        "cache_hit",
+                        "finish",
+                    )
+                }
         except Exception as exc:
             summary = {"c": ph["c"], "error": f"{type(exc).__name__}: {exc}"}
         with contextlib.suppress(Exception):
@@ -361,21 +534,29 @@ class Bench:
             if cpu is not None and self._last_cpu_s is not None:  # the API process's CPU seconds in the phase
                 summary["server"]["phase_cpu_s"] = round(cpu - self._last_cpu_s, 2)
             self._last_cpu_s = cpu
-        summary.update(kind=ph["kind"], mode=ph["mode"], ctl=ctl, est_s=round(est, 1), t0_unix=t0,
-                       _window=(t0, time.time()))
+        summary.update(
+            kind=ph["kind"],
+            mode=ph["mode"],
+            ctl=ctl,
+            est_s=round(est, 1),
+            t0_unix=t0,
+            _window=(t0, time.time()),
+        )
         if ph.get("output_kind"):
             summary["output_kind"] = ph["output_kind"]
         res["phases"][ph["name"]] = summary
         (probe_dir / "ctl.json").write_text(json.dumps({"mode": "service"}))
         srv = summary.get("server") or {}
-        log(f"  {ph['name']:<22} c={ph['c']:<3} {summary.get('agg_tok_s')} tok/s  "
+        log(
+            f"  {ph['name']:<22} c={ph['c']:<3} {summary.get('agg_tok_s')} tok/s  "
             f"wall {summary.get('wall_s')} s  "
             f"lat p50/max {summary.get('lat_p50_ms') and round(summary['lat_p50_ms'])}/"
             f"{summary.get('lat_max_ms') and round(summary['lat_max_ms'])} ms  "
             f"finish {summary.get('finish')}  "
             f"plan start {srv.get('plan_start_s')} engine call {srv.get('engine_call_s')} "
             f"first tok {srv.get('first_token_s')} loop late max {srv.get('loop_late_ms_max')}  "
-            f"{summary.get('error', '')}")
+            f"{summary.get('error', '')}"
+        )
         self.save()
 
     def _stop(self, proc: subprocess.Popen[bytes], res: dict[str, Any]) -> None:
@@ -397,7 +578,11 @@ class Bench:
                 with contextlib.suppress(Exception):
                     used = subprocess.run(
                         ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                        check=False, capture_output=True, text=True, timeout=10).stdout
+                        check=False,
+                        capture_output=True,
+                        text=True,
+                        timeout=10,
+                    ).stdout
                     if int(used.split()[0]) < 4000:
                         break
                 time.sleep(0.5)
@@ -425,17 +610,32 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-gpu-out"))
     ap.add_argument("--deadline-s", type=float, default=548.0, help="stop starting work after this")
-    ap.add_argument("--engines", nargs="*", default=DEFAULT_ENGINES,
-                    help="in this order, from: " + ", ".join(e["name"] for e in ENGINES)
-                    + ", or 32b+VARIANT (a step_split variant)")
+    ap.add_argument(
+        "--engines",
+        nargs="*",
+        default=DEFAULT_ENGINES,
+        help="in this order, from: "
+        + ", ".join(e["name"] for e in ENGINES)
+        + ", or 32b+VARIANT (a step_split variant)",
+    )
     ap.add_argument("--only", nargs="*", help="only these phase names (plus warm-up)")
     ap.add_argument("--fake", action="store_true", help="fake engine, for checking the driver locally")
-    ap.add_argument("--first-bursts", action="store_true",
-                    help="before the phases: two short unconstrained rounds at c=64 and at c=256")
-    ap.add_argument("--gemv", action="store_true",
-                    help="before the engines: cuBLAS bf16 GEMVs over a 32B step's weights in a CUDA graph")
-    ap.add_argument("--windows", nargs="*", type=float,
-                    help="latest end (s after start) of each engine in --engines, replacing end_by")
+    ap.add_argument(
+        "--first-bursts",
+        action="store_true",
+        help="before the phases: two short unconstrained rounds at c=64 and at c=256",
+    )
+    ap.add_argument(
+        "--gemv",
+        action="store_true",
+        help="before the engines: cuBLAS bf16 GEMVs over a 32B step's weights in a CUDA graph",
+    )
+    ap.add_argument(
+        "--windows",
+        nargs="*",
+        type=float,
+        help="latest end (s after start) of each engine in --engines, replacing end_by",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

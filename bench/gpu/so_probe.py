@@ -35,8 +35,15 @@ import threading
 import time
 from typing import Any
 
-_STATE: dict[str, Any] = {"pid": None, "buf": [], "lock": threading.Lock(), "ctl_mtime": None,
-                          "ctl": {"mode": "service"}, "acc_ms": 0.0, "exec": None}
+_STATE: dict[str, Any] = {
+    "pid": None,
+    "buf": [],
+    "lock": threading.Lock(),
+    "ctl_mtime": None,
+    "ctl": {"mode": "service"},
+    "acc_ms": 0.0,
+    "exec": None,
+}
 
 
 def _dir() -> str | None:
@@ -173,8 +180,9 @@ def _switch(manager: Any, mode: str, ctl: dict[str, Any]) -> None:
     else:  # service: undo any bypass
         for name in ("_fill_bitmasks", "_async_submit_fill_bitmask"):
             vars(manager).pop(name, None)
-        manager.fill_bitmask_parallel_threshold, manager.fill_bitmask_parallel_batch_size = \
+        manager.fill_bitmask_parallel_threshold, manager.fill_bitmask_parallel_batch_size = (
             manager._probe_service
+        )
 
 
 def register() -> None:
@@ -195,12 +203,18 @@ def register() -> None:
         ctl = _control()
         mode = ctl.get("mode", "service")
         if "_probe_service" not in vars(self):  # the settings the service runs with
-            self._probe_service = (self.fill_bitmask_parallel_threshold,
-                                   getattr(self, "fill_bitmask_parallel_batch_size", 16))
+            self._probe_service = (
+                self.fill_bitmask_parallel_threshold,
+                getattr(self, "fill_bitmask_parallel_batch_size", 16),
+            )
         t0 = time.time()
-        if mode == "llexec" and ids and self._grammar_bitmask is not None \
-                and self.vllm_config.num_speculative_tokens == 0 and hasattr(
-                    requests[ids[0]].structured_output_request.grammar, "ll_matcher"):
+        if (
+            mode == "llexec"
+            and ids
+            and self._grammar_bitmask is not None
+            and self.vllm_config.num_speculative_tokens == 0
+            and hasattr(requests[ids[0]].structured_output_request.grammar, "ll_matcher")
+        ):
             out = _llexec_fill(self, requests, ids)
         else:
             _switch(self, mode, ctl)
@@ -208,8 +222,7 @@ def register() -> None:
         t1 = time.time()
         if ids:
             acc, _STATE["acc_ms"] = _STATE["acc_ms"], 0.0
-            _record({"k": "bm", "t0": t0, "t1": t1, "n": len(ids), "acc_ms": round(acc, 4),
-                     "mode": mode})
+            _record({"k": "bm", "t0": t0, "t1": t1, "n": len(ids), "acc_ms": round(acc, 4), "mode": mode})
         return out
 
     orig_accept = GuidanceGrammar.accept_tokens
@@ -237,4 +250,5 @@ def register() -> None:
     GuidanceGrammar.accept_tokens = accept_tokens  # type: ignore[method-assign]
     EngineCore.step = timed_step(EngineCore.step)  # type: ignore[method-assign]
     EngineCore.step_with_batch_queue = timed_step(  # type: ignore[method-assign]
-        EngineCore.step_with_batch_queue)
+        EngineCore.step_with_batch_queue
+    )

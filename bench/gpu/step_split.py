@@ -53,7 +53,10 @@ LONG, SHORT, REPS = 128, 16, 3
 PROFILE_TOKENS = 40
 PROMPT = "Write the records of the inventory as a JSON list."
 MODES = {  # name: (constrained, temperature)
-    "unc_t1": (False, 1.0), "json_t1": (True, 1.0), "unc_greedy": (False, 0.0), "json_greedy": (True, 0.0),
+    "unc_t1": (False, 1.0),
+    "json_t1": (True, 1.0),
+    "unc_greedy": (False, 0.0),
+    "json_greedy": (True, 0.0),
 }
 
 # The app's engine (modal_service/app.py through modal_service/engine.py): enforce_eager=False, vLLM's
@@ -65,18 +68,36 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "app": {"kwargs": {}, "modes": list(MODES), "profile": ["unc_t1", "json_t1"], "est_s": 170},
     # vLLM's CUDA kernels for RMSNorm (+residual), SiLU-and-mul and rotary instead of Inductor's
     # generated Triton kernels (under torch.compile 0.26 lowers these to Inductor by default).
-    "vllm-c-ops": {"kwargs": {"ir_op_priority": VLLM_C_NORM,
-                              "compilation_config": {"custom_ops": ["+silu_and_mul", "+rotary_embedding"]}},
-                   "modes": ["unc_t1", "json_t1"], "profile": ["unc_t1"], "est_s": 110},
+    "vllm-c-ops": {
+        "kwargs": {
+            "ir_op_priority": VLLM_C_NORM,
+            "compilation_config": {"custom_ops": ["+silu_and_mul", "+rotary_embedding"]},
+        },
+        "modes": ["unc_t1", "json_t1"],
+        "profile": ["unc_t1"],
+        "est_s": 110,
+    },
     # Triton unified attention instead of FlashAttention 3 for the decode.
-    "triton-attn": {"kwargs": {"attention_config": {"backend": "TRITON_ATTN"}},
-                    "modes": ["unc_t1", "json_t1"], "profile": ["unc_t1"], "est_s": 110},
+    "triton-attn": {
+        "kwargs": {"attention_config": {"backend": "TRITON_ATTN"}},
+        "modes": ["unc_t1", "json_t1"],
+        "profile": ["unc_t1"],
+        "est_s": 110,
+    },
     # Async scheduling off: how much of the CPU's per-step work the app's setting hides.
-    "sync": {"kwargs": {"async_scheduling": False}, "modes": ["unc_t1", "json_t1"], "profile": ["unc_t1"],
-             "est_s": 80},
+    "sync": {
+        "kwargs": {"async_scheduling": False},
+        "modes": ["unc_t1", "json_t1"],
+        "profile": ["unc_t1"],
+        "est_s": 80,
+    },
     # FlashAttention 3 without split-KV in the decode graphs (one kernel per layer, no combine).
-    "fa-nosplit": {"kwargs": {"attention_config": {"flash_attn_max_num_splits_for_cuda_graph": 1}},
-                   "modes": ["unc_t1", "json_t1"], "profile": ["unc_t1"], "est_s": 110},
+    "fa-nosplit": {
+        "kwargs": {"attention_config": {"flash_attn_max_num_splits_for_cuda_graph": 1}},
+        "modes": ["unc_t1", "json_t1"],
+        "profile": ["unc_t1"],
+        "est_s": 110,
+    },
     # Graphs captured only up to 8 sequences (smaller buffers; the service's would be 256).
     "seqs8": {"kwargs": {"max_num_seqs": 8}, "modes": ["unc_t1", "json_t1"], "profile": [], "est_s": 80},
 }
@@ -86,7 +107,8 @@ DEFAULT_VARIANTS = ["app", "vllm-c-ops", "fa-nosplit", "triton-attn", "sync"]
 # The GEMV floor of run 4 (run_gpu_bench.GEMV_CODE) on the same machine as the engines, closer to what
 # the engine runs: random weights (as vLLM's dummy loader), the qkv GEMV with its bias, and the kernel
 # that cuBLAS picks for each shape (CUPTI, one graph replay per shape).
-FLOOR_CODE = r"""
+FLOOR_CODE = (
+    r"""
 import json, time, torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
@@ -99,7 +121,9 @@ W = {k: [rnd(*s) for _ in range(L)] for k, s in shapes.items()}
 W["lm_head"] = [rnd(V, H)]
 B = [rnd(H + 2 * KV) for _ in range(L)]
 x = {k: rnd(1, w[0].shape[1]) for k, w in W.items()}
-""" + GRAPH_CODE + r"""
+"""
+    + GRAPH_CODE
+    + r"""
 def kernels(g):
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         g.replay(); torch.cuda.synchronize()
@@ -124,13 +148,15 @@ out["all"] = run(list(W), False)
 out["all_qkv_bias"] = run(list(W), True)
 print(json.dumps(out))
 """
+)
 
 
 def floor() -> dict[str, Any]:
     """The cuBLAS GEMV floor of one step on this machine (``FLOOR_CODE``, ~30 s, 61 GiB)."""
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", FLOOR_CODE], check=False, capture_output=True, text=True,
-                       timeout=240)
+    r = subprocess.run(
+        [sys.executable, "-c", FLOOR_CODE], check=False, capture_output=True, text=True, timeout=240
+    )
     if r.returncode:
         return {"error": r.stderr[-2000:], "wall_s": round(time.perf_counter() - t, 1)}
     return {**json.loads(r.stdout.strip().splitlines()[-1]), "wall_s": round(time.perf_counter() - t, 1)}
@@ -144,12 +170,21 @@ def step_ms_to_pct(ms: float) -> float:
 # ------------------------------------------------------------------------------ child: one engine
 def engine_kwargs(model: str, variant: dict[str, Any], profile_dir: str) -> dict[str, Any]:
     kw: dict[str, Any] = {
-        "model": model, "max_model_len": 4096, "gpu_memory_utilization": 0.9, "enforce_eager": False,
-        "max_num_seqs": 256, "load_format": "dummy", "disable_log_stats": False,
+        "model": model,
+        "max_model_len": 4096,
+        "gpu_memory_utilization": 0.9,
+        "enforce_eager": False,
+        "max_num_seqs": 256,
+        "load_format": "dummy",
+        "disable_log_stats": False,
         "structured_outputs_config": {"backend": "guidance", "disable_any_whitespace": True},
-        "profiler_config": {"profiler": "torch", "torch_profiler_dir": profile_dir,
-                            "torch_profiler_with_stack": False, "torch_profiler_dump_cuda_time_total": False,
-                            "ignore_frontend": True},
+        "profiler_config": {
+            "profiler": "torch",
+            "torch_profiler_dir": profile_dir,
+            "torch_profiler_with_stack": False,
+            "torch_profiler_dump_cuda_time_total": False,
+            "ignore_frontend": True,
+        },
     }
     kw.update(variant["kwargs"])
     return kw
@@ -161,8 +196,12 @@ def _params(mode: str, n: int) -> Any:
 
     constrained, temperature = MODES[mode]
     return SamplingParams(
-        max_tokens=n, temperature=temperature, top_p=1.0, ignore_eos=not constrained,
-        structured_outputs=StructuredOutputsParams(json=LIST_SCHEMA) if constrained else None)
+        max_tokens=n,
+        temperature=temperature,
+        top_p=1.0,
+        ignore_eos=not constrained,
+        structured_outputs=StructuredOutputsParams(json=LIST_SCHEMA) if constrained else None,
+    )
 
 
 def _one(llm: Any, mode: str, n: int) -> dict[str, Any]:
@@ -174,8 +213,13 @@ def _one(llm: Any, mode: str, n: int) -> dict[str, Any]:
     tpot = None
     if m is not None and getattr(m, "last_token_ts", None) and len(c.token_ids) > 1:
         tpot = (m.last_token_ts - m.first_token_ts) / (len(c.token_ids) - 1) * 1000
-    return {"n": len(c.token_ids), "wall_s": round(wall, 4), "engine_tpot_ms": tpot and round(tpot, 3),
-            "finish": c.finish_reason, "text": c.text}
+    return {
+        "n": len(c.token_ids),
+        "wall_s": round(wall, 4),
+        "engine_tpot_ms": tpot and round(tpot, 3),
+        "finish": c.finish_reason,
+        "text": c.text,
+    }
 
 
 def measure(llm: Any, mode: str) -> dict[str, Any]:
@@ -186,18 +230,26 @@ def measure(llm: Any, mode: str) -> dict[str, Any]:
     for _ in range(REPS):
         s, lg = _one(llm, mode, SHORT), _one(llm, mode, LONG)
         diff = (lg["wall_s"] - s["wall_s"]) / (lg["n"] - s["n"]) * 1000 if lg["n"] > s["n"] else None
-        reps.append({"short": {k: v for k, v in s.items() if k != "text"},
-                     "long": {k: v for k, v in lg.items() if k != "text"},
-                     "wall_diff_ms": diff and round(diff, 3)})
+        reps.append(
+            {
+                "short": {k: v for k, v in s.items() if k != "text"},
+                "long": {k: v for k, v in lg.items() if k != "text"},
+                "wall_diff_ms": diff and round(diff, 3),
+            }
+        )
         if lg["engine_tpot_ms"]:
             eng.append(float(lg["engine_tpot_ms"]))
         if diff:
             wd.append(diff)
         text = str(lg["text"])
     ms = statistics.median(eng) if eng else (statistics.median(wd) if wd else None)
-    res: dict[str, Any] = {"reps": reps, "ms_step_engine_p50": eng and round(statistics.median(eng), 3),
-                           "ms_step_wall_diff_p50": wd and round(statistics.median(wd), 3),
-                           "ms_step": ms and round(ms, 3), "sample": text[:160]}
+    res: dict[str, Any] = {
+        "reps": reps,
+        "ms_step_engine_p50": eng and round(statistics.median(eng), 3),
+        "ms_step_wall_diff_p50": wd and round(statistics.median(wd), 3),
+        "ms_step": ms and round(ms, 3),
+        "sample": text[:160],
+    }
     if ms:
         res |= {"tok_s": round(1000 / ms, 2), "roofline_pct": round(step_ms_to_pct(ms), 2)}
     if MODES[mode][0]:
@@ -226,9 +278,12 @@ def profile(llm: Any, mode: str, pdir: Path, out_dir: Path, name: str) -> dict[s
     trace = new[-1]
     t = time.perf_counter()
     split = split_trace(load_trace(trace), r["n"])
-    split |= {"tokens": r["n"], "engine_tpot_ms_under_profiler": r["engine_tpot_ms"],
-              "trace_mib": round(trace.stat().st_size / 2**20, 1),
-              "parse_s": round(time.perf_counter() - t, 1)}
+    split |= {
+        "tokens": r["n"],
+        "engine_tpot_ms_under_profiler": r["engine_tpot_ms"],
+        "trace_mib": round(trace.stat().st_size / 2**20, 1),
+        "parse_s": round(time.perf_counter() - t, 1),
+    }
     if name == "app" and trace.stat().st_size < 15 * 2**20:  # one trace comes back, for a look in Perfetto
         shutil.copy(trace, out_dir / f"trace-{name}-{mode}{''.join(trace.suffixes[-2:])}")
     return split
@@ -255,16 +310,20 @@ def child(name: str, out_dir: Path) -> None:
     save()
     for mode in variant["modes"]:
         res["modes"][mode] = m = measure(llm, mode)
-        log(f"{name} {mode}: {m.get('ms_step')} ms/step (engine {m['ms_step_engine_p50']}, wall diff "
-            f"{m['ms_step_wall_diff_p50']}), {m.get('tok_s')} tok/s, {m.get('roofline_pct')} %")
+        log(
+            f"{name} {mode}: {m.get('ms_step')} ms/step (engine {m['ms_step_engine_p50']}, wall diff "
+            f"{m['ms_step_wall_diff_p50']}), {m.get('tok_s')} tok/s, {m.get('roofline_pct')} %"
+        )
         save()
     for mode in variant["profile"]:
         try:
             res["profile"][mode] = p = profile(llm, mode, pdir, out_dir, name)
         except Exception as exc:  # the measurements above stand without it
             res["profile"][mode] = p = {"error": f"{type(exc).__name__}: {exc}"}
-        log(f"{name} profile {mode}: " + json.dumps({k: v for k, v in p.items() if k not in (
-            "top_kernels", "idle_gaps_us_per_step")}))
+        log(
+            f"{name} profile {mode}: "
+            + json.dumps({k: v for k, v in p.items() if k not in ("top_kernels", "idle_gaps_us_per_step")})
+        )
         save()
     res["done"] = True
     save()
@@ -277,8 +336,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-gpu-out"))
     ap.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, help="from: " + ", ".join(VARIANTS))
-    ap.add_argument("--deadline-s", type=float, default=580.0,
-                    help="start no variant that cannot end by then")
+    ap.add_argument(
+        "--deadline-s", type=float, default=580.0, help="start no variant that cannot end by then"
+    )
     ap.add_argument("--modes", nargs="*", choices=list(MODES), help="these modes for every variant")
     ap.add_argument("--floor", action="store_true", help="first the cuBLAS GEMV floor on this machine")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -292,9 +352,17 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
         child(args.child, out)
         return 0
     roofline_ms = weight_bytes(ARCH)["bytes_total"] / (HBM_TBPS * 1e12) * 1000
-    results: dict[str, Any] = {"started_unix": T_START, "arch": ARCH, "long": LONG, "short": SHORT,
-                               "reps": REPS, "roofline_ms": round(roofline_ms, 3),
-                               "target_ms": round(roofline_ms / 0.8, 3), "variants": {}, "skipped": []}
+    results: dict[str, Any] = {
+        "started_unix": T_START,
+        "arch": ARCH,
+        "long": LONG,
+        "short": SHORT,
+        "reps": REPS,
+        "roofline_ms": round(roofline_ms, 3),
+        "target_ms": round(roofline_ms / 0.8, 3),
+        "variants": {},
+        "skipped": [],
+    }
     commit = ROOT / "COMMIT"
     if commit.exists():
         results["commit"] = commit.read_text().strip()
@@ -306,15 +374,22 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
 
     if args.fake:
         fake_mode = {"ms_step": 18.0, "roofline_pct": step_ms_to_pct(18.0)}
-        results["variants"]["fake"] = {"profile": {"unc_t1": split_trace(fake_trace(40), 40)},
-                                       "modes": {"unc_t1": fake_mode}}
+        results["variants"]["fake"] = {
+            "profile": {"unc_t1": split_trace(fake_trace(40), 40)},
+            "modes": {"unc_t1": fake_mode},
+        }
         save()
         log(json.dumps(results["variants"]["fake"]["profile"]["unc_t1"], indent=1)[:3000])
         return 0
     with contextlib.suppress(Exception):
         query = "--query-gpu=name,clocks.max.sm,clocks.max.mem,power.limit"
-        smi = subprocess.run(["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True,
-                             timeout=20, check=False)
+        smi = subprocess.run(
+            ["nvidia-smi", query, "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
         results["nvidia_smi"] = smi.stdout.strip()
     if args.floor:
         results["floor"] = fl = floor()
@@ -334,10 +409,19 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
         with open(logf, "a", encoding="utf-8") as lf:
             lf.write(f"\n===== {name}\n")
             lf.flush()
-            cmd = [sys.executable, "-m", "bench.gpu.step_split", "--child", name, "--out", str(out),
-                   *(["--modes", *args.modes] if args.modes else [])]
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=lf, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.gpu.step_split",
+                "--child",
+                name,
+                "--out",
+                str(out),
+                *(["--modes", *args.modes] if args.modes else []),
+            ]
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True
+            )
             try:
                 proc.wait(timeout=max(10.0, left - 5))
             except subprocess.TimeoutExpired:
@@ -356,8 +440,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
         with contextlib.suppress(OSError):
             vpath.unlink()
         save()
-        log(f"{name}: rc {proc.returncode}, " + ", ".join(
-            f"{m} {r.get('ms_step')} ms" for m, r in v.get("modes", {}).items()))
+        log(
+            f"{name}: rc {proc.returncode}, "
+            + ", ".join(f"{m} {r.get('ms_step')} ms" for m, r in v.get("modes", {}).items())
+        )
     save()
     log("done")
     return 0
