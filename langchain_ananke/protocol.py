@@ -83,6 +83,12 @@ class Constraints(_Strict):
     finish the structure with a short completion the grammar allows (minimal values such as ``""``
     or ``0``), within the same budget. The result is verified like any output, and the response
     metadata's ``closed_on_budget`` says what was added. Off: the truncation is reported as is."""
+    loop_guard: bool = True
+    """Stop a runaway repetition inside the output (a value filled with ``a_1_2_3_4_...``, one record
+    repeated) as it is written, and finish the structure from where it began, like closing on budget.
+    The response metadata's ``loop_guard`` says what was found and dropped. Off: the model writes on
+    until it stops or ``max_tokens`` runs out. The server's ``--loop-guard-span`` (0: off) sets how
+    long a repetition must be."""
 
     @field_validator("regex_patterns", "choice")
     @classmethod

@@ -62,6 +62,11 @@ class Limits:
         500, "rules in one grammar (3,000 overflowed llguidance's stack in the engine)"
     )
     cache_size: int = _limit(512, "compiled constraints kept (LRU)")
+    loop_guard_span: int = _limit(
+        48,
+        "tokens of near-periodic repetition that end a constrained output early, finished by the "
+        "closing search (metadata.loop_guard); 0 turns the loop guard off",
+    )
 
     @classmethod
     def cli_options(cls) -> list[tuple[str, str, type, Any, str]]:

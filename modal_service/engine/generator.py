@@ -30,8 +30,9 @@ from langchain_ananke.protocol import (
     Usage,
 )
 from modal_service.constraints.compiled import CompiledConstraint, ConstraintError, ToolTurn
+from modal_service.constraints.loops import find_loop
 from modal_service.constraints.verify import Verdict
-from modal_service.engine.engine import Engine
+from modal_service.engine.engine import Delta, Engine
 from modal_service.errors import ApiError
 from modal_service.limits import Deadline, Limits
 
@@ -50,6 +51,8 @@ def configure_compile_threads() -> None:
 #: Tokens held back near the end of the budget while streaming, so that closing may roll them back
 #: (non-streaming output is not sent until the end, so closing may roll back all of it).
 CLOSE_WINDOW = 32
+#: The loop guard looks for a repetition every this many tokens.
+GUARD_EVERY = 8
 
 
 @dataclass
@@ -137,13 +140,13 @@ class Generator:
         self, req: GenerateRequest, plan: Plan, deadline: Deadline, *, final_only: bool = False
     ) -> AsyncGenerator[StreamEvent, None]:
         """Token events, then one ``done`` event with the verified, folded response (its
-        ``finish_reason`` is ``timeout`` when ``deadline`` passed).
+        ``finish_reason`` is ``timeout`` when ``deadline`` passed). ``final_only``: the ``done`` event
+        only.
 
         With a closable constraint, token events for the last ``window`` tokens of the budget are
         held back until the request ends: if ``max_tokens`` cuts the output short, those tokens may
         be rolled back and the structure finished (:meth:`_close`) before anything is sent.
         """
-        request_id = uuid.uuid4().hex
         started = time.perf_counter()
         text_parts: list[str] = []
         token_ids: list[int] = []
@@ -151,19 +154,12 @@ class Generator:
         finish: str | None = None
         first_token_ms: float | None = None
         window = self._close_window(req, plan)
+        guard_span, checked = self._guard_span(req, plan), 0
+        guard: dict[str, Any] | None = None  # metadata.loop_guard, once the detector has spoken
+        closing: dict[str, int | bool] | None = None
         sent_tokens, sent_chars = 0, 0
-        stream = self.engine.stream(
-            plan.prompt_token_ids,
-            request_id=request_id,
-            max_tokens=req.max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            seed=req.seed,
-            stop=req.stop,
-            constraint=plan.constraint,
-            final_only=final_only,
-            logprobs=req.logprobs,
-        )
+        # The guard watches the output as it grows: per-step deltas, also when not streaming.
+        stream = self._stream(req, plan, final_only=final_only and not guard_span)
         try:
             async with asyncio.timeout(deadline.left()):
                 async for delta in stream:
@@ -173,8 +169,15 @@ class Generator:
                     token_ids.extend(delta.token_ids)
                     logprobs.extend(delta.logprobs or ())
                     finish = delta.finish_reason or finish
+                    if guard_span and guard is None and len(token_ids) - checked >= GUARD_EVERY:
+                        checked = len(token_ids)
+                        guard, closed = await self._guard(req, plan, token_ids, guard_span, sent_tokens)
+                        if closed is not None:
+                            text_parts, token_ids, closing = [closed[0]], closed[1], closed[2]
+                            finish = "loop_guard"
+                            break  # the finally below aborts the engine request
                     held = window and len(token_ids) > req.max_tokens - window
-                    if (delta.text or delta.token_ids) and not held:
+                    if (delta.text or delta.token_ids) and not held and not final_only:
                         yield StreamEvent(event="token", text=delta.text, token_ids=delta.token_ids)
                         sent_tokens, sent_chars = len(token_ids), sent_chars + len(delta.text)
         except TimeoutError:
@@ -182,34 +185,106 @@ class Generator:
         finally:
             await stream.aclose()  # aborts the engine request if it is still running
         text = "".join(text_parts)
-        closing: dict[str, int | bool] | None = None
         if window and finish == "length":
             # Not streamed yet, so free to roll back: when streaming, the held-back tail; otherwise
             # everything (a structure that needs it all is rebuilt from its start).
             closed = await self._close(req, plan, token_ids, window=len(token_ids) - sent_tokens)
             if closed is not None:
                 text, token_ids, closing = closed
-                finish = "stop"
-                added = token_ids[len(token_ids) - int(closing["added_tokens"]) :]
-                logprobs = logprobs[: len(token_ids) - len(added)] + [
-                    TokenLogprob(token=self.engine.decode([t]), token_id=t, logprob=None) for t in added
-                ]
-        if len(token_ids) > sent_tokens:
+        if closing is not None:  # the structure was finished by the closing search
+            logprobs = self._closed_logprobs(logprobs, token_ids, int(closing["added_tokens"]))
+        if len(token_ids) > sent_tokens and not final_only:
             yield StreamEvent(event="token", text=text[sent_chars:], token_ids=token_ids[sent_tokens:])
         response = self._fold(
             req,
             plan,
             text=text,
             token_ids=token_ids,
-            finish=finish or "abort",
+            finish="stop" if closing is not None else finish or "abort",
             started=started,
             first_token_ms=first_token_ms,
         )
-        if req.logprobs is not None:
-            response.logprobs = logprobs
-        if closing is not None:  # the engine stopped at max_tokens; the closing search finished it
-            response.metadata |= {"request_finish_reason": "length", "closed_on_budget": closing}
+        response.logprobs = logprobs if req.logprobs is not None else None
+        self._note_closing(response.metadata, finish, closing, guard)
         yield StreamEvent(event="done", response=response)
+
+    def _stream(self, req: GenerateRequest, plan: Plan, *, final_only: bool) -> AsyncGenerator[Delta, None]:
+        """The engine's deltas for ``plan`` (final_only: one at the end)."""
+        return self.engine.stream(
+            plan.prompt_token_ids,
+            request_id=uuid.uuid4().hex,
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            stop=req.stop,
+            constraint=plan.constraint,
+            final_only=final_only,
+            logprobs=req.logprobs,
+        )
+
+    def _closed_logprobs(
+        self, logprobs: list[TokenLogprob], token_ids: list[int], added: int
+    ) -> list[TokenLogprob]:
+        """The kept tokens' logprobs, then the closing search's ``added`` tokens (no logprob: the
+        grammar, not the model, chose them)."""
+        tail = token_ids[len(token_ids) - added :]
+        kept = logprobs[: len(token_ids) - added]
+        return kept + [TokenLogprob(token=self.engine.decode([t]), token_id=t, logprob=None) for t in tail]
+
+    @staticmethod
+    def _note_closing(
+        metadata: dict[str, Any],
+        finish: str | None,
+        closing: dict[str, int | bool] | None,
+        guard: dict[str, Any] | None,
+    ) -> None:
+        """``closed_on_budget`` (``max_tokens`` cut the output, the closing search finished it) or
+        ``loop_guard`` (the guard stopped the engine at a repetition; closing finished the structure)."""
+        if guard is not None:
+            metadata["loop_guard"] = guard
+        if closing is None:
+            return
+        metadata["request_finish_reason"] = finish
+        if finish == "length":
+            metadata["closed_on_budget"] = closing
+        elif guard is not None:
+            guard |= {k: closing[k] for k in ("dropped_tokens", "added_tokens", "search_nodes")}
+
+    def _guard_span(self, req: GenerateRequest, plan: Plan) -> int:
+        """The loop guard's span for this request (0: off): constrained output that the closing search
+        can finish, with room for a loop worth cutting (``max_tokens`` at least twice the span), the
+        server's ``--loop-guard-span`` and the request's ``constraints.loop_guard``."""
+        c, span = plan.constraint, self.limits.loop_guard_span
+        if c is None or c.ll_grammar is None or (req.constraints and not req.constraints.loop_guard):
+            return 0
+        return span if req.max_tokens >= 2 * span else 0
+
+    async def _guard(
+        self, req: GenerateRequest, plan: Plan, token_ids: list[int], span: int, sent_tokens: int
+    ) -> tuple[dict[str, Any] | None, tuple[str, list[int], dict[str, int | bool]] | None]:
+        """Look for a runaway repetition at the end of ``token_ids`` (:func:`find_loop`). If there is
+        one, finish the structure from the end of its first unit (or from what was already streamed,
+        which cannot be taken back): ``(metadata.loop_guard, the closed output)``. ``(None, None)``
+        while there is no loop; a loop the closing search cannot finish is reported and left to run."""
+        loop = find_loop(token_ids, self.engine.decode, span=span)
+        if loop is None:
+            return None, None
+        info: dict[str, Any] = {
+            "fired": False,
+            "detected_at_token": len(token_ids),
+            "loop_start_token": loop.start,
+            "period_tokens": loop.period,
+            "match_share": loop.share,
+        }
+        cut = max(loop.cut, sent_tokens)
+        closed = await self._close(req, plan, token_ids[:cut], window=min(cut - sent_tokens, CLOSE_WINDOW))
+        if closed is None:
+            info["reason"] = "the closing search found no way to finish the structure; generation went on"
+            return info, None
+        info["fired"] = True
+        closed[2]["dropped_tokens"] = len(token_ids) - (cut - int(closed[2]["dropped_tokens"]))
+        return info, closed
 
     def _close_window(self, req: GenerateRequest, plan: Plan) -> int:
         """How many trailing tokens are held back while streaming, so that closing may roll them

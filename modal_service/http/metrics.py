@@ -109,6 +109,12 @@ class ServiceMetrics:
             ["rebuilt"],
             registry=r,
         )
+        self.loop_guard = Counter(
+            "ananke_loop_guard",
+            "Runaway repetitions the loop guard found (fired: cut and closed; false: no closing found)",
+            ["fired"],
+            registry=r,
+        )
         self.resampled_attempts = Counter(
             "ananke_resampled_attempts",
             "Extra attempts run because JSON failed the full-schema check (constraints.max_attempts)",
@@ -139,6 +145,7 @@ class ServiceMetrics:
             self.outputs.labels(verdict, "stop")
         for flag in ("true", "false"):
             self.closed_on_budget.labels(flag)
+            self.loop_guard.labels(flag)
             self.deadline_exceeded.labels(flag)
             self.disconnects.labels(flag)
         for result in ("hit", "miss"):
@@ -172,6 +179,9 @@ class ServiceMetrics:
             closing = meta.get("closed_on_budget")
             if isinstance(closing, dict):
                 self.closed_on_budget.labels(_flag(bool(closing.get("rebuilt")))).inc()
+            guard = meta.get("loop_guard")
+            if isinstance(guard, dict):
+                self.loop_guard.labels(_flag(bool(guard.get("fired")))).inc()
             attempts = meta.get("attempts")
             if isinstance(attempts, int) and attempts > 1:
                 self.resampled_attempts.inc(attempts - 1)

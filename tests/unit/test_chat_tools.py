@@ -188,6 +188,7 @@ def test_tools_and_response_format_go_out_in_one_request_body() -> None:
         "max_attempts": 3,
         "length_caps": True,
         "close_on_budget": True,
+        "loop_guard": True,
     }
     assert [t["function"]["name"] for t in body["tools"]] == ["multiply"]
     assert body["tools"][0]["function"]["parameters"]["required"] == ["a", "b"]
