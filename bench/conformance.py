@@ -89,16 +89,23 @@ async def _send(
 
 
 async def _ours(
-    client: httpx.AsyncClient, case: tuple[str, str, dict[str, Any]], max_tokens: int, *, close: bool = True
+    client: httpx.AsyncClient,
+    case: tuple[str, str, dict[str, Any]],
+    max_tokens: int,
+    *,
+    close: bool = True,
+    guard: bool | None = None,
 ) -> dict[str, Any]:
     cat, name, schema = case
-    body = {
+    body: dict[str, Any] = {
         "prompt": prompt_for(name, schema),
         "max_tokens": max_tokens,
         "temperature": 0.0,
         "seed": 1,
         "constraints": {"json_schema": schema, "max_attempts": 2, "close_on_budget": close},
     }
+    if guard is not None:
+        body["constraints"]["loop_guard"] = guard
     resp, row = await _send(client, "/generate_api", body, cat, name)
     if resp is None or "outcome" in row:
         return row
@@ -124,6 +131,8 @@ async def _ours(
         "constraint_error": (data.get("constraint_error") or "")[:200],
         "closed": "closed_on_budget" in meta,
         "rebuilt": bool((meta.get("closed_on_budget") or {}).get("rebuilt")),
+        "loop_guard": meta.get("loop_guard"),
+        "text": data["generated_text"],
     }
 
 
@@ -174,6 +183,11 @@ async def run(
 
         async def send(client: httpx.AsyncClient, case: Any, max_tokens: int) -> dict[str, Any]:
             return await _ours(client, case, max_tokens, close=False)
+
+    elif target in ("ours_guard", "ours_noguard"):  # the loop guard on / off (bench.loop_guard)
+
+        async def send(client: httpx.AsyncClient, case: Any, max_tokens: int) -> dict[str, Any]:
+            return await _ours(client, case, max_tokens, guard=target == "ours_guard")
 
     else:
         send = _ours if target == "ours" else _peer

@@ -60,6 +60,7 @@ def ours_body(
     prompt: str = RECORD_LIST_PROMPT,
     close: bool = True,
     caps: bool = True,
+    guard: bool | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "prompt": prompt,
@@ -76,6 +77,8 @@ def ours_body(
         }
         if not caps:  # the peer's grammar exactly: unbounded, and whitespace between tokens allowed
             body["constraints"]["whitespace"] = "flexible"
+        if guard is not None:
+            body["constraints"]["loop_guard"] = guard
     return body
 
 
@@ -130,6 +133,7 @@ def _ours_row(data: dict[str, Any], lat: float, ttft: float | None) -> Row:
         "cache_hit": meta.get("cache_hit"),
         "satisfied": data.get("constraint_satisfied"),
         "closed": "closed_on_budget" in meta,
+        "loop_guard_fired": bool((meta.get("loop_guard") or {}).get("fired")),
         "text": data.get("generated_text", ""),
     }
     row["ms_per_token"] = gen_ms / tokens if tokens else None
@@ -264,6 +268,7 @@ async def run_phase(
     unique_schema: bool = False,
     close: bool = True,
     caps: bool = True,
+    guard: bool | None = None,
     validate: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -285,7 +290,14 @@ async def run_phase(
                 return await ours_request(
                     client,
                     ours_body(
-                        mode, max_tokens, schema=use, stream=stream, prompt=prompt, close=close, caps=caps
+                        mode,
+                        max_tokens,
+                        schema=use,
+                        stream=stream,
+                        prompt=prompt,
+                        close=close,
+                        caps=caps,
+                        guard=guard,
                     ),
                 )
             return await peer_request(
