@@ -83,8 +83,9 @@ ENGINES: list[dict[str, Any]] = [
     },
 ]
 # vLLM 0.32 runs (issue 23). "32b-app" is the app's setting, as "32b-compile"; "32b-sleep" adds
-# enable_sleep_mode (Modal's GPU-snapshot path): before its warm-up rounds it is put to sleep and woken
-# (SLEEP_CYCLES), then the latency knee (1.5k-token prompts, 200-token outputs) runs on it.
+# enable_sleep_mode (Modal's GPU-snapshot path) and runs the app's phases; after the priority-1 phases it
+# is put to sleep and woken (sleep_cycles), each time followed by single requests.
+# "32b-knee": the latency knee (1.5k-token prompts, 200-token outputs) on the app's setting.
 STEP_032 = {1: 24, 8: 26, 64: 36, 256: 60}  # H100 estimates, for the time guard only
 ENGINES += [
     {
@@ -104,6 +105,16 @@ ENGINES += [
         "extra": {"enable_sleep_mode": True},
         "diag": False,
         "sleep_cycles": 2,
+        "end_by": 585,
+        "start_est": 200,
+        "step": STEP_032,
+    },
+    {
+        "name": "32b-knee",
+        "arch": "qwen2.5-coder-32b",
+        "enforce_eager": False,
+        "extra": {},
+        "diag": False,
         "end_by": 585,
         "start_est": 200,
         "step": STEP_032,
@@ -239,7 +250,9 @@ PHASES["32b-app"] = [
     _p("raw_c256_unc", "raw", 256, 256, "unc", 2),
     *[{**ph, "prio": 2} for ph in _matrix(8)],
 ]
-PHASES["32b-sleep"] = [*(_knee(c, 1) for c in (1, 8, 16, 32, 64)), *(_knee(c, 2) for c in (24, 48, 128, 96))]
+# The app's phases on the sleep-mode engine: the production setting when GPU snapshots are on.
+PHASES["32b-sleep"] = PHASES["32b-app"]
+PHASES["32b-knee"] = [*(_knee(c, 1) for c in (1, 8, 16, 32, 64)), *(_knee(c, 2) for c in (24, 48, 128, 96))]
 
 
 def constraints_for(mode: str) -> dict[str, Any] | None:

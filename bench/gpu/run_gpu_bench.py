@@ -385,8 +385,6 @@ class Bench:
         res["ready_wall_s"] = round(time.time() - t_launch, 2)
         log(f"engine {name} ready: engine {info.get('engine_start_s')}s, process {res['ready_wall_s']}s")
         self.save()
-        if eng.get("sleep_cycles"):
-            self._sleep_cycles(res, port, int(eng["sleep_cycles"]), probe_dir)
         # warm-up; the very first constrained request initialises the llguidance backend in EngineCore
         for wname, kind, mode, c, n, max_tokens in self.warmups(eng):
             self._phase(
@@ -417,6 +415,10 @@ class Bench:
                     self.results["skipped"].append(f"{name}/{ph['name']} (est {est:.0f}s)")
                     continue
                 self._phase(res, ph, port, est, probe_dir)
+            if prio == 1 and eng.get(
+                "sleep_cycles"
+            ):  # after the priority-1 phases: a failed sleep loses less
+                self._sleep_cycles(res, port, int(eng["sleep_cycles"]), probe_dir)
         time.sleep(0.6)  # let the probe flush its last records
         recs = probe_records(probe_dir)
         for summary in res["phases"].values():
