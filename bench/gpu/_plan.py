@@ -251,7 +251,12 @@ PHASES["32b-app"] = [
     *[{**ph, "prio": 2} for ph in _matrix(8)],
 ]
 # The app's phases on the sleep-mode engine: the production setting when GPU snapshots are on.
-PHASES["32b-sleep"] = PHASES["32b-app"]
+# Then the latency knee (priority 2, before the second patch block).
+PHASES["32b-sleep"] = [
+    *(ph for ph in PHASES["32b-app"] if ph["prio"] == 1),
+    *(_knee(c, 2) for c in (8, 32, 64, 16, 128, 1)),
+    *(ph for ph in PHASES["32b-app"] if ph["prio"] == 2),
+]
 PHASES["32b-knee"] = [*(_knee(c, 1) for c in (1, 8, 16, 32, 64)), *(_knee(c, 2) for c in (24, 48, 128, 96))]
 
 
