@@ -13,6 +13,7 @@ in the one error body shape (the OpenAI SDK raises on it), as on ``/generate_api
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,8 @@ from langchain_ananke.protocol import ErrorBody, GenerateRequest, GenerateRespon
 from modal_service.errors import ApiError
 from modal_service.http.errors import ERROR_RESPONSES, validation_error
 from modal_service.http.lifecycle import Lifecycle, frame, sse
+
+log = logging.getLogger(__name__)
 
 #: Fields taken as they are; ``timeout_s`` (the server-side deadline) is ours (``extra_body`` in the SDK).
 _PASSTHROUGH = ("temperature", "top_p", "seed", "stop", "timeout_s")
@@ -110,7 +113,6 @@ _FOREIGN_CONSTRAINTS = (
 #: that leave the output unchanged. Any other value is refused, naming the field: never dropped.
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1),
-    "echo": (None, False),
     "suffix": (None, ""),
     "frequency_penalty": (None, 0, 0.0),
     "presence_penalty": (None, 0, 0.0),
@@ -120,7 +122,29 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
+    # Nothing is stored here, so there is nothing to keep metadata with; one service tier.
+    "store": (None, False),
+    "metadata": (None, {}),
+    "service_tier": (None, "auto", "default"),
 }
+
+#: Every field the two endpoints read (the models' fields, the refused ones above and vLLM's). Any
+#: other field is refused by name: a field this service does not know is never dropped silently.
+_KNOWN_ELSEWHERE = frozenset({*_FOREIGN_CONSTRAINTS, *_UNSUPPORTED})
+
+
+def _refuse_unknown(body: BaseModel) -> None:
+    """A field neither endpoint knows is a 422 that names it (OpenAI's own fields that this service
+    does not implement are refused by :func:`_common`, with the values that change nothing allowed)."""
+    unknown = sorted(k for k in body.model_extra or {} if k not in _KNOWN_ELSEWHERE)
+    if unknown:
+        raise ApiError(
+            422,
+            "unsupported_parameter",
+            f"{', '.join(unknown)}: unknown to this service (never dropped silently); see docs/api.md for "
+            "the fields each endpoint reads",
+            {"fields": unknown},
+        )
 
 
 def _common(body: dict[str, Any]) -> dict[str, Any]:
@@ -259,6 +283,9 @@ class _OpenAIBody(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
+    """Any id names the one served model; the answer's ``model`` says which model answered."""
+    user: str | None = None
+    """The end user's id: written to the service log with the request id (for abuse monitoring)."""
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     temperature: float | None = None
@@ -290,6 +317,8 @@ class CompletionBody(_OpenAIBody):
 
     prompt: str | list[str] | None = None
     logprobs: int | None = None
+    echo: bool | None = None
+    """``true``: the prompt, then the completion, in ``text`` (not with ``logprobs``)."""
 
 
 def openai_router(lifecycle: Lifecycle, require_key: Callable[..., Any]) -> APIRouter:
@@ -310,16 +339,25 @@ def openai_router(lifecycle: Lifecycle, require_key: Callable[..., Any]) -> APIR
     @router.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionBody) -> Any:
         """OpenAI chat completions; honours ``response_format``, ``tools`` and ``tool_choice``."""
+        _refuse_unknown(body)
         fields = body.model_dump(exclude_unset=True)
         return await _serve(lifecycle, chat_to_request(fields), fields, chat=True)
 
     @router.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(body: CompletionBody) -> Any:
         """OpenAI text completions."""
+        _refuse_unknown(body)
         fields = body.model_dump(exclude_unset=True)
         req = completion_to_request(fields)
         if isinstance(req.prompt, list):
             raise ApiError(422, "invalid_request", "use /generate_api for prompt lists")
+        if body.echo and req.logprobs is not None:
+            raise ApiError(
+                422,
+                "unsupported_parameter",
+                "echo with logprobs: the prompt's logprobs are not computed; ask for one of them",
+                {"fields": ["echo", "logprobs"]},
+            )
         return await _serve(lifecycle, req, fields, chat=False)
 
     return router
@@ -328,6 +366,9 @@ def openai_router(lifecycle: Lifecycle, require_key: Callable[..., Any]) -> APIR
 async def _serve(lifecycle: Lifecycle, req: GenerateRequest, body: dict[str, Any], *, chat: bool) -> Any:
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     head = {"id": ident, "created": int(time.time()), "model": lifecycle.generator.engine.model_name}
+    if body.get("user"):
+        log.info("for end user %r", str(body["user"])[:128])
+    echo = str(req.prompt) if body.get("echo") else ""
     if not body.get("stream"):
         obj = "chat.completion" if chat else "text_completion"
         resp = await lifecycle.answer(req)
@@ -342,7 +383,7 @@ async def _serve(lifecycle: Lifecycle, req: GenerateRequest, body: dict[str, Any
         else:
             choice = {
                 "index": 0,
-                "text": resp.generated_text,
+                "text": echo + resp.generated_text,
                 "finish_reason": resp.finish_reason,
                 "logprobs": _completion_logprobs(resp),
             }
@@ -367,6 +408,8 @@ async def _serve(lifecycle: Lifecycle, req: GenerateRequest, body: dict[str, Any
     async def frames() -> AsyncIterator[str]:
         if chat:
             yield chunk({"role": "assistant", "content": ""}, None)
+        elif echo:
+            yield chunk(echo, None)
         async for event in lifecycle.events(admitted):
             if event.event == "error" and event.error is not None:
                 yield frame(ErrorBody(error=event.error).model_dump_json())

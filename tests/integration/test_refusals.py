@@ -49,6 +49,24 @@ def test_the_same_schema_with_room_is_answered_and_valid(http: httpx.Client) -> 
             "unsupported_parameter",
             "presence_penalty",
         ),
+        ({"messages": [{"role": "user", "content": "hi"}], "store": True}, "unsupported_parameter", "store"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "metadata": {"team": "a"}},
+            "unsupported_parameter",
+            "metadata",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "service_tier": "flex"},
+            "unsupported_parameter",
+            "service_tier",
+        ),
+        # A field no endpoint knows (a typo, a newer OpenAI field) is named, not dropped.
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "high"},
+            "unsupported_parameter",
+            "reasoning_effort",
+        ),
+        ({"messages": [{"role": "user", "content": "hi"}], "echo": True}, "unsupported_parameter", "echo"),
     ],
 )
 def test_v1_chat_refuses_what_it_cannot_honour(
@@ -71,3 +89,39 @@ def test_absurd_numbers_are_a_422_naming_the_field(http: httpx.Client, timeout_s
     r = http.post("/generate_api", json={"prompt": "x", "timeout_s": timeout_s})
     assert r.status_code == 422
     assert "timeout_s" in r.json()["error"]["message"]
+
+
+def test_v1_fields_that_change_nothing_are_accepted(http: httpx.Client) -> None:
+    body = {
+        "model": "any-name",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+        "user": "end-user-7",
+        "store": False,
+        "metadata": {},
+        "service_tier": "auto",
+    }
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == http.get("/v1/models").json()["data"][0]["id"]  # the model that answered
+
+
+def test_v1_completions_echo_puts_the_prompt_first(http: httpx.Client) -> None:
+    body = {
+        "prompt": "Phone: ",
+        "max_tokens": 6,
+        "temperature": 0,
+        "response_format": {"type": "json_object"},
+    }
+    plain = http.post("/v1/completions", json=body).json()
+    echoed = http.post("/v1/completions", json=body | {"echo": True}).json()
+    assert echoed["choices"][0]["text"] == "Phone: " + plain["choices"][0]["text"]
+    text = ""
+    with http.stream("POST", "/v1/completions", json=body | {"echo": True, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                text += json.loads(line[6:])["choices"][0]["text"]
+    assert text == echoed["choices"][0]["text"]
+    r = http.post("/v1/completions", json=body | {"echo": True, "logprobs": 1})
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "unsupported_parameter")
+    assert "echo" in r.json()["error"]["message"]

@@ -66,17 +66,25 @@ STRESS_MIN_CASES = 1000
 STRESS_BUDGET_S = float(os.environ.get("ANANKE_SCHEMATHESIS_BUDGET_S", "900"))
 #: Valid output caps above this are lowered to it, so a generating case stays cheap on the CPU engine.
 CHEAP_MAX_TOKENS = 16
+#: Valid ``timeout_s`` values below this are raised to it (see :func:`_cheapen`).
+MIN_FUZZ_TIMEOUT_S = 60.0
 
 
 def _cheapen(body: Any) -> None:
-    """Lower a *valid* ``max_tokens``/``max_completion_tokens`` (1..cap) to CHEAP_MAX_TOKENS; invalid ones
-    (what a negative case is about) stay as generated."""
+    """Lower a *valid* ``max_tokens``/``max_completion_tokens`` (1..cap) to CHEAP_MAX_TOKENS and raise a
+    valid short ``timeout_s``; invalid ones (what a negative case is about) stay as generated."""
     if not isinstance(body, dict):
         return
     for key in ("max_tokens", "max_completion_tokens"):
         value = body.get(key)
         if type(value) is int and CHEAP_MAX_TOKENS < value <= MAX_TOKENS_CAP:
             body[key] = CHEAP_MAX_TOKENS
+    # A valid deadline shorter than a loaded CPU engine needs would end in the documented 504
+    # ``timeout`` (the client's own deadline passing, tested in test_faults), which this run would
+    # count as a server fault: valid ones are raised to MIN_FUZZ_TIMEOUT_S; invalid ones stay.
+    timeout = body.get("timeout_s")
+    if type(timeout) in (int, float) and 0.01 <= timeout < MIN_FUZZ_TIMEOUT_S:
+        body["timeout_s"] = MIN_FUZZ_TIMEOUT_S
 
 
 class _Tally:

@@ -282,7 +282,9 @@ def test_content_parts_the_model_cannot_read_are_refused_by_name(kind: str) -> N
     ("field", "value"),
     [
         ("best_of", 2),
-        ("echo", True),
+        ("store", True),
+        ("metadata", {"team": "a"}),
+        ("service_tier", "flex"),
         ("frequency_penalty", 0.5),
         ("presence_penalty", -1),
         ("logit_bias", {"42": 5}),
