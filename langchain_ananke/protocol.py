@@ -305,6 +305,8 @@ class StreamEvent(BaseModel):
     event: Literal["token", "done", "error"]
     text: str = ""
     token_ids: list[int] = Field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    """``token`` events of a request that asked for ``logprobs``: one entry per token in ``token_ids``."""
     response: GenerateResponse | None = None
     error: ErrorDetail | None = None
 

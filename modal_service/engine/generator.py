@@ -178,7 +178,12 @@ class Generator:
                             break  # the finally below aborts the engine request
                     held = window and len(token_ids) > req.max_tokens - window
                     if (delta.text or delta.token_ids) and not held and not final_only:
-                        yield StreamEvent(event="token", text=delta.text, token_ids=delta.token_ids)
+                        yield StreamEvent(
+                            event="token",
+                            text=delta.text,
+                            token_ids=delta.token_ids,
+                            logprobs=list(delta.logprobs or ()) if req.logprobs is not None else None,
+                        )
                         sent_tokens, sent_chars = len(token_ids), sent_chars + len(delta.text)
         except TimeoutError:
             finish = "timeout"
@@ -194,7 +199,12 @@ class Generator:
         if closing is not None:  # the structure was finished by the closing search
             logprobs = self._closed_logprobs(logprobs, token_ids, int(closing["added_tokens"]))
         if len(token_ids) > sent_tokens and not final_only:
-            yield StreamEvent(event="token", text=text[sent_chars:], token_ids=token_ids[sent_tokens:])
+            yield StreamEvent(
+                event="token",
+                text=text[sent_chars:],
+                token_ids=token_ids[sent_tokens:],
+                logprobs=logprobs[sent_tokens:] if req.logprobs is not None else None,
+            )
         response = self._fold(
             req,
             plan,

@@ -22,7 +22,14 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from langchain_ananke.protocol import ErrorBody, GenerateRequest, GenerateResponse, ModelCard, ModelList
+from langchain_ananke.protocol import (
+    ErrorBody,
+    GenerateRequest,
+    GenerateResponse,
+    ModelCard,
+    ModelList,
+    TokenLogprob,
+)
 from modal_service.errors import ApiError
 from modal_service.http.errors import ERROR_RESPONSES, validation_error
 from modal_service.http.lifecycle import Lifecycle, frame, sse
@@ -214,9 +221,9 @@ def completion_to_request(body: dict[str, Any]) -> GenerateRequest:
     return _build(fields)
 
 
-def _chat_logprobs(resp: GenerateResponse) -> dict[str, Any] | None:
+def _chat_logprobs(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
     """OpenAI's chat ``logprobs``; a token the server added to close the output has ``logprob: null``."""
-    if resp.logprobs is None:
+    if items is None:
         return None
 
     def entry(token: str, logprob: float | None) -> dict[str, Any]:
@@ -225,23 +232,23 @@ def _chat_logprobs(resp: GenerateResponse) -> dict[str, Any] | None:
     return {
         "content": [
             entry(t.token, t.logprob) | {"top_logprobs": [entry(a.token, a.logprob) for a in t.top]}
-            for t in resp.logprobs
+            for t in items
         ]
     }
 
 
-def _completion_logprobs(resp: GenerateResponse) -> dict[str, Any] | None:
-    """OpenAI's legacy completions ``logprobs``."""
-    if resp.logprobs is None:
+def _completion_logprobs(items: list[TokenLogprob] | None, offset: int = 0) -> dict[str, Any] | None:
+    """OpenAI's legacy completions ``logprobs``; ``offset``: where ``items`` start in the text."""
+    if items is None:
         return None
-    offsets, at = [], 0
-    for t in resp.logprobs:
+    offsets, at = [], offset
+    for t in items:
         offsets.append(at)
         at += len(t.token)
     return {
-        "tokens": [t.token for t in resp.logprobs],
-        "token_logprobs": [t.logprob for t in resp.logprobs],
-        "top_logprobs": [{a.token: a.logprob for a in t.top} for t in resp.logprobs],
+        "tokens": [t.token for t in items],
+        "token_logprobs": [t.logprob for t in items],
+        "top_logprobs": [{a.token: a.logprob for a in t.top} for t in items],
         "text_offset": offsets,
     }
 
@@ -369,40 +376,58 @@ async def _serve(lifecycle: Lifecycle, req: GenerateRequest, body: dict[str, Any
     if body.get("user"):
         log.info("for end user %r", str(body["user"])[:128])
     echo = str(req.prompt) if body.get("echo") else ""
-    if not body.get("stream"):
-        obj = "chat.completion" if chat else "text_completion"
-        resp = await lifecycle.answer(req)
-        assert isinstance(resp, GenerateResponse)  # noqa: S101 - prompt lists were refused above
-        if chat:
-            choice = {
-                "index": 0,
-                "message": _chat_message(resp),
-                "finish_reason": resp.finish_reason,
-                "logprobs": _chat_logprobs(resp),
-            }
-        else:
-            choice = {
-                "index": 0,
-                "text": echo + resp.generated_text,
-                "finish_reason": resp.finish_reason,
-                "logprobs": _completion_logprobs(resp),
-            }
-        return head | {"object": obj, "choices": [choice], "usage": _usage(resp), "ananke": _ananke(resp)}
+    if body.get("stream"):
+        return await _stream(lifecycle, req, body, head, echo, chat=chat)
+    obj = "chat.completion" if chat else "text_completion"
+    resp = await lifecycle.answer(req)
+    assert isinstance(resp, GenerateResponse)  # noqa: S101 - prompt lists were refused above
+    if chat:
+        choice = {
+            "index": 0,
+            "message": _chat_message(resp),
+            "finish_reason": resp.finish_reason,
+            "logprobs": _chat_logprobs(resp.logprobs),
+        }
+    else:
+        choice = {
+            "index": 0,
+            "text": echo + resp.generated_text,
+            "finish_reason": resp.finish_reason,
+            "logprobs": _completion_logprobs(resp.logprobs),
+        }
+    return head | {"object": obj, "choices": [choice], "usage": _usage(resp), "ananke": _ananke(resp)}
 
-    if req.logprobs is not None:
-        raise ApiError(
-            422, "unsupported_parameter", "logprobs with stream: true is not supported; ask without stream"
-        )
+
+async def _stream(
+    lifecycle: Lifecycle,
+    req: GenerateRequest,
+    body: dict[str, Any],
+    head: dict[str, Any],
+    echo: str,
+    *,
+    chat: bool,
+) -> Any:
+    """The SSE answer: OpenAI's chunks (with ``logprobs`` when asked), then ``data: [DONE]``."""
     admitted = await lifecycle.admit(req)
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     obj = "chat.completion.chunk" if chat else "text_completion"
     buffer_calls = bool(req.tools) and req.tool_choice != "none"
 
-    def chunk(delta: dict[str, Any] | str, finish: str | None, **extra: Any) -> str:
+    offset = len(echo)  # completions: where the next chunk's logprobs start in the text
+
+    def chunk(
+        delta: dict[str, Any] | str, finish: str | None, lps: list[TokenLogprob] | None = None, **extra: Any
+    ) -> str:
+        nonlocal offset
         if chat:
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            if lps is not None:
+                choice["logprobs"] = _chat_logprobs(lps)
         else:
             choice = {"index": 0, "text": delta, "finish_reason": finish}
+            if lps is not None:
+                choice["logprobs"] = _completion_logprobs(lps, offset)
+                offset += sum(len(t.token) for t in lps)
         return frame(json.dumps(head | {"object": obj, "choices": [choice]} | extra))
 
     async def frames() -> AsyncIterator[str]:
@@ -415,16 +440,18 @@ async def _serve(lifecycle: Lifecycle, req: GenerateRequest, body: dict[str, Any
                 yield frame(ErrorBody(error=event.error).model_dump_json())
                 break
             if event.event == "token" and not buffer_calls:
-                yield chunk({"content": event.text} if chat else event.text, None)
+                yield chunk({"content": event.text} if chat else event.text, None, event.logprobs)
             elif event.event == "done" and event.response is not None:
                 resp = event.response
                 delta: dict[str, Any] | str = {} if chat else ""
+                lps = None
                 if buffer_calls and chat:
                     msg = _chat_message(resp)
                     delta = {"content": msg["content"]} if msg["content"] else {}
                     if msg["tool_calls"]:
                         delta = {"tool_calls": [c | {"index": i} for i, c in enumerate(msg["tool_calls"])]}
-                yield chunk(delta, resp.finish_reason, ananke=_ananke(resp))
+                    lps = resp.logprobs  # nothing was streamed before: all of them, with the calls
+                yield chunk(delta, resp.finish_reason, lps, ananke=_ananke(resp))
                 if include_usage:
                     yield frame(json.dumps(head | {"object": obj, "choices": [], "usage": _usage(resp)}))
         yield "data: [DONE]\n\n"

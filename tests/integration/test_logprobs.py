@@ -70,6 +70,41 @@ def test_v1_chat_and_completions_logprobs(base_url: str, http: httpx.Client) -> 
     assert lp is not None
     assert lp.tokens is not None
     assert "".join(lp.tokens) == text.choices[0].text
-    r = http.post("/v1/completions", json={"prompt": "x", "logprobs": 2, "stream": True})
-    assert r.status_code == 422
-    assert "logprobs" in r.json()["error"]["message"]
+
+
+def test_v1_streams_carry_the_same_logprobs(base_url: str, http: httpx.Client) -> None:
+    """Streamed (the OpenAI SDK, as it is), each chunk carries its tokens' logprobs; all of them
+    together are the non-streaming answer's, closing's added tokens included."""
+    model = http.get("/health").json()["model"]
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused")
+    ask = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Name a colour as JSON."}],
+        "response_format": {"type": "json_object"},
+        "logprobs": True,
+        "top_logprobs": 2,
+        "temperature": 0,
+        "max_tokens": 12,  # short: the object is closed on budget, so the last tokens have no logprob
+    }
+    whole = client.chat.completions.create(**ask)
+    streamed, text = [], ""
+    for chunk in client.chat.completions.create(**ask, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.content:
+            streamed += chunk.choices[0].logprobs.content
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+    content = whole.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None
+    assert text == whole.choices[0].message.content == "".join(t.token for t in streamed)
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    completion, pieces, offsets = "", [], []
+    for chunk in client.completions.create(
+        model=model, prompt="Count: 1, 2,", logprobs=2, temperature=0, max_tokens=4, stream=True
+    ):
+        lp = chunk.choices[0].logprobs if chunk.choices else None
+        completion += chunk.choices[0].text if chunk.choices else ""
+        if lp is not None and lp.tokens:
+            pieces += lp.tokens
+            offsets += lp.text_offset or []
+    assert "".join(pieces) == completion
+    assert offsets == [len("".join(pieces[:i])) for i in range(len(pieces))]
