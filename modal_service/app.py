@@ -95,12 +95,27 @@ HF_CACHE_VOLUME, HF_CACHE_PATH = "huggingface-cache", "/root/.cache/huggingface"
 VLLM_CACHE_VOLUME, VLLM_CACHE_PATH = "vllm-cache", "/root/.cache/vllm"  # torch.compile artefacts
 
 # ----------------------------------------------------------------------------------- concurrency
-# One container runs one engine that batches continuously: many requests in flight per GPU is the
-# point, so Modal may route up to MAX_INPUTS concurrent requests to a container and scales out when
-# they average above TARGET_INPUTS. The app's own admission limit (429 above it) and the engine's
-# max_num_seqs are the same number, so no layer queues behind another one's back.
-MAX_INPUTS = 256
-TARGET_INPUTS = 128
+# One container runs one engine that batches continuously. Modal routes up to max_inputs concurrent
+# requests to a container and scales out when they average above target_inputs; the app's admission
+# limit (429 above it) and the engine's max_num_seqs are max_inputs too, so no layer queues behind
+# another one's back. The numbers come from the KV cache the card leaves (see concurrency_for): past
+# the requests whose tokens fit in it, vLLM queues or preempts, and latency grows instead of containers.
+#: The request the sizing assumes: an agent turn, a 1.5k-token prompt (tools, history) and 200 tokens out.
+REQUEST_TOKENS = 1_700
+#: KV-cache tokens one card leaves for DEFAULT_MODEL (bf16, gpu_memory_utilization 0.9), as vLLM
+#: reports them at engine start. H100 (80 GB) measured on the device (dummy weights of the real
+#: shape): 34,848. H200: ~251k (61 GiB), measured on vLLM 0.26. A100-80GB: not measured; the same
+#: 80 GB as the H100, so its figure is used (an estimate).
+KV_TOKENS_ONE_CARD = {"H100": 34_848, "A100-80GB": 34_848, "H200": 251_000}
+#: DEFAULT_MODEL's weights (61.04 GiB) in KV tokens of 0.25 MiB (64 layers x 8 KV heads x 128 x K,V x
+#: 2 bytes): what each extra card of a tensor-parallel group frees for the cache.
+WEIGHT_TOKENS = 250_020
+#: Modal may route this many requests above the target before the container refuses (429).
+HEADROOM = 2
+#: Without a KV figure (another model or card): a conservative target; ANANKE_TARGET_INPUTS sets it.
+FALLBACK_TARGET_INPUTS = 16
+#: vLLM's batch never exceeds this (the engine's max_num_seqs ceiling here).
+MAX_NUM_SEQS_CAP = 256
 # Long enough for a first start that downloads ~65 GB into the volume, and for long generations.
 TIMEOUT = 60 * MINUTES
 
@@ -199,6 +214,8 @@ class DeployConfig:
     revision: str
     max_model_len: int
     proxy_auth: bool
+    target_inputs: int | None = None
+    """``ANANKE_TARGET_INPUTS``: overrides the target derived from the KV cache (see concurrency_for)."""
 
 
 def load_config(env: Mapping[str, str] | None = None) -> DeployConfig:
@@ -216,6 +233,9 @@ def load_config(env: Mapping[str, str] | None = None) -> DeployConfig:
         revision=_get(env, "ANANKE_MODEL_REVISION") or default_revision,
         max_model_len=_int(env, "ANANKE_MAX_MODEL_LEN", DEFAULT_MAX_MODEL_LEN, minimum=1),
         proxy_auth=_flag(env, "ANANKE_PROXY_AUTH"),
+        target_inputs=_int(env, "ANANKE_TARGET_INPUTS", 0, minimum=1)
+        if _get(env, "ANANKE_TARGET_INPUTS")
+        else None,
     )
 
 
@@ -229,10 +249,42 @@ def container_env(config: DeployConfig) -> dict[str, str]:
         "ANANKE_MAX_MODEL_LEN": str(config.max_model_len),
         "ANANKE_PROXY_AUTH": "1" if config.proxy_auth else "0",
     }
+    if config.target_inputs is not None:
+        env["ANANKE_TARGET_INPUTS"] = str(config.target_inputs)
     if config.mode.mode == "prod":
         env["ANANKE_MIN_CONTAINERS"] = str(config.mode.min_containers)
         env["ANANKE_BUFFER_CONTAINERS"] = str(config.mode.buffer_containers)
     return env
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    """How many requests one container takes: Modal's ``target_inputs`` and ``max_inputs``."""
+
+    target_inputs: int
+    max_inputs: int
+    kv_tokens: int | None
+    """The KV-cache tokens the sizing assumed (None: no figure for this card and model)."""
+    basis: str
+
+
+def concurrency_for(config: DeployConfig) -> Concurrency:
+    """``target_inputs``: the requests of ``REQUEST_TOKENS`` whose tokens fit in the KV cache the card
+    leaves (for DEFAULT_MODEL on a card in ``KV_TOKENS_ONE_CARD``; a tensor-parallel group of n cards
+    holds n x (one card's cache + the weights) - the weights); ``max_inputs`` = ``HEADROOM`` x that,
+    at most ``MAX_NUM_SEQS_CAP``. ``ANANKE_TARGET_INPUTS`` overrides the target; without a KV figure
+    the target is ``FALLBACK_TARGET_INPUTS``."""
+    kind, n = config.gpu.kind.rstrip("!"), config.gpu.count
+    one = KV_TOKENS_ONE_CARD.get(kind) if config.model == DEFAULT_MODEL else None
+    kv = None if one is None else n * (one + WEIGHT_TOKENS) - WEIGHT_TOKENS
+    if config.target_inputs is not None:
+        target, basis = config.target_inputs, "ANANKE_TARGET_INPUTS"
+    elif kv is not None:
+        target, basis = max(1, kv // REQUEST_TOKENS), f"{kv:,} KV tokens / {REQUEST_TOKENS:,} per request"
+    else:
+        target, basis = FALLBACK_TARGET_INPUTS, f"no KV figure for {config.model} on {kind}"
+    target = min(target, MAX_NUM_SEQS_CAP)
+    return Concurrency(target, min(HEADROOM * target, MAX_NUM_SEQS_CAP), kv, basis)
 
 
 def engine_kwargs(config: DeployConfig) -> dict[str, Any]:
@@ -246,7 +298,7 @@ def engine_kwargs(config: DeployConfig) -> dict[str, Any]:
         # CUDA graphs and torch.compile: slower first start, much faster decoding. The compiled
         # artefacts land in the vllm-cache volume, so later cold starts reuse them.
         "enforce_eager": False,
-        "max_num_seqs": MAX_INPUTS,
+        "max_num_seqs": concurrency_for(config).max_inputs,
         "extra": {"revision": config.revision, "tokenizer_revision": config.revision},
     }
 
@@ -284,6 +336,7 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
 
 
 CONFIG = load_config()
+CONCURRENCY = concurrency_for(CONFIG)
 
 # ----------------------------------------------------------------------------------- Modal objects
 if modal is not None:
@@ -317,7 +370,7 @@ if modal is not None:
         min_containers=CONFIG.mode.min_containers,
         buffer_containers=CONFIG.mode.buffer_containers,
     )
-    @modal.concurrent(max_inputs=MAX_INPUTS, target_inputs=TARGET_INPUTS)
+    @modal.concurrent(max_inputs=CONCURRENCY.max_inputs, target_inputs=CONCURRENCY.target_inputs)
     class Server:
         """One GPU container: one engine, the shared app in front of it."""
 
@@ -349,7 +402,7 @@ if modal is not None:
             self.web_app = create_app(
                 Engine(EngineConfig(**engine_kwargs(CONFIG))),
                 api_key=os.environ["ANANKE_API_KEY"],
-                limits=Limits(max_inflight=MAX_INPUTS),
+                limits=Limits(max_inflight=CONCURRENCY.max_inputs),
             )
 
         @modal.asgi_app(requires_proxy_auth=CONFIG.proxy_auth)

@@ -24,12 +24,12 @@ from modal_service.app import (
     DEFAULT_MAX_MODEL_LEN,
     DEFAULT_MODEL,
     DEFAULT_MODEL_REVISION,
-    MAX_INPUTS,
     MINUTES,
     DeployConfig,
     GpuSpec,
     ModeSettings,
     SmokeTestError,
+    concurrency_for,
     container_env,
     engine_kwargs,
     load_config,
@@ -249,7 +249,7 @@ def test_engine_kwargs_follow_the_gpu_and_model() -> None:
     assert kwargs["model"] == kwargs["served_model_name"] == DEFAULT_MODEL
     assert kwargs["tensor_parallel_size"] == 4
     assert kwargs["max_model_len"] == 16384
-    assert kwargs["max_num_seqs"] == MAX_INPUTS
+    assert kwargs["max_num_seqs"] == concurrency_for(load_config({"ANANKE_GPU": "H100:4"})).max_inputs
     assert kwargs["enforce_eager"] is False
     assert kwargs["extra"] == {
         "revision": DEFAULT_MODEL_REVISION,
@@ -426,7 +426,7 @@ def test_modal_wiring_defaults(recorded: Callable[..., tuple[_Recorder, types.Mo
     assert _scaling(options) == (120, 0, 0)
     assert options["timeout"] >= 30 * MINUTES
     _, concurrency = rec.one("concurrent")
-    assert concurrency == {"max_inputs": 256, "target_inputs": 128}
+    assert concurrency == {"max_inputs": 40, "target_inputs": 20}  # A100-80GB: its KV cache, not a constant
     assert rec.one("enter")[0] == ("build",)
     assert rec.one("asgi_app") == (("web",), {"requires_proxy_auth": False})
     assert "smoke" in rec.entrypoints
@@ -471,7 +471,7 @@ def test_enter_builds_the_shared_app_without_starting_the_engine(
     assert engine.state == "idle"  # started by the app's lifespan, on the server's loop
     assert engine.config.tensor_parallel_size == 2
     assert engine.config.extra["revision"] == DEFAULT_MODEL_REVISION
-    assert web_app.state.admission.limit == MAX_INPUTS
+    assert web_app.state.admission.limit == concurrency_for(load_config({"ANANKE_GPU": "H100:2"})).max_inputs
 
     client = TestClient(web_app)  # no `with`: the lifespan (engine start) does not run
     health = client.get("/health")
@@ -574,3 +574,33 @@ def test_smoke_test_waits_out_a_cold_start() -> None:
 def test_smoke_test_failures(health: list[Any], generate: tuple[int, dict[str, Any]], message: str) -> None:
     with pytest.raises(SmokeTestError, match=message):
         _run(_Script(health, generate), timeout_s=30.0)
+
+
+# ------------------------------------------------------------------------- concurrency from the KV cache
+def test_the_default_card_takes_the_requests_its_kv_cache_holds() -> None:
+    c = concurrency_for(load_config({}))  # A100-80GB, the default model
+    assert c.kv_tokens == 34_848
+    assert c.target_inputs == 34_848 // 1_700 == 20  # 1.5k-token prompt + 200 out each
+    assert c.max_inputs == 40
+    assert "per request" in c.basis
+
+
+def test_tensor_parallel_cards_add_the_weights_they_free() -> None:
+    one, two = (
+        concurrency_for(load_config({"ANANKE_GPU": "H100"})),
+        concurrency_for(load_config({"ANANKE_GPU": "H100:2"})),
+    )
+    assert two.kv_tokens == 2 * (34_848 + 250_020) - 250_020
+    assert two.target_inputs > 8 * one.target_inputs
+    assert two.max_inputs == 256  # the batch ceiling
+
+
+def test_unknown_cards_and_models_fall_back_and_the_variable_overrides() -> None:
+    other = concurrency_for(load_config({"ANANKE_MODEL": "org/other-7b"}))
+    assert (other.kv_tokens, other.target_inputs, other.max_inputs) == (None, 16, 32)
+    assert "no KV figure" in other.basis
+    assert concurrency_for(load_config({"ANANKE_GPU": "L4"})).target_inputs == 16
+    env = {"ANANKE_TARGET_INPUTS": "50"}
+    config = load_config(env)
+    assert (concurrency_for(config).target_inputs, concurrency_for(config).max_inputs) == (50, 100)
+    assert load_config(container_env(config)) == config  # baked into the container too
