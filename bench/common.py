@@ -118,6 +118,27 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def run_record(stamp: str, command: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The head of a bench's raw result: when, what, where, with which versions, and what else ran."""
+    return {
+        "stamp": stamp,
+        "command": command,
+        "config": config,
+        "machine": machine_info(),
+        "versions": versions(),
+        "load_start": load_avg(),
+        "other_processes_at_start": other_engines(),
+    }
+
+
+def end_record(result: dict[str, Any], started: float) -> None:
+    """The tail of a bench's raw result: its wall time since ``started`` (``time.perf_counter``) and the
+    machine's state at the end."""
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    result["load_end"] = load_avg()
+    result["other_processes_at_end"] = other_engines()
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from bench import conformance, load
 from bench._server import start_ours
-from bench.common import RESULTS, load_avg, machine_info, other_engines, pct, rnd, versions, write_json
+from bench.common import RESULTS, end_record, pct, rnd, run_record, write_json
 
 
 def _arm(summary: dict[str, Any]) -> dict[str, Any]:
@@ -114,15 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    result: dict[str, Any] = {
-        "stamp": stamp,
-        "command": "python -m bench.loop_guard",
-        "config": vars(args) | {"out": str(args.out)},
-        "machine": machine_info(),
-        "versions": versions(),
-        "load_start": load_avg(),
-        "other_processes_at_start": other_engines(),
-    }
+    result = run_record(stamp, "python -m bench.loop_guard", vars(args) | {"out": str(args.out)})
     started = time.perf_counter()
     cases = conformance.load_cases(args.per_category)
     server = start_ours(Path(tempfile.mkdtemp(prefix=f"ananke-loop-guard-{stamp}-")))
@@ -142,9 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     finally:
         server.stop()
-    result["wall_s"] = round(time.perf_counter() - started, 1)
-    result["load_end"] = load_avg()
-    result["other_processes_at_end"] = other_engines()
+    end_record(result, started)
     for guard in (False, True):
         runs = [p for p in result["cost_phases"] if p["guard"] is guard]
         name = "on" if guard else "off"

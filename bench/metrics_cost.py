@@ -25,7 +25,7 @@ import httpx
 
 from bench import load
 from bench._server import start_ours
-from bench.common import RESULTS, load_avg, machine_info, other_engines, pct, rnd, versions, write_json
+from bench.common import RESULTS, end_record, pct, rnd, run_record, write_json
 
 
 async def _scraper(url: str, every_s: float, samples: list[dict[str, float]], stop: asyncio.Event) -> None:
@@ -92,15 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    result: dict[str, Any] = {
-        "stamp": stamp,
-        "command": "python -m bench.metrics_cost",
-        "config": vars(args) | {"c": 16, "scrape_every_s": 1.0, "out": str(args.out)},
-        "machine": machine_info(),
-        "versions": versions(),
-        "load_start": load_avg(),
-        "other_processes_at_start": other_engines(),
-    }
+    result = run_record(
+        stamp,
+        "python -m bench.metrics_cost",
+        vars(args) | {"c": 16, "scrape_every_s": 1.0, "out": str(args.out)},
+    )
     started = time.perf_counter()
     server = start_ours(Path(tempfile.mkdtemp(prefix=f"ananke-metrics-{stamp}-")))
     try:
@@ -109,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     finally:
         server.stop()
-    result["wall_s"] = round(time.perf_counter() - started, 1)
-    result["load_end"] = load_avg()
-    result["other_processes_at_end"] = other_engines()
+    end_record(result, started)
     for arm in (False, True):
         runs = [p for p in result["phases"] if p["scrape"] is arm]
         tok_s = sum(p["out_tokens"] for p in runs) / sum(p["wall_s"] for p in runs)

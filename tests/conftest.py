@@ -5,6 +5,7 @@ Set ``ANANKE_TEST_BASE_URL`` to reuse a service that is already running (e.g. ``
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -88,3 +90,18 @@ def http(base_url: str) -> Iterator[httpx.Client]:
 def chat_prompt(text: str) -> str:
     """SmolLM2's ChatML turn for raw /generate_api prompts."""
     return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def stream_generate(http: httpx.Client, body: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """A streamed ``/generate_api`` call: the text of its ``token`` events, and the ``done`` event's
+    response (None if the stream ended without one)."""
+    text, done = "", None
+    with http.stream("POST", "/generate_api", json=body | {"stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                event = json.loads(line[6:])
+                if event["event"] == "token":
+                    text += event["text"]
+                elif event["event"] == "done":
+                    done = event["response"]
+    return text, done

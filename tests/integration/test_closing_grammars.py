@@ -3,14 +3,13 @@ and ``regex_patterns`` cut by ``max_tokens`` come back complete and matching, st
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import chat_prompt
+from tests.conftest import chat_prompt, stream_generate
 
 pytestmark = pytest.mark.integration
 
@@ -63,16 +62,7 @@ def test_general_grammar_cut_by_max_tokens_is_closed_when_streamed(
     http: httpx.Client, constraints: dict[str, Any], pattern: str, prompt: str
 ) -> None:
     body = {"prompt": chat_prompt(prompt), "max_tokens": 10, "temperature": 0, "constraints": constraints}
-    body["stream"] = True
-    text, done = "", None
-    with http.stream("POST", "/generate_api", json=body) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                event = json.loads(line[6:])
-                if event["event"] == "token":
-                    text += event["text"]
-                elif event["event"] == "done":
-                    done = event["response"]
+    text, done = stream_generate(http, body)
     assert done is not None
     _check(done, pattern)
     assert text == done["generated_text"]  # what was streamed is the closed output

@@ -15,7 +15,7 @@ import httpx
 import jsonschema
 import pytest
 
-from tests.conftest import chat_prompt
+from tests.conftest import chat_prompt, stream_generate
 
 pytestmark = pytest.mark.integration
 
@@ -66,15 +66,7 @@ def test_a_runaway_value_is_cut_and_closed(http: httpx.Client) -> None:
 
 
 def test_the_guard_in_a_stream(http: httpx.Client) -> None:
-    text, done = "", None
-    with http.stream("POST", "/generate_api", json=_body(True, stream=True)) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                event = json.loads(line[6:])
-                if event["event"] == "token":
-                    text += event["text"]
-                elif event["event"] == "done":
-                    done = event["response"]
+    text, done = stream_generate(http, _body(True))
     assert done is not None
     _valid(done)
     assert text == done["generated_text"]  # what was streamed is the closed answer, nothing taken back
