@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="cost A-B rounds (default 2: A-B-A-B)")
     parser.add_argument("--requests", type=int, default=64, help="requests per cost phase")
     parser.add_argument("--cost-max-tokens", type=int, default=128)
+    parser.add_argument("--cost-only", action="store_true", help="only the A-B cost phases (no conformance)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -120,15 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     server = start_ours(Path(tempfile.mkdtemp(prefix=f"ananke-loop-guard-{stamp}-")))
     try:
         arms = {}
-        for target in ("ours_noguard", "ours_guard"):
+        for target in () if args.cost_only else ("ours_noguard", "ours_guard"):
             arms[target] = asyncio.run(
                 conformance.run(
                     target, server.url, cases, max_tokens=args.max_tokens, concurrency=args.concurrency
                 )
             )
-        result["conformance"] = {"off": _arm(arms["ours_noguard"]), "on": _arm(arms["ours_guard"])}
-        result["fired"] = _fired_pairs(arms["ours_noguard"], arms["ours_guard"])
-        result["conformance_rows"] = {k: v["rows"] for k, v in arms.items()}
+        if arms:
+            result["conformance"] = {"off": _arm(arms["ours_noguard"]), "on": _arm(arms["ours_guard"])}
+            result["fired"] = _fired_pairs(arms["ours_noguard"], arms["ours_guard"])
+            result["conformance_rows"] = {k: v["rows"] for k, v in arms.items()}
         result["cost_phases"] = asyncio.run(
             _cost(server.url, rounds=args.rounds, n=args.requests, c=16, max_tokens=args.cost_max_tokens)
         )
@@ -147,11 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     result["ratio_on_over_off"] = round(result["tok_s_on"] / result["tok_s_off"], 3)
     path = args.out / f"loop-guard-{stamp}.json"
     write_json(path, result)
-    c = result["conformance"]
+    if "conformance" in result:
+        c = result["conformance"]
+        print(
+            f"fired {c['on']['fired']} of {len(cases)}; valid off {c['off']['valid']} on {c['on']['valid']}; "
+            f"lies off {c['off']['lies']} on {c['on']['lies']}"
+        )
     print(
-        f"fired {c['on']['fired']} of {len(cases)}; valid off {c['off']['valid']} on {c['on']['valid']}; "
-        f"lies off {c['off']['lies']} on {c['on']['lies']}; cost: tok/s off {result['tok_s_off']} "
-        f"on {result['tok_s_on']} (ratio {result['ratio_on_over_off']}); {path}"
+        f"cost: tok/s off {result['tok_s_off']} on {result['tok_s_on']} "
+        f"(ratio {result['ratio_on_over_off']}); {path}"
     )
     return 0
 
