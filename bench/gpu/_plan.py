@@ -241,10 +241,10 @@ def _patch_ab(block: int, prio: int) -> list[dict[str, Any]]:
 PHASES["32b-app"] = [
     *_matrix(1),
     *_patch_ab(1, 1),
-    *_matrix(256),
-    _p("c256_json_vllm", "http", 256, 256, "json", 1, ctl=UPSTREAM),
     _p("raw_c1_unc", "raw", 1, 3, "unc", 1),
     _p("raw_c64_unc", "raw", 64, 128, "unc", 1),
+    *_matrix(256),
+    _p("c256_json_vllm", "http", 256, 256, "json", 1, ctl=UPSTREAM),
     _p("raw_c64_json", "raw", 64, 128, "json", 1),
     *_patch_ab(2, 2),
     _p("raw_c256_unc", "raw", 256, 256, "unc", 2),
