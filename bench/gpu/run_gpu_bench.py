@@ -415,10 +415,12 @@ class Bench:
                     self.results["skipped"].append(f"{name}/{ph['name']} (est {est:.0f}s)")
                     continue
                 self._phase(res, ph, port, est, probe_dir)
-            if prio == 1 and eng.get(
-                "sleep_cycles"
-            ):  # after the priority-1 phases: a failed sleep loses less
-                self._sleep_cycles(res, port, int(eng["sleep_cycles"]), probe_dir)
+            # after the priority-1 phases (a failed sleep loses less), with time left for them
+            if prio == 1 and eng.get("sleep_cycles"):
+                if self.elapsed() + 70 > end_by:
+                    self.results["skipped"].append(f"{name}/sleep cycles")
+                else:
+                    self._sleep_cycles(res, port, int(eng["sleep_cycles"]), probe_dir)
         time.sleep(0.6)  # let the probe flush its last records
         recs = probe_records(probe_dir)
         for summary in res["phases"].values():
