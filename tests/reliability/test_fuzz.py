@@ -48,14 +48,25 @@ def _report(label: str, counts: Counter[str], started: float) -> None:
     print(f"{label}: {sum(counts.values())} cases in {time.monotonic() - started:.0f} s: {dict(counts)}")
 
 
-def _check_honest(data: dict[str, Any], schema: dict[str, Any] | None) -> None:
-    # A cut by max_tokens may be satisfied (it ended on a complete instance), but only where the
-    # verdict is checked here, against the schema.
-    if data.get("constraint_satisfied") is True:
-        if schema is None:
-            assert data.get("finish_reason") != "length", data
-        else:
-            jsonschema.validate(json.loads(data["generated_text"]), schema)
+def _check_honest(data: dict[str, Any], schema: dict[str, Any] | None, body: Any = None) -> None:
+    """A satisfied verdict is checked here, independently, where this side can: against ``schema``,
+    or the request's own ``json_schema`` or ``choice``. An output that ``max_tokens`` cut exactly at
+    the end of a complete instance is satisfied too (finish ``length``); for the other kinds (a regex
+    in Rust syntax, a grammar) such a cut is only accepted where the answer says the whole budget
+    was used."""
+    if data.get("constraint_satisfied") is not True:
+        return
+    constraints = body.get("constraints") if isinstance(body, dict) else None
+    constraints = constraints if isinstance(constraints, dict) else {}
+    own = constraints.get("json_schema")
+    if schema is None and isinstance(own, dict) and not body.get("tools"):
+        schema = own
+    if schema is not None:
+        jsonschema.validate(json.loads(data["generated_text"]), schema)
+    elif isinstance(constraints.get("choice"), list):
+        assert data["generated_text"] in constraints["choice"], data
+    elif data.get("finish_reason") == "length":
+        assert data["tokens_generated"] == body.get("max_tokens", 256), data
 
 
 # -------------------------------------------------------------------------------- schemathesis
@@ -141,7 +152,7 @@ def _make_case_runner(
         elif case.path == "/generate_api" and "results" not in response.text[:20]:
             content_type = response.headers.get("content-type") or [""]  # a list here
             if "application/json" in str(content_type):
-                _check_honest(response.json(), None)
+                _check_honest(response.json(), None, case.body)
 
     return run
 
@@ -404,7 +415,7 @@ def _run_random_bodies(service: Service, examples: int) -> Counter[str]:
             assert response.status_code < 500, (body, response.text[:500])
             outcomes[str(response.status_code)] += 1
             if response.status_code == 200 and "results" not in response.json():
-                _check_honest(response.json(), None)
+                _check_honest(response.json(), None, body)
 
         run()
     return outcomes
