@@ -103,10 +103,11 @@ VLLM_CACHE_VOLUME, VLLM_CACHE_PATH = "vllm-cache", "/root/.cache/vllm"  # torch.
 #: The request the sizing assumes: an agent turn, a 1.5k-token prompt (tools, history) and 200 tokens out.
 REQUEST_TOKENS = 1_700
 #: KV-cache tokens one card leaves for DEFAULT_MODEL (bf16, gpu_memory_utilization 0.9), as vLLM
-#: reports them at engine start. H100 (80 GB) measured on the device (dummy weights of the real
-#: shape): 34,848. H200: ~251k (61 GiB), measured on vLLM 0.26. A100-80GB: not measured; the same
-#: 80 GB as the H100, so its figure is used (an estimate).
-KV_TOKENS_ONE_CARD = {"H100": 34_848, "A100-80GB": 34_848, "H200": 251_000}
+#: reports them at engine start (dummy weights of the real shape). H100 80GB: 29,616, measured on
+#: vLLM 0.32 with sleep mode on (2026-12-07; vLLM 0.26 had reported 34,848). H200: ~251k (61 GiB),
+#: measured on vLLM 0.26. A100-80GB: not measured; the same 80 GB as the H100, whose figure is used
+#: (an estimate).
+KV_TOKENS_ONE_CARD = {"H100": 29_616, "A100-80GB": 29_616, "H200": 251_000}
 #: DEFAULT_MODEL's weights (61.04 GiB) in KV tokens of 0.25 MiB (64 layers x 8 KV heads x 128 x K,V x
 #: 2 bytes): what each extra card of a tensor-parallel group frees for the cache.
 WEIGHT_TOKENS = 250_020

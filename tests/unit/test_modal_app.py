@@ -426,7 +426,7 @@ def test_modal_wiring_defaults(recorded: Callable[..., tuple[_Recorder, types.Mo
     assert _scaling(options) == (120, 0, 0)
     assert options["timeout"] >= 30 * MINUTES
     _, concurrency = rec.one("concurrent")
-    assert concurrency == {"max_inputs": 40, "target_inputs": 20}  # A100-80GB: its KV cache, not a constant
+    assert concurrency == {"max_inputs": 34, "target_inputs": 17}  # A100-80GB: its KV cache, not a constant
     assert rec.one("enter")[0] == ("build",)
     assert rec.one("asgi_app") == (("web",), {"requires_proxy_auth": False})
     assert "smoke" in rec.entrypoints
@@ -579,9 +579,9 @@ def test_smoke_test_failures(health: list[Any], generate: tuple[int, dict[str, A
 # ------------------------------------------------------------------------- concurrency from the KV cache
 def test_the_default_card_takes_the_requests_its_kv_cache_holds() -> None:
     c = concurrency_for(load_config({}))  # A100-80GB, the default model
-    assert c.kv_tokens == 34_848
-    assert c.target_inputs == 34_848 // 1_700 == 20  # 1.5k-token prompt + 200 out each
-    assert c.max_inputs == 40
+    assert c.kv_tokens == 29_616
+    assert c.target_inputs == 29_616 // 1_700 == 17  # 1.5k-token prompt + 200 out each
+    assert c.max_inputs == 34
     assert "per request" in c.basis
 
 
@@ -590,7 +590,7 @@ def test_tensor_parallel_cards_add_the_weights_they_free() -> None:
         concurrency_for(load_config({"ANANKE_GPU": "H100"})),
         concurrency_for(load_config({"ANANKE_GPU": "H100:2"})),
     )
-    assert two.kv_tokens == 2 * (34_848 + 250_020) - 250_020
+    assert two.kv_tokens == 2 * (29_616 + 250_020) - 250_020
     assert two.target_inputs > 8 * one.target_inputs
     assert two.max_inputs == 256  # the batch ceiling
 
