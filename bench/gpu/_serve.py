@@ -198,6 +198,9 @@ def add_sleep_routes(app: Any, engine: Any) -> None:
 
 def serve(spec: dict[str, Any]) -> None:
     _stub_client_package()
+    # The service's mask-fill patch is off by default since vLLM 0.32; the bench switches it per phase
+    # (so_probe), so it must be applied to begin with.
+    os.environ.setdefault("ANANKE_VLLM_PATCHES", "1")
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")

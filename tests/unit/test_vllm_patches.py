@@ -199,9 +199,15 @@ def test_other_vllm_code_is_left_alone(cls: type, reason: str) -> None:
     assert dict(vars(cls)) == before
 
 
-def test_switched_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ANANKE_VLLM_PATCHES", "0")
-    assert vllm_patches.apply() == {"parallel_mask_fill": "skipped: ANANKE_VLLM_PATCHES is off"}
+@pytest.mark.parametrize("value", [None, "0", "off"])
+def test_off_unless_switched_on(monkeypatch: pytest.MonkeyPatch, value: str | None) -> None:
+    """Off by default since vLLM 0.32 (no gain measured on an H100); ANANKE_VLLM_PATCHES=1 turns it on."""
+    if value is None:
+        monkeypatch.delenv("ANANKE_VLLM_PATCHES", raising=False)
+    else:
+        monkeypatch.setenv("ANANKE_VLLM_PATCHES", value)
+    status = vllm_patches.apply()["parallel_mask_fill"]
+    assert status.startswith("skipped: off unless ANANKE_VLLM_PATCHES=1")
     assert not getattr(so.StructuredOutputManager, vllm_patches._MARK, False)
 
 
@@ -220,6 +226,7 @@ def test_wrapped_grammar_bitmask_is_looked_through() -> None:
 
 
 def test_not_applied_where_engine_core_is_spawned(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANANKE_VLLM_PATCHES", "1")
     monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     status = vllm_patches.apply()["parallel_mask_fill"]
     assert status.startswith("deferred: VLLM_WORKER_MULTIPROC_METHOD=spawn")
@@ -232,6 +239,7 @@ def test_cpu_build_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     if not current_platform.is_cpu():
         pytest.skip("GPU build: the patch applies here")
     monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
+    monkeypatch.setenv("ANANKE_VLLM_PATCHES", "1")
     assert vllm_patches.apply() == {
         "parallel_mask_fill": "deferred: vLLM's CPU platform spawns EngineCore; "
         "the general plugin patches it there"
@@ -254,12 +262,14 @@ def test_plugin_leaves_other_vllm_processes_alone(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv(vllm_patches.ENGINE_ENV, "1")
     monkeypatch.setenv("ANANKE_VLLM_PATCHES", "0")
     vllm_patches.engine_core_plugin()
+    monkeypatch.delenv("ANANKE_VLLM_PATCHES")  # the default: off
+    vllm_patches.engine_core_plugin()
     assert calls == []
 
 
 def test_plugin_patches_a_process_of_our_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(vllm_patches.ENGINE_ENV, "1")
-    monkeypatch.delenv("ANANKE_VLLM_PATCHES", raising=False)
+    monkeypatch.setenv("ANANKE_VLLM_PATCHES", "1")
     calls: list[type] = []
     monkeypatch.setattr(vllm_patches, "patch_parallel_mask_fill", lambda cls: calls.append(cls) or "applied")
     vllm_patches.engine_core_plugin()
