@@ -31,7 +31,7 @@ from langchain_ananke.protocol import (
 )
 from modal_service.constraints.compiled import CompiledConstraint, ConstraintError, ToolTurn
 from modal_service.constraints.verify import Verdict
-from modal_service.engine.engine import Engine
+from modal_service.engine.engine import Engine, StepCount
 from modal_service.errors import ApiError
 from modal_service.limits import Deadline, Limits
 
@@ -163,7 +163,9 @@ class Generator:
             constraint=plan.constraint,
             final_only=final_only,
             logprobs=req.logprobs,
+            fast_forward=req.fast_forward is not False,
         )
+        steps: StepCount | None = None
         try:
             async with asyncio.timeout(deadline.left()):
                 async for delta in stream:
@@ -173,6 +175,7 @@ class Generator:
                     token_ids.extend(delta.token_ids)
                     logprobs.extend(delta.logprobs or ())
                     finish = delta.finish_reason or finish
+                    steps = delta.steps or steps
                     held = window and len(token_ids) > req.max_tokens - window
                     if (delta.text or delta.token_ids) and not held:
                         yield StreamEvent(event="token", text=delta.text, token_ids=delta.token_ids)
@@ -207,6 +210,8 @@ class Generator:
         )
         if req.logprobs is not None:
             response.logprobs = logprobs
+        if steps is not None:  # absent when the request was cut short (deadline) before it finished
+            response.metadata |= {"decode_steps": steps.decode_steps, "forced_tokens": steps.forced_tokens}
         if closing is not None:  # the engine stopped at max_tokens; the closing search finished it
             response.metadata |= {"request_finish_reason": "length", "closed_on_budget": closing}
         yield StreamEvent(event="done", response=response)
