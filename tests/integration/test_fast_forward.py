@@ -5,6 +5,12 @@ byte-identical (text, token count, tool calls, verdict), over a tool-call set, a
 JSONSchemaBench dev schemas and the other constraint kinds, streaming and not. The metadata must
 add up: ``decode_steps + forced_tokens`` is the engine's token count, and with fast-forward off every
 token took a step. A forced tool call (named ``tool_choice``) must take at most half a step per token.
+
+One allowance, for the dev schemas only: in bfloat16, the forward pass that verifies a run of forced
+tokens rounds differently from one token at a time, so a near-tie between two tokens can go either
+way (seen: ``Y`` and `` York`` at the same bfloat16 logprob). Where the outputs part, the token the
+fast-forward run took must be within :data:`NEAR_TIE` nats of the other run's choice, in the other
+run's own distribution; anything wider fails.
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ TOOL_CASES = [
     ("Weather in Tokyo please.", [WEATHER, SEARCH], "auto"),
 ]
 SCHEMAS_PER_CATEGORY = 2
+NEAR_TIE = 0.25
+"""Nats: about two bfloat16 rounding steps of a logit of SmolLM2's size."""
 
 
 def _health_says_on(http: httpx.Client) -> None:
@@ -85,6 +93,20 @@ def _same(on: dict[str, Any], off: dict[str, Any]) -> None:
             assert strip == [{k: v for k, v in c.items() if k != "id"} for c in (off[key] or [])]
         else:
             assert on[key] == off[key], (key, on[key], off[key])
+
+
+def _same_or_near_tie(on: dict[str, Any], off: dict[str, Any]) -> bool:
+    """True when identical; False when they part at a near-tie (see the module docstring); fails otherwise."""
+    if on["generated_text"] == off["generated_text"]:
+        _same(on, off)
+        return True
+    for k, (a, b) in enumerate(zip(on["logprobs"], off["logprobs"], strict=False)):
+        if a["token_id"] != b["token_id"]:
+            alternatives = {t["token_id"]: t["logprob"] for t in b["top"]}
+            assert a["token_id"] in alternatives, (k, a, b)
+            assert b["logprob"] - alternatives[a["token_id"]] <= NEAR_TIE, (k, a, b)
+            return False
+    raise AssertionError(("texts differ but tokens do not", on["generated_text"], off["generated_text"]))
 
 
 def _steps(resp: dict[str, Any]) -> tuple[int, int]:
@@ -135,10 +157,11 @@ Outcome = tuple[str, int, dict[str, Any], dict[str, Any]]
 
 
 def test_dev_schemas_identical(base_url: str) -> None:
+    """One request at a time: a batch's make-up changes the rounding too, with or without fast-forward."""
     cases = _dev_sample()
 
     async def run() -> list[Outcome]:
-        sem = asyncio.Semaphore(8)
+        sem = asyncio.Semaphore(1)
         async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
 
             async def one(name: str, schema: dict[str, Any]) -> Outcome:
@@ -149,6 +172,7 @@ def test_dev_schemas_identical(base_url: str) -> None:
                     "max_tokens": 64,
                     "temperature": 0,
                     "seed": 1,
+                    "logprobs": 5,
                 }
                 async with sem:
                     on = await client.post("/generate_api", json=body)
@@ -159,16 +183,17 @@ def test_dev_schemas_identical(base_url: str) -> None:
             return await asyncio.gather(*(one(n, s) for n, s in cases))
 
     results = asyncio.run(run())
-    answered = 0
+    answered, identical = 0, 0
     for name, status, on, off in results:
         if status != 200:  # refused (4xx) either way: the same refusal
             assert on == off, name
             continue
         answered += 1
-        _same(on, off)
+        identical += _same_or_near_tie(on, off)
         assert _steps(off)[1] == 0
         _steps(on)
     assert answered >= len(cases) * 3 // 4
+    assert identical >= answered - 2, (identical, answered)
 
 
 OTHER_KINDS = [
