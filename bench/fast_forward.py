@@ -262,11 +262,12 @@ def dev_schemas(urls: dict[str, str], limit: int | None) -> list[dict[str, Any]]
     return rows
 
 
-def divergences(urls: dict[str, str], rows: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
-    """For each dev schema whose ``on`` and ``off`` outputs differ: both again with logprobs, and where
+def divergences(
+    urls: dict[str, str], rows: list[dict[str, Any]], body_for: Callable[[int], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """For each request whose ``on`` and ``off`` outputs differ: both again with logprobs, and where
     they part, how far apart the two tokens were in the ``off`` run's distribution (``gap``, nats). A
     gap near 0 is a near-tie that the rounding of a multi-token forward pass (bf16) can flip."""
-    cases = load_cases()[:limit]
     by_i: dict[int, dict[str, dict[str, Any]]] = {}
     for r in rows:
         if r["status"] == 200:
@@ -276,11 +277,11 @@ def divergences(urls: dict[str, str], rows: list[dict[str, Any]], limit: int | N
         for i, pair in sorted(by_i.items()):
             if "on" not in pair or "off" not in pair or _same(pair["on"], pair["off"]):
                 continue
-            body = schema_body(cases[i]) | {"logprobs": 5}
+            body = body_for(i) | {"logprobs": 5}
             on = client.post(f"{urls['on']}/generate_api", json=body).json()
             off = client.post(f"{urls['off']}/generate_api", json=body).json()
             row: dict[str, Any] = {
-                "name": pair["on"]["name"],
+                "name": pair["on"].get("name", f"{pair['on']['workload']} #{i}"),
                 "reproduced": on["generated_text"] != off["generated_text"],
             }
             for k, (a, b) in enumerate(
@@ -496,6 +497,14 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {s.get('speedup_p50_latency')} | {s.get('speedup_mean_latency')} "
             f"| {s['speedup_paired_median']} |"
         )
+    gaps = [d["gap_in_off"] for d in result.get("divergences", []) if d.get("gap_in_off") is not None]
+    lines += [
+        "",
+        f"Differing outputs looked at again with logprobs: {len(result.get('divergences', []))}; "
+        f"the fast-forward run's token was within {max(gaps, default=0)} nats of the other run's choice "
+        f"(largest gap), {sum(1 for d in result.get('divergences', []) if d.get('gap_in_off') is None)} "
+        "without a gap (not reproduced, or the token outside the top 5).",
+    ]
     if result["summary"].get("concurrent"):
         lines += [
             "",
@@ -551,9 +560,17 @@ def run_all(args: argparse.Namespace, logdir: Path, result: dict[str, Any], out_
             _log("dev schemas")
             result["single"]["dev_schema"] = dev_schemas(urls, args.schemas)
             write_json(out_json, result)
-            result["divergences"] = divergences(urls, result["single"]["dev_schema"], args.schemas)
-            _log(f"  {len(result['divergences'])} differing outputs, looked at with logprobs")
-            write_json(out_json, result)
+        cases = load_cases()[: args.schemas]
+        makers: dict[str, Callable[[int], dict[str, Any]]] = {
+            "tool_call": tool_body,
+            "extraction": extract_body,
+            "dev_schema": lambda i: schema_body(cases[i]),
+        }
+        result["divergences"] = [
+            d for w, rows in result["single"].items() for d in divergences(urls, rows, makers[w])
+        ]
+        _log(f"  {len(result['divergences'])} differing outputs, looked at with logprobs")
+        write_json(out_json, result)
         if "concurrent" not in skip:
             result["concurrent"] = concurrent(
                 urls, ["unconstrained", "extraction", "tool_call"], args.block, args.c, args.blocks
