@@ -239,9 +239,8 @@ def single_stream(urls: dict[str, str], workload: str, n: int) -> list[dict[str,
     return rows
 
 
-def dev_schemas(urls: dict[str, str], limit: int | None) -> list[dict[str, Any]]:
+def dev_schemas(urls: dict[str, str], cases: list[tuple[str, str, dict[str, Any]]]) -> list[dict[str, Any]]:
     """Every dev schema on ``on`` and ``off`` in turn (alternating which goes first), single stream."""
-    cases = load_cases()[:limit]
     rows = []
     with httpx.Client(timeout=600) as client:
         for i, case in enumerate(cases):
@@ -556,11 +555,11 @@ def run_all(args: argparse.Namespace, logdir: Path, result: dict[str, Any], out_
             _log(f"single stream: {workload}")
             result["single"][workload] = single_stream(urls, workload, args.rounds)
             write_json(out_json, result)
+        cases = load_cases(args.per_category)[: args.schemas]
         if "dev_schema" not in skip:
-            _log("dev schemas")
-            result["single"]["dev_schema"] = dev_schemas(urls, args.schemas)
+            _log(f"dev schemas ({len(cases)})")
+            result["single"]["dev_schema"] = dev_schemas(urls, cases)
             write_json(out_json, result)
-        cases = load_cases()[: args.schemas]
         makers: dict[str, Callable[[int], dict[str, Any]]] = {
             "tool_call": tool_body,
             "extraction": extract_body,
@@ -586,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=12, help="single-stream requests per arm and workload")
     parser.add_argument("--schemas", type=int, default=None, help="first N dev schemas (default all)")
+    parser.add_argument("--per-category", type=int, default=None, help="first N dev schemas of each category")
     parser.add_argument("--c", type=int, default=64, help="concurrency of the throughput blocks")
     parser.add_argument("--block", type=int, default=128, help="requests per throughput block")
     parser.add_argument("--blocks", type=int, default=4, help="blocks per workload (A-B-B-A order)")

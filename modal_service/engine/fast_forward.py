@@ -146,6 +146,9 @@ def engine_kwargs(enabled: bool) -> dict[str, Any]:
         },
         "scheduler_cls": SCHEDULER,
         "per_request_spec_decode_metrics": "summary",
+        # The drafts are set in update_draft_token_ids, which EngineCore calls only without async
+        # scheduling (vLLM turns it off for a custom_class proposer anyway; the CPU platform always).
+        "async_scheduling": False,
     }
 
 

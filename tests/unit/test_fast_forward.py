@@ -148,6 +148,7 @@ def test_engine_kwargs_and_status(monkeypatch: pytest.MonkeyPatch) -> None:
     assert kwargs["speculative_config"]["model"] == fast_forward.PROPOSER
     assert kwargs["scheduler_cls"] == fast_forward.SCHEDULER
     assert kwargs["per_request_spec_decode_metrics"] == "summary"
+    assert kwargs["async_scheduling"] is False
     monkeypatch.setattr(fast_forward, "VLLM_RELEASE", "0.0.1")
     assert fast_forward.engine_kwargs(True) == {}
     assert fast_forward.STATUS["fast_forward"].startswith("not applied: built for vLLM 0.0.1")
