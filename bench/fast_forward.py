@@ -266,7 +266,10 @@ def divergences(
 ) -> list[dict[str, Any]]:
     """For each request whose ``on`` and ``off`` outputs differ: both again with logprobs, and where
     they part, how far apart the two tokens were in the ``off`` run's distribution (``gap``, nats). A
-    gap near 0 is a near-tie that the rounding of a multi-token forward pass (bf16) can flip."""
+    gap near 0 is a near-tie that the rounding of a multi-token forward pass (bf16) can flip. Where both
+    runs hit ``max_tokens``, closing on budget may have cut them at different places: the first token
+    that differs is then one closing added (``on_added_by_closing``), and the engine's own divergence
+    lies in the dropped tail."""
     by_i: dict[int, dict[str, dict[str, Any]]] = {}
     for r in rows:
         if r["status"] == 200:
@@ -296,6 +299,7 @@ def divergences(
                     row |= {
                         "position": k,
                         "on_token": a["token"],
+                        "on_added_by_closing": a["logprob"] is None,
                         "off_token": b["token"],
                         "gap_in_off": rnd(gap, 4),
                     }
@@ -329,6 +333,7 @@ async def _block(url: str, workload: str, n: int, c: int, extra: dict[str, Any])
         "tokens": tokens,
         "tok_s": round(tokens / wall, 2),
         "decode_steps": sum(r["decode_steps"] or 0 for r in ok),
+        "forced_tokens": sum(r["forced_tokens"] or 0 for r in ok),
         "lat_p50_ms": rnd(pct([r["wall_ms"] for r in ok], 50)),
         "texts": [r.get("text") for r in rows],
     }
@@ -361,12 +366,13 @@ def summarize_single(rows: list[dict[str, Any]]) -> dict[str, Any]:
         tokens = sum(r["tokens"] for r in ok)
         steps = sum(r["decode_steps"] or 0 for r in ok)
         forced = sum(r["forced_tokens"] or 0 for r in ok)
+        engine_tokens = steps + forced  # before closing on budget dropped or added any
         out["arms"][arm] = {
             "n": len(ok),
             "errors": sum(1 for r in rows if r["arm"] == arm and r["status"] != 200),
             "tokens": tokens,
-            "steps_per_token": rnd(steps / tokens, 3) if tokens else None,
-            "forced_share": rnd(forced / tokens, 3) if tokens else None,
+            "steps_per_token": rnd(steps / engine_tokens, 3) if engine_tokens else None,
+            "forced_share": rnd(forced / engine_tokens, 3) if engine_tokens else None,
             "lat_p50_ms": rnd(pct([r["wall_ms"] for r in ok], 50)),
             "lat_mean_ms": rnd(statistics.mean(r["wall_ms"] for r in ok)) if ok else None,
             "ms_per_token_p50": rnd(pct([r["wall_ms"] / r["tokens"] for r in ok if r["tokens"]], 50), 3),
@@ -387,6 +393,18 @@ def summarize_single(rows: list[dict[str, Any]]) -> dict[str, Any]:
     # per-request speed-up (paired: the same request on both arms, back to back)
     ratios = [p["off"]["wall_ms"] / p["on"]["wall_ms"] for p in pairs if p["on"]["wall_ms"] > 0]
     out["speedup_paired_median"] = rnd(statistics.median(ratios), 3) if ratios else None
+    # the headline: only pairs with the same output, so both arms did the same work
+    if same:
+        out["speedup_identical"] = rnd(
+            sum(p["off"]["wall_ms"] for p in same) / sum(p["on"]["wall_ms"] for p in same), 3
+        )
+        out["speedup_identical_median"] = rnd(
+            statistics.median(p["off"]["wall_ms"] / p["on"]["wall_ms"] for p in same), 3
+        )
+        forced = sum(p["on"]["forced_tokens"] or 0 for p in same)
+        out["forced_share_identical"] = rnd(
+            forced / (forced + sum(p["on"]["decode_steps"] or 0 for p in same)), 3
+        )
     a_on, a_off = out["arms"].get("on"), out["arms"].get("off")
     if a_on and a_off and a_on["lat_mean_ms"]:
         out["speedup_mean_latency"] = rnd(a_off["lat_mean_ms"] / a_on["lat_mean_ms"], 3)
@@ -396,6 +414,16 @@ def summarize_single(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return bool(a["text"] == b["text"] and a["tokens"] == b["tokens"] and a["tool_calls"] == b["tool_calls"])
+
+
+def _engine_tokens(blocks: list[dict[str, Any]], arm: str) -> int:
+    """Tokens the engine generated (``decode_steps + forced_tokens``; results without the forced count,
+    from before it was recorded per block: the answers' tokens)."""
+    return sum(
+        b["tokens"] if b.get("forced_tokens") is None else b["decode_steps"] + b["forced_tokens"]
+        for b in blocks
+        if b["arm"] == arm
+    )
 
 
 def summarize_concurrent(blocks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -412,7 +440,8 @@ def summarize_concurrent(blocks: list[dict[str, Any]]) -> dict[str, Any]:
             "tok_s_off": tok["off"],
             "ratio_tok_s": rnd((tokens["on"] / walls["on"]) / (tokens["off"] / walls["off"]), 3),
             "steps_per_token_on": rnd(
-                sum(b["decode_steps"] for b in mine if b["arm"] == "on") / tokens["on"], 3
+                sum(b["decode_steps"] for b in mine if b["arm"] == "on") / (_engine_tokens(mine, "on") or 1),
+                3,
             ),
             "same_texts": sorted(map(str, on_texts)) == sorted(map(str, off_texts)),
         }
@@ -487,13 +516,16 @@ def markdown(result: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        "| workload | identical on/off | on/req_off | speed-up p50 | mean | paired median |",
-        "|---|---|---|---|---|---|",
+        "| workload | identical on/off | on/req_off | forced share (identical) "
+        "| speed-up, identical pairs (sum / median) | speed-up p50 / mean, all | paired median, all |",
+        "|---|---|---|---|---|---|---|",
     ]
     for workload, s in result["summary"]["single"].items():
         lines.append(
             f"| {workload} | {s['identical_on_off']} | {s.get('identical_on_req_off', '-')} "
-            f"| {s.get('speedup_p50_latency')} | {s.get('speedup_mean_latency')} "
+            f"| {s.get('forced_share_identical')} "
+            f"| {s.get('speedup_identical')} / {s.get('speedup_identical_median')} "
+            f"| {s.get('speedup_p50_latency')} / {s.get('speedup_mean_latency')} "
             f"| {s['speedup_paired_median']} |"
         )
     gaps = [d["gap_in_off"] for d in result.get("divergences", []) if d.get("gap_in_off") is not None]
