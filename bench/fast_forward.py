@@ -450,49 +450,69 @@ def summarize_concurrent(blocks: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------- plotting
 def plot(result: dict[str, Any], path: Path) -> Path:
-    """Per request: ms per output token against the forced-token share (from the ``on`` answer),
-    on and off; and the speed-up against the share, next to the ideal ``1 / (1 - share)``."""
+    """Per request with the same output on both arms: latency against the forced-token share
+    (``forced_tokens / (decode_steps + forced_tokens)`` of the ``on`` answer), on and off, with the
+    means of 10 %-wide share bins; and the speed-up against the share, next to ``1 / (1 - share)``
+    (what fast-forward would give if a step cost the same whatever it verifies)."""
     from bench.plots import pyplot
 
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     markers = {"tool_call": "^", "extraction": "s", "dev_schema": "o"}
-    result.setdefault("machine", {"cores": "?", "cpu": "?"})
+    bins: dict[str, dict[int, list[float]]] = {"on": {}, "off": {}}
+    top = 0.0
     for workload, rows in result["single"].items():
         by_i: dict[int, dict[str, dict[str, Any]]] = {}
         for r in rows:
-            if r["status"] == 200 and r["tokens"]:
+            if r["status"] == 200 and r.get("decode_steps"):
                 by_i.setdefault(r["i"], {})[r["arm"]] = r
-        pts = [
-            (p["on"]["forced_tokens"] / p["on"]["tokens"], p["on"], p["off"])
-            for p in by_i.values()
-            if "on" in p and "off" in p and p["on"]["forced_tokens"] is not None
-        ]
+        pts = []
+        for p in by_i.values():
+            if "on" in p and "off" in p and _same(p["on"], p["off"]):
+                on, off = p["on"], p["off"]
+                n = on["decode_steps"] + on["forced_tokens"]
+                pts.append(
+                    (
+                        on["forced_tokens"] / n,
+                        on["wall_ms"] / n,
+                        off["wall_ms"] / n,
+                        off["wall_ms"] / on["wall_ms"],
+                    )
+                )
         if not pts:
             continue
-        xs = [x for x, _, _ in pts]
         m = markers.get(workload, "o")
-        ax1.scatter(xs, [off["wall_ms"] / off["tokens"] for _, _, off in pts], marker=m, s=12, alpha=0.5,
-                    color="tab:blue", label=f"off, {workload}")  # fmt: skip
-        ax1.scatter(xs, [on["wall_ms"] / on["tokens"] for _, on, _ in pts], marker=m, s=12, alpha=0.5,
-                    color="tab:orange", label=f"on, {workload}")  # fmt: skip
-        ax2.scatter(xs, [off["wall_ms"] / on["wall_ms"] for _, on, off in pts], marker=m, s=12, alpha=0.5,
-                    color="tab:green", label=workload)  # fmt: skip
-    grid = [i / 100 for i in range(0, 91)]
+        xs = [x for x, *_ in pts]
+        for arm, k, color in (("off", 2, "tab:blue"), ("on", 1, "tab:orange")):
+            ys = [pt[k] for pt in pts]
+            ax1.scatter(xs, ys, marker=m, s=12, alpha=0.45, color=color, label=f"{arm}, {workload}")
+            for x, y in zip(xs, ys, strict=True):
+                bins[arm].setdefault(min(int(x * 10), 9), []).append(y)
+            top = max(top, pct(ys, 95) or 0)
+        ax2.scatter(xs, [pt[3] for pt in pts], marker=m, s=12, alpha=0.5, color="tab:green", label=workload)
+    for arm, color in (("off", "tab:blue"), ("on", "tab:orange")):
+        keys = sorted(bins[arm])
+        means = [statistics.mean(bins[arm][k]) for k in keys]
+        ax1.plot([k / 10 + 0.05 for k in keys], means, "-", color=color, lw=2, label=f"{arm}, bin means")
+    grid = [i / 100 for i in range(0, 86)]
     ax2.plot(grid, [1 / (1 - x) for x in grid], "--", color="gray", label="1 / (1 - share)")
     ax2.axhline(1.0, color="black", lw=0.8)
-    ax1.set_xlabel("forced-token share (forced_tokens / tokens, fast-forward on)")
-    ax1.set_ylabel("latency per output token (ms)")
-    ax1.set_title("Single-stream latency per token")
+    ax1.set_xlabel("forced-token share (fast-forward on)")
+    ax1.set_ylabel("latency per generated token (ms)")
+    ax1.set_ylim(0, top * 1.3 if top else None)
+    ax1.set_title("Single-stream latency per token, same output on and off")
     ax2.set_xlabel("forced-token share")
     ax2.set_ylabel("latency off / latency on (same request)")
     ax2.set_title("Speed-up of fast-forward")
     ax2.set_ylim(0, 6)
     for ax in (ax1, ax2):
+        ax.set_xlim(-0.02, 1.0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    machine = result.get("machine", {})
     fig.suptitle(
-        f"SmolLM2-135M, {result['machine']['cores']} CPU cores ({result['machine']['cpu']}), temperature 0",
+        f"SmolLM2-135M, {machine.get('cores', '?')} CPU cores ({machine.get('cpu', '?')}), temperature 0, "
+        f"shared box (load average {result.get('load_start', ['?'])[0]} at the start)",
         fontsize=10,
     )
     fig.tight_layout()
