@@ -184,6 +184,10 @@ class GenerateRequest(_Strict):
     """Return each output token's log-probability and this many top alternatives (0: none)."""
     timeout_s: float | None = Field(default=None, ge=0.01, le=86_400)
     """Server-side deadline (0.01 s to a day); the request is aborted in the engine when it passes."""
+    fast_forward: bool | None = None
+    """``False``: every token costs a decoding step, even where the grammar forces it. ``None``/``True``:
+    the server's setting (``--fast-forward``). The output is the same either way; metadata's
+    ``decode_steps`` and ``forced_tokens`` say what it cost."""
 
     @field_validator("stop", mode="before")
     @classmethod

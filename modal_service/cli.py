@@ -38,6 +38,7 @@ def _serve_config(args: argparse.Namespace) -> tuple[EngineConfig, Limits]:
         kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)) if args.kv_cache_gib else None,
         enforce_eager=not args.compile,
         dtype=args.dtype,
+        fast_forward=args.fast_forward == "on",
     )
     limits = Limits(**{name: getattr(args, name) for name, *_ in Limits.cli_options()})
     return config, limits
@@ -209,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="model dtype (default auto: vLLM's choice, but float32 on a CPU without bf16 instructions)",
     )
     serve.add_argument("--compile", action="store_true", help="torch.compile the model (slow start)")
+    serve.add_argument(
+        "--fast-forward",
+        choices=("on", "off"),
+        default="on",
+        help="tokens the grammar forces enter without a decoding step each (default on; a request "
+        "may still turn it off with fast_forward: false)",
+    )
     for name, flag, kind, default, help_text in Limits.cli_options():
         serve.add_argument(flag, dest=name, type=kind, default=default, help=help_text)
     serve.add_argument(

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from langchain_ananke.protocol import ChatMessage, TokenLogprob, ToolSpec, TopLogprob
 from modal_service.constraints.compiler import CompiledConstraint, ConstraintCompiler
 from modal_service.constraints.tools import CALL_CLOSE, CALL_OPEN, Markers
+from modal_service.engine import fast_forward as fast_forward_mod
 from modal_service.engine import vllm_patches
 from modal_service.engine.prompts import render_chat
 from modal_service.limits import Limits
@@ -54,6 +55,9 @@ class EngineConfig:
     (see :func:`resolve_dtype`)."""
     load_format: str = "auto"
     seed: int = 0
+    fast_forward: bool = False
+    """Tokens the grammar forces enter without a decoding step each (:mod:`.fast_forward`); ``ananke
+    serve`` turns it on (``--fast-forward``)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """More ``AsyncEngineArgs`` keywords."""
 
@@ -71,6 +75,17 @@ class Delta:
     finish_reason: str | None
     logprobs: list[TokenLogprob] | None = None
     """One entry per token in ``token_ids``, when the request asked for them."""
+    steps: StepCount | None = None
+    """On the last delta of a finished request: how its tokens were decoded."""
+
+
+@dataclass(frozen=True)
+class StepCount:
+    """How one engine request's tokens were decoded: ``decode_steps + forced_tokens`` is the number
+    of tokens it generated; ``forced_tokens`` entered by fast-forward, without a step of their own."""
+
+    decode_steps: int
+    forced_tokens: int
 
 
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -123,6 +138,8 @@ class Engine:
         self.eos_token_ids: frozenset[int] = frozenset()
         self.dtype: str | None = None
         """The dtype the engine runs in (``model_config.dtype``), once started."""
+        self.fast_forward = "off"
+        """``on``, ``off (...)`` or ``not applied: <why>`` (see :mod:`.fast_forward`), once built."""
 
     @property
     def model_name(self) -> str:
@@ -174,8 +191,9 @@ class Engine:
             seed=cfg.seed,
             structured_outputs_config=StructuredOutputsConfig(backend="guidance"),
             disable_log_stats=True,  # no periodic stats log lines; the Prometheus logger below still runs
-            **cfg.extra,
+            **(fast_forward_mod.engine_kwargs(cfg.fast_forward) | cfg.extra),
         )
+        self.fast_forward = fast_forward_mod.STATUS["fast_forward"]
         # Before AsyncLLM starts EngineCore: a forked one inherits the patches, a spawned one gets
         # them from the general plugin, which acts where this variable is set.
         os.environ[vllm_patches.ENGINE_ENV] = "1"
@@ -265,11 +283,13 @@ class Engine:
         constraint: CompiledConstraint | None,
         final_only: bool = False,
         logprobs: int | None = None,
+        fast_forward: bool = True,
     ) -> AsyncGenerator[Delta, None]:
         """Generate for one prompt; the engine batches concurrent calls together.
 
         ``final_only`` asks vLLM for one output at the end instead of per-token deltas (cheaper for
         non-streaming requests: no per-step detokenized output crosses the process boundary).
+        ``fast_forward=False`` turns fast-forward off for this request (where the engine has it on).
         """
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -290,18 +310,28 @@ class Engine:
             ),
             output_kind=RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA,
             logprobs=logprobs,
+            extra_args=None if fast_forward else {fast_forward_mod.EXTRA_ARG: False},
         )
         finished = False
+        generated = 0
         try:
             prompt = {"prompt_token_ids": prompt_token_ids}
             async for out in self._llm.generate(prompt, params, request_id):
                 choice = out.outputs[0]
                 finished = out.finished
+                generated += len(choice.token_ids)
+                steps = None
+                if finished:
+                    # vLLM's per-request spec-decode metrics (None without fast-forward): the count
+                    # comes from the scheduler, so outputs coalesced for a slow reader do not skew it
+                    metrics = getattr(choice, "spec_decode_metrics", None)
+                    steps = StepCount(*fast_forward_mod.step_counts(generated, metrics))
                 yield Delta(
                     text=choice.text,
                     token_ids=list(choice.token_ids),
                     finish_reason=choice.finish_reason if out.finished else None,
                     logprobs=None if logprobs is None else self._logprobs(choice, logprobs),
+                    steps=steps,
                 )
         finally:
             if not finished:

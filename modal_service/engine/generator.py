@@ -32,7 +32,7 @@ from langchain_ananke.protocol import (
 from modal_service.constraints.compiled import CompiledConstraint, ConstraintError, ToolTurn
 from modal_service.constraints.loops import find_loop
 from modal_service.constraints.verify import Verdict
-from modal_service.engine.engine import Delta, Engine
+from modal_service.engine.engine import Delta, Engine, StepCount
 from modal_service.errors import ApiError
 from modal_service.limits import Deadline, Limits
 
@@ -154,12 +154,12 @@ class Generator:
         finish: str | None = None
         first_token_ms: float | None = None
         window = self._close_window(req, plan)
-        guard_span, checked = self._guard_span(req, plan), 0
+        guard_span, checked, sent_tokens, sent_chars = self._guard_span(req, plan), 0, 0, 0
         guard: dict[str, Any] | None = None  # metadata.loop_guard, once the detector has spoken
         closing: dict[str, int | bool] | None = None
-        sent_tokens, sent_chars = 0, 0
         # The guard watches the output as it grows: per-step deltas, also when not streaming.
         stream = self._stream(req, plan, final_only=final_only and not guard_span)
+        steps: StepCount | None = None
         try:
             async with asyncio.timeout(deadline.left()):
                 async for delta in stream:
@@ -169,6 +169,7 @@ class Generator:
                     token_ids.extend(delta.token_ids)
                     logprobs.extend(delta.logprobs or ())
                     finish = delta.finish_reason or finish
+                    steps = delta.steps or steps
                     if guard_span and guard is None and len(token_ids) - checked >= GUARD_EVERY:
                         checked = len(token_ids)
                         guard, closed = await self._guard(req, plan, token_ids, guard_span, sent_tokens)
@@ -190,12 +191,14 @@ class Generator:
         finally:
             await stream.aclose()  # aborts the engine request if it is still running
         text = "".join(text_parts)
-        if window and finish == "length":
-            # Not streamed yet, so free to roll back: when streaming, the held-back tail; otherwise
-            # everything (a structure that needs it all is rebuilt from its start).
-            closed = await self._close(req, plan, token_ids, window=len(token_ids) - sent_tokens)
-            if closed is not None:
-                text, token_ids, closing = closed
+        # Not streamed yet, so free to roll back: when streaming, the held-back tail; otherwise
+        # everything (a structure that needs it all is rebuilt from its start).
+        if (
+            window
+            and finish == "length"
+            and (closed := await self._close(req, plan, token_ids, window=len(token_ids) - sent_tokens))
+        ):
+            text, token_ids, closing = closed
         if closing is not None:  # the structure was finished by the closing search
             logprobs = self._closed_logprobs(logprobs, token_ids, int(closing["added_tokens"]))
         if len(token_ids) > sent_tokens and not final_only:
@@ -215,7 +218,7 @@ class Generator:
             first_token_ms=first_token_ms,
         )
         response.logprobs = logprobs if req.logprobs is not None else None
-        self._note_closing(response.metadata, finish, closing, guard)
+        self._note_run(response.metadata, finish, closing, guard, steps)
         yield StreamEvent(event="done", response=response)
 
     def _stream(self, req: GenerateRequest, plan: Plan, *, final_only: bool) -> AsyncGenerator[Delta, None]:
@@ -231,6 +234,7 @@ class Generator:
             constraint=plan.constraint,
             final_only=final_only,
             logprobs=req.logprobs,
+            fast_forward=req.fast_forward is not False,
         )
 
     def _closed_logprobs(
@@ -243,14 +247,19 @@ class Generator:
         return kept + [TokenLogprob(token=self.engine.decode([t]), token_id=t, logprob=None) for t in tail]
 
     @staticmethod
-    def _note_closing(
+    def _note_run(
         metadata: dict[str, Any],
         finish: str | None,
         closing: dict[str, int | bool] | None,
         guard: dict[str, Any] | None,
+        steps: StepCount | None,
     ) -> None:
-        """``closed_on_budget`` (``max_tokens`` cut the output, the closing search finished it) or
+        """How the output came about: ``decode_steps``/``forced_tokens`` (absent when the request was
+        cut short, by its deadline or the loop guard, before the engine finished it), and
+        ``closed_on_budget`` (``max_tokens`` cut the output, the closing search finished it) or
         ``loop_guard`` (the guard stopped the engine at a repetition; closing finished the structure)."""
+        if steps is not None:
+            metadata |= {"decode_steps": steps.decode_steps, "forced_tokens": steps.forced_tokens}
         if guard is not None:
             metadata["loop_guard"] = guard
         if closing is None:

@@ -92,7 +92,8 @@ def create_app(
     async def health() -> JSONResponse:
         """``loading`` until the engine is ready, then ``ok``; ``error`` if it failed, died or the
         server is draining. Also reports load: ``inflight`` (admitted requests) and
-        ``engine_unfinished`` (requests the engine is still working on), and the ``dtype`` it runs in."""
+        ``engine_unfinished`` (requests the engine is still working on), the ``dtype`` it runs in, and
+        ``fast_forward`` (``on``, ``off (...)`` or ``not applied: <why>``)."""
         state = {"idle": "loading", "loading": "loading"}.get(engine.state, engine.state)
         detail = engine.error
         if state == "ok" and engine.is_dead:
@@ -106,6 +107,7 @@ def create_app(
             "draining": admission.draining,
             "dtype": getattr(engine, "dtype", None),
             "vllm": vllm_release,
+            "fast_forward": engine.fast_forward,
         }
         return JSONResponse(
             body.model_dump() | load,

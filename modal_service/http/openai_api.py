@@ -36,8 +36,9 @@ from modal_service.http.lifecycle import Lifecycle, frame, sse
 
 log = logging.getLogger(__name__)
 
-#: Fields taken as they are; ``timeout_s`` (the server-side deadline) is ours (``extra_body`` in the SDK).
-_PASSTHROUGH = ("temperature", "top_p", "seed", "stop", "timeout_s")
+#: Fields taken as they are; ``timeout_s`` (the server-side deadline) and ``fast_forward`` are ours
+#: (``extra_body`` in the SDK).
+_PASSTHROUGH = ("temperature", "top_p", "seed", "stop", "timeout_s", "fast_forward")
 
 
 def _text(content: Any, where: str) -> str:
@@ -306,6 +307,8 @@ class _OpenAIBody(BaseModel):
     """``{"type": "json_schema", "json_schema": {"schema": ...}}``, ``{"type": "json_object"}``."""
     timeout_s: float | None = None
     """The server-side deadline (ours; ``extra_body`` in the SDK)."""
+    fast_forward: bool | None = None
+    """``false``: no fast-forward for this request (ours; ``extra_body`` in the SDK)."""
 
 
 class ChatCompletionBody(_OpenAIBody):

@@ -1,0 +1,198 @@
+"""Fast-forward: tokens the grammar forces enter the sequence without a decoding step of their own.
+
+Where a constraint leaves only one way on (``<tool_call>{"name":"``, a tool's name, every key of an
+object whose keys are fixed, the closing brackets), llguidance's ``LLMatcher.compute_ff_tokens()``
+knows the next tokens before the model runs. They go to vLLM as speculative-decoding drafts, and the
+model verifies a whole run of them in one forward pass.
+
+How it is wired, through vLLM's two public extension points (no vLLM code is patched):
+
+- ``speculative_config={"method": "custom_class", "model": PROPOSER}``: vLLM's spec-decode path, with
+  :class:`NoDraftProposer`, which proposes nothing. It runs in the model runner, which has no grammar.
+- ``scheduler_cls=SCHEDULER``: :class:`FastForwardScheduler`, vLLM's scheduler with one method
+  extended. ``update_draft_token_ids`` runs after every step, once ``update_from_output`` has advanced
+  each request's grammar by the tokens the step produced; there the scheduler owns the grammars, and
+  sets each constrained request's drafts to the tokens its grammar forces next.
+- The rejection sampler verifies the drafts against the target distribution under the grammar's mask
+  (vLLM computes a mask for every draft position). A forced token is the only token the mask allows,
+  so it is accepted; where the grammar forces bytes that more than one tokenization spells, the model
+  may prefer another, and then the draft is rejected and the model's own token is used. Either way the
+  output is what decoding without drafts gives: at temperature 0 greedy verification accepts a draft
+  only where it is the argmax; at a temperature, speculative sampling with a one-token draft keeps the
+  distribution.
+- The count comes back through vLLM's per-request spec-decode metrics
+  (``per_request_spec_decode_metrics="summary"``): the number of draft tokens accepted. Each step
+  produces one token plus the drafts it accepted, so ``decode_steps = tokens - accepted`` and
+  ``forced_tokens = accepted`` (:func:`step_counts`).
+
+A request opts out with ``SamplingParams.extra_args[EXTRA_ARG] = False``; the server switches it all
+off by not configuring it (``--fast-forward off``): then vLLM runs exactly as without this module.
+
+The scheduler relies on vLLM internals (``Request.structured_output_request.grammar.ll_matcher``,
+``Scheduler.update_draft_token_ids``); :func:`check` says whether they are there as expected, and
+:func:`engine_kwargs` turns fast-forward off, with the reason reported in ``/health``, where they are not.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from modal_service.engine.release import VLLM_RELEASE
+
+log = logging.getLogger(__name__)
+
+PROPOSER = "modal_service.engine.fast_forward.NoDraftProposer"
+SCHEDULER = "modal_service.engine.fast_forward.FastForwardScheduler"
+EXTRA_ARG = "ananke_fast_forward"
+"""``SamplingParams.extra_args`` key: ``False`` turns fast-forward off for one request."""
+
+MAX_FORCED = 16
+"""Drafts per step (vLLM's ``num_speculative_tokens``): the longest forced run one step takes in. A
+tool call's forced prefix (``<tool_call>{"name":"get_weather","arguments":{"``) is about this long;
+a longer run takes two steps."""
+
+STATUS: dict[str, str] = {}
+"""``fast_forward`` -> ``on``, ``off (--fast-forward off)`` or ``not applied: <why>`` (for ``/health``)."""
+
+
+class NoDraftProposer:
+    """vLLM custom proposer that proposes nothing: the scheduler sets the drafts (it has the grammars)."""
+
+    def __init__(self, vllm_config: Any) -> None:
+        self.vllm_config = vllm_config
+
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        """No draft model."""
+
+    def propose(self, sampled_token_ids: list[list[int]], *args: Any, **kwargs: Any) -> list[list[int]]:
+        return [[] for _ in sampled_token_ids]
+
+
+def forced_drafts(request: Any, limit: int) -> list[int]:
+    """The tokens ``request``'s grammar forces next, at most ``limit``; ``[]`` where there are none, the
+    request opted out, or its grammar is not llguidance's.
+
+    Never more than the request's budget leaves after the next token, so every accepted draft is kept
+    (the scheduler drops tokens past ``max_tokens``, which would make the step count wrong).
+    """
+    if limit <= 0 or not getattr(request, "use_structured_output", False):
+        return []
+    params = getattr(request, "sampling_params", None)
+    extra = getattr(params, "extra_args", None) or {}
+    if extra.get(EXTRA_ARG) is False:
+        return []
+    structured = getattr(request, "structured_output_request", None)
+    grammar = getattr(structured, "grammar", None) if structured is not None else None
+    matcher = getattr(grammar, "ll_matcher", None)
+    if matcher is None or getattr(grammar, "terminated", False) or matcher.is_stopped():
+        return []
+    max_tokens = getattr(params, "max_tokens", None)
+    if max_tokens is not None:
+        limit = min(limit, max_tokens - request.num_output_tokens - 1)
+    if limit <= 0:
+        return []
+    tokens = matcher.compute_ff_tokens()
+    return list(tokens[:limit])
+
+
+def _scheduler_base() -> type:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    return Scheduler
+
+
+def check() -> str | None:
+    """Why fast-forward cannot run on the installed vLLM, or None when it can."""
+    try:
+        import vllm
+        from vllm.v1.core.sched.scheduler import Scheduler
+        from vllm.v1.structured_output.backend_guidance import GuidanceGrammar
+    except ImportError as exc:
+        return f"vLLM internals not importable ({exc})"
+    running = str(getattr(vllm, "__version__", ""))
+    if running != VLLM_RELEASE:
+        return f"built for vLLM {VLLM_RELEASE}, running {running or 'unknown'}"
+    if not callable(getattr(Scheduler, "update_draft_token_ids", None)):
+        return "vLLM's Scheduler has no update_draft_token_ids"
+    if "ll_matcher" not in getattr(GuidanceGrammar, "__annotations__", {}):
+        return "vLLM's GuidanceGrammar has no ll_matcher"
+    try:
+        import llguidance
+    except ImportError as exc:
+        return f"llguidance not importable ({exc})"
+    if not callable(getattr(llguidance.LLMatcher, "compute_ff_tokens", None)):
+        return "llguidance's LLMatcher has no compute_ff_tokens"
+    return None
+
+
+def engine_kwargs(enabled: bool) -> dict[str, Any]:
+    """``AsyncEngineArgs`` keywords that turn fast-forward on (``{}`` when off or not applicable);
+    records what happened in :data:`STATUS`."""
+    if not enabled:
+        STATUS["fast_forward"] = "off (--fast-forward off)"
+        return {}
+    why = check()
+    if why is not None:
+        STATUS["fast_forward"] = f"not applied: {why}"
+        log.warning("fast-forward not applied: %s", why)
+        return {}
+    STATUS["fast_forward"] = "on"
+    return {
+        "speculative_config": {
+            "method": "custom_class",
+            "model": PROPOSER,
+            "num_speculative_tokens": MAX_FORCED,
+        },
+        "scheduler_cls": SCHEDULER,
+        "per_request_spec_decode_metrics": "summary",
+        # The drafts are set in update_draft_token_ids, which EngineCore calls only without async
+        # scheduling (vLLM turns it off for a custom_class proposer anyway; the CPU platform always).
+        "async_scheduling": False,
+    }
+
+
+def step_counts(tokens: int, metrics: Any) -> tuple[int, int]:
+    """``(decode_steps, forced_tokens)`` of one engine request that produced ``tokens`` tokens, from
+    vLLM's per-request spec-decode metrics (None without fast-forward: one step per token)."""
+    accepted = 0
+    if metrics is not None:
+        histogram = getattr(metrics, "histogram", None) or []
+        accepted = sum(j * n for j, n in enumerate(histogram))
+    accepted = max(0, min(accepted, tokens - 1)) if tokens else 0
+    return tokens - accepted, accepted
+
+
+def __getattr__(name: str) -> Any:
+    # The scheduler class is built on first access: importing this module (the API process, the
+    # proposer in the model runner) must not import vLLM's scheduler.
+    if name == "FastForwardScheduler":
+        cls = _build_scheduler()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
+
+
+def _build_scheduler() -> type:
+    base = _scheduler_base()
+
+    class FastForwardScheduler(base):  # type: ignore[valid-type,misc]
+        """vLLM's scheduler; after each step, a constrained request's drafts are its forced tokens."""
+
+        def update_draft_token_ids(self, draft_token_ids: Any) -> None:
+            super().update_draft_token_ids(draft_token_ids)
+            for req_id in draft_token_ids.req_ids:
+                request = self.requests.get(req_id)
+                if request is None or request.is_finished() or request.is_prefill_chunk:
+                    continue
+                try:
+                    forced = forced_drafts(request, self.num_spec_tokens)
+                except Exception:  # a draft is an optimisation: never fail the step for it
+                    log.exception("fast-forward: computing forced tokens failed for %s", req_id)
+                    forced = []
+                if forced:
+                    request.spec_token_ids = forced
+
+    FastForwardScheduler.__module__ = __name__
+    FastForwardScheduler.__qualname__ = "FastForwardScheduler"
+    return FastForwardScheduler

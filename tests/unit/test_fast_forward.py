@@ -1,0 +1,213 @@
+"""Fast-forward's pieces, offline: the forced drafts, the scheduler hook, the step count, the switches.
+
+The grammars are llguidance's over a byte-level tokenizer (every byte one token), wrapped in vLLM's own
+``GuidanceGrammar`` as the engine wraps them; the scheduler hook runs on the real
+``FastForwardScheduler`` class (vLLM's ``Scheduler`` subclass) with stand-in requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from types import SimpleNamespace
+from typing import Any
+
+import llguidance
+import pytest
+
+from langchain_ananke.protocol import GenerateRequest
+from modal_service.engine import fast_forward
+from modal_service.engine.engine import Delta, StepCount
+from modal_service.engine.generator import Generator, Plan
+from modal_service.http.openai_api import chat_to_request
+from modal_service.limits import Deadline, Limits
+from tests.unit.byte_tokenizer import BYTE_TOKENIZER
+
+backend_guidance = pytest.importorskip("vllm.v1.structured_output.backend_guidance")
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"id": {"type": "integer"}, "ok": {"type": "boolean"}},
+    "required": ["id", "ok"],
+    "additionalProperties": False,
+}
+
+
+def _grammar(prefix: str) -> Any:
+    spec = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, defaults={"whitespace_flexible": False})
+    matcher = llguidance.LLMatcher(BYTE_TOKENIZER, spec, log_level=0)
+    assert matcher.consume_tokens(list(prefix.encode()))
+    return backend_guidance.GuidanceGrammar(ll_matcher=matcher, ll_tokenizer=BYTE_TOKENIZER, vocab_size=257)
+
+
+def _request(
+    prefix: str | None,
+    *,
+    max_tokens: int = 100,
+    outputs: int = 0,
+    extra_args: dict[str, Any] | None = None,
+    prefill: bool = False,
+) -> Any:
+    """A stand-in for vLLM's ``Request``: the attributes the scheduler hook and vLLM's own method read."""
+    grammar = _grammar(prefix) if prefix is not None else None
+    return SimpleNamespace(
+        use_structured_output=grammar is not None,
+        structured_output_request=SimpleNamespace(grammar=grammar) if grammar is not None else None,
+        sampling_params=SimpleNamespace(max_tokens=max_tokens, extra_args=extra_args),
+        num_output_tokens=outputs,
+        is_prefill_chunk=prefill,
+        is_finished=lambda: False,
+        spec_token_ids=[],
+    )
+
+
+def _text(tokens: list[int]) -> str:
+    return bytes(tokens).decode()
+
+
+def test_forced_drafts_are_the_bytes_the_grammar_forces() -> None:
+    # after the id's value and its comma only "ok" may follow, up to where the value starts
+    assert _text(fast_forward.forced_drafts(_request('{"id":12,'), 16)) == '"ok":'
+    # at the start the grammar forces '{"id":' (fixed key order, no whitespace)
+    assert _text(fast_forward.forced_drafts(_request(""), 16)) == '{"id":'
+    # inside a free value nothing is forced
+    assert fast_forward.forced_drafts(_request('{"id":1'), 16) == []
+
+
+def test_forced_drafts_respect_the_step_limit_and_the_budget() -> None:
+    assert _text(fast_forward.forced_drafts(_request(""), 3)) == '{"i'
+    # 10 of 12 tokens out: one more is sampled anyway, so at most one draft fits the budget
+    assert _text(fast_forward.forced_drafts(_request("", max_tokens=12, outputs=10), 16)) == "{"
+    assert fast_forward.forced_drafts(_request("", max_tokens=12, outputs=11), 16) == []
+    assert fast_forward.forced_drafts(_request(""), 0) == []
+
+
+def test_no_drafts_for_an_opted_out_unconstrained_or_finished_request() -> None:
+    off = _request("", extra_args={fast_forward.EXTRA_ARG: False})
+    assert fast_forward.forced_drafts(off, 16) == []
+    assert fast_forward.forced_drafts(_request("", extra_args={fast_forward.EXTRA_ARG: True}), 16)
+    assert fast_forward.forced_drafts(_request(None), 16) == []
+    done = _request('{"id":1,"ok":true}')
+    done.structured_output_request.grammar.terminated = True
+    assert fast_forward.forced_drafts(done, 16) == []
+
+
+class _Manager:
+    """vLLM's StructuredOutputManager.validate_tokens, for requests whose grammar is the one given."""
+
+    def validate_tokens(self, request: Any, tokens: list[int]) -> list[int]:
+        grammar = request.structured_output_request.grammar if request.use_structured_output else None
+        return tokens if grammar is None else list(grammar.validate_tokens(tokens))
+
+
+def _scheduler(requests: dict[str, Any]) -> Any:
+    cls = fast_forward.FastForwardScheduler
+    scheduler = cls.__new__(cls)  # the hook reads these three attributes only
+    scheduler.requests = requests
+    scheduler.num_spec_tokens = 4
+    scheduler.structured_output_manager = _Manager()
+    return scheduler
+
+
+def test_scheduler_sets_the_forced_tokens_as_drafts() -> None:
+    from vllm.v1.outputs import DraftTokenIds
+
+    requests = {
+        "json": _request('{"id":12,'),
+        "free": _request(None),
+        "off": _request('{"id":12,', extra_args={fast_forward.EXTRA_ARG: False}),
+        "prefill": _request("", prefill=True),
+    }
+    scheduler = _scheduler(requests)
+    assert issubclass(type(scheduler), fast_forward._scheduler_base())
+    scheduler.update_draft_token_ids(DraftTokenIds(list(requests), [[], [7, 8], [], []]))
+    assert _text(requests["json"].spec_token_ids) == '"ok"'  # capped at num_spec_tokens
+    assert requests["free"].spec_token_ids == [7, 8]  # another proposer's drafts pass through
+    assert requests["off"].spec_token_ids == []
+    assert requests["prefill"].spec_token_ids == []
+
+
+def test_step_counts_from_the_spec_decode_histogram() -> None:
+    # 31 tokens: 8 steps, of which steps accepted 4+5+... drafts: histogram[j] = steps accepting j
+    metrics = SimpleNamespace(histogram=[1, 2, 0, 3, 0, 2] + [0] * 11)
+    accepted = 2 * 1 + 3 * 3 + 2 * 5
+    assert fast_forward.step_counts(31, metrics) == (31 - accepted, accepted)
+    assert fast_forward.step_counts(31, None) == (31, 0)
+    assert fast_forward.step_counts(0, metrics) == (0, 0)
+    # never fewer steps than one: the first token is always sampled
+    assert fast_forward.step_counts(3, SimpleNamespace(histogram=[0, 0, 0, 1])) == (1, 2)
+
+
+def test_engine_kwargs_and_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert fast_forward.check() is None  # the installed vLLM is the release it is built for
+    assert fast_forward.engine_kwargs(False) == {}
+    assert fast_forward.STATUS["fast_forward"] == "off (--fast-forward off)"
+    kwargs = fast_forward.engine_kwargs(True)
+    assert fast_forward.STATUS["fast_forward"] == "on"
+    assert kwargs["speculative_config"]["method"] == "custom_class"
+    assert kwargs["speculative_config"]["model"] == fast_forward.PROPOSER
+    assert kwargs["scheduler_cls"] == fast_forward.SCHEDULER
+    assert kwargs["per_request_spec_decode_metrics"] == "summary"
+    assert kwargs["async_scheduling"] is False
+    monkeypatch.setattr(fast_forward, "VLLM_RELEASE", "0.0.1")
+    assert fast_forward.engine_kwargs(True) == {}
+    assert fast_forward.STATUS["fast_forward"].startswith("not applied: built for vLLM 0.0.1")
+
+
+def test_class_paths_resolve_and_the_proposer_proposes_nothing() -> None:
+    import importlib
+
+    for path in (fast_forward.PROPOSER, fast_forward.SCHEDULER):
+        module, name = path.rsplit(".", 1)
+        assert getattr(importlib.import_module(module), name) is not None
+    assert fast_forward.NoDraftProposer(None).propose([[1], [2, 3]], None, None) == [[], []]
+
+
+def test_request_switch_on_both_apis() -> None:
+    assert GenerateRequest(prompt="x").fast_forward is None
+    assert GenerateRequest(prompt="x", fast_forward=False).fast_forward is False
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert chat_to_request(chat | {"fast_forward": False}).fast_forward is False
+    assert chat_to_request(chat).fast_forward is None
+
+
+def test_cli_default_is_on() -> None:
+    from modal_service.cli import build_parser
+
+    assert build_parser().parse_args(["serve"]).fast_forward == "on"
+    assert build_parser().parse_args(["serve", "--fast-forward", "off"]).fast_forward == "off"
+
+
+class _Engine:
+    """Just what ``Generator.events`` uses without a constraint; records the stream's switch."""
+
+    model_name = "fake"
+    switch: bool | None = None
+
+    def __init__(self, steps: StepCount | None) -> None:
+        self.steps = steps
+
+    async def stream(self, *_: Any, fast_forward: bool = True, **__: Any) -> AsyncGenerator[Delta, None]:
+        self.switch = fast_forward
+        yield Delta(text="ab", token_ids=[1, 2], finish_reason=None)
+        yield Delta(text="c", token_ids=[3], finish_reason="stop", steps=self.steps)
+
+
+def _done(engine: _Engine, req: GenerateRequest) -> dict[str, Any]:
+    async def run() -> dict[str, Any]:
+        gen = Generator(engine, Limits())  # type: ignore[arg-type]
+        events = [e async for e in gen.events(req, Plan([5], None, False), Deadline(10))]
+        assert events[-1].response is not None
+        return events[-1].response.metadata
+
+    return asyncio.run(run())
+
+
+def test_metadata_carries_the_engines_step_count() -> None:
+    engine = _Engine(StepCount(decode_steps=2, forced_tokens=1))
+    meta = _done(engine, GenerateRequest(prompt="x"))
+    assert (meta["decode_steps"], meta["forced_tokens"]) == (2, 1)
+    assert engine.switch is True
+    _done(engine, GenerateRequest(prompt="x", fast_forward=False))
+    assert engine.switch is False
+    assert "decode_steps" not in _done(_Engine(None), GenerateRequest(prompt="x"))
