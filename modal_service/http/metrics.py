@@ -115,6 +115,16 @@ class ServiceMetrics:
             ["fired"],
             registry=r,
         )
+        self.decode_steps = Counter(
+            "ananke_decode_steps",
+            "Engine decoding steps of finished requests (metadata.decode_steps)",
+            registry=r,
+        )
+        self.forced_tokens = Counter(
+            "ananke_forced_tokens",
+            "Tokens that entered by fast-forward, without a decoding step (metadata.forced_tokens)",
+            registry=r,
+        )
         self.resampled_attempts = Counter(
             "ananke_resampled_attempts",
             "Extra attempts run because JSON failed the full-schema check (constraints.max_attempts)",
@@ -179,6 +189,10 @@ class ServiceMetrics:
             closing = meta.get("closed_on_budget")
             if isinstance(closing, dict):
                 self.closed_on_budget.labels(_flag(bool(closing.get("rebuilt")))).inc()
+            for counter, key in ((self.decode_steps, "decode_steps"), (self.forced_tokens, "forced_tokens")):
+                value = meta.get(key)
+                if isinstance(value, int) and value > 0:
+                    counter.inc(value)
             guard = meta.get("loop_guard")
             if isinstance(guard, dict):
                 self.loop_guard.labels(_flag(bool(guard.get("fired")))).inc()

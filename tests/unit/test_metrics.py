@@ -91,7 +91,9 @@ def test_outcomes_move_by_exactly_what_was_answered(stubbed: tuple[TestClient, l
         Plan([1], _constraint(), cache_hit=False),
         _response(closed_on_budget={"rebuilt": False, "added_tokens": 2}, request_finish_reason="length"),
         Plan([1], _constraint(approximate=True), cache_hit=True),
-        _response(attempts=3, loop_guard={"fired": True, "dropped_tokens": 40}),
+        _response(
+            attempts=3, loop_guard={"fired": True, "dropped_tokens": 40}, decode_steps=5, forced_tokens=7
+        ),
         Plan([1], _constraint("json_schema"), cache_hit=True),
         _response(branch="tool_calls", finish="tool_calls"),
         Plan([1], None, cache_hit=False),
@@ -125,6 +127,8 @@ def test_outcomes_move_by_exactly_what_was_answered(stubbed: tuple[TestClient, l
     assert moved("ananke_closed_on_budget_total", rebuilt="false") == 1
     assert moved("ananke_closed_on_budget_total", rebuilt="true") == 0
     assert moved("ananke_resampled_attempts_total") == 2
+    assert moved("ananke_decode_steps_total") == 5
+    assert moved("ananke_forced_tokens_total") == 7
     assert moved("ananke_loop_guard_total", fired="true") == 1
     assert moved("ananke_loop_guard_total", fired="false") == 0
     assert moved("ananke_agent_turns_total", branch="tool_calls") == 1
