@@ -168,18 +168,21 @@ def _started(server: ServerProcess, path: str, ok: Callable[[httpx.Response], bo
         raise
 
 
+#: ``ananke serve`` as users run it (``--max-model-len 4096 --kv-cache-gib 1.0``), for a bench.
+OURS_ARGS = (
+    "--host", HOST,
+    "--max-model-len", "4096",
+    "--kv-cache-gib", "1.0",
+    "--max-tokens-cap", "4096",
+    "--max-inflight", "1024",
+    "--drain-seconds", "1",
+    "--log-level", "warning",
+)  # fmt: skip
+
+
 def start_ours(logdir: Path, timeout: float = 600) -> ServerProcess:
-    """``ananke serve`` as users run it (``--max-model-len 4096 --kv-cache-gib 1.0``), ready."""
-    args = [
-        "--host", HOST,
-        "--max-model-len", "4096",
-        "--kv-cache-gib", "1.0",
-        "--max-tokens-cap", "4096",
-        "--max-inflight", "1024",
-        "--drain-seconds", "1",
-        "--log-level", "warning",
-    ]  # fmt: skip
-    server = ServerProcess(args, logdir / "ours.log")
+    """``ananke serve`` with :data:`OURS_ARGS`, ready."""
+    server = ServerProcess(list(OURS_ARGS), logdir / "ours.log")
     _started(server, "/health", lambda r: r.status_code == 200 and r.json().get("status") == "ok", timeout)
     return server
 

@@ -59,6 +59,7 @@ from bench.common import (
     RESULTS,
     ROOT,
     SERVED_NAME,
+    end_record,
     load_avg,
     machine_info,
     mean,
@@ -565,9 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_ours:
         with_server("ours", lambda: start_ours(logdir), result, ours_work)
 
-    result["wall_s"] = round(time.perf_counter() - started, 1)
-    result["load_end"] = load_avg()
-    result["other_processes_at_end"] = other_engines()
+    end_record(result, started)
     write_json(out_json, result)
     print(markdown(result))
     _log(f"done in {result['wall_s']:.0f} s: {out_json}")

@@ -41,9 +41,19 @@ from typing import Any
 import httpx
 import jsonschema
 
-from bench._server import HOST, ServerProcess
+from bench._server import OURS_ARGS, ServerProcess
 from bench.agents import git_state
-from bench.common import RESULTS, load_avg, machine_info, other_engines, pct, rnd, versions, write_json
+from bench.common import (
+    RESULTS,
+    end_record,
+    load_avg,
+    machine_info,
+    other_engines,
+    pct,
+    rnd,
+    versions,
+    write_json,
+)
 from bench.conformance import independent_check, load_cases, prompt_for
 from bench.structured import TASKS, messages_for, valid
 
@@ -573,17 +583,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------ main
 def start(name: str, logdir: Path, fast_forward: str, dtype: str) -> ServerProcess:
-    args = [
-        "--host", HOST,
-        "--max-model-len", "4096",
-        "--kv-cache-gib", "1.0",
-        "--max-tokens-cap", "4096",
-        "--max-inflight", "1024",
-        "--drain-seconds", "1",
-        "--log-level", "warning",
-        "--fast-forward", fast_forward,
-        "--dtype", dtype,
-    ]  # fmt: skip
+    args = [*OURS_ARGS, "--fast-forward", fast_forward, "--dtype", dtype]
     server = ServerProcess(args, logdir / f"{name}.log", name=name)
     server.start()
     return server
@@ -675,9 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         "single": {w: summarize_single(rows) for w, rows in result["single"].items()},
         "concurrent": summarize_concurrent(result["concurrent"]) if result["concurrent"] else {},
     }
-    result["wall_s"] = round(time.perf_counter() - started, 1)
-    result["load_end"] = load_avg()
-    result["other_processes_at_end"] = other_engines()
+    end_record(result, started)
     for block in result["concurrent"]:
         block.pop("texts", None)
     write_json(out_json, result)
