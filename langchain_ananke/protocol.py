@@ -185,9 +185,10 @@ class GenerateRequest(_Strict):
     timeout_s: float | None = Field(default=None, ge=0.01, le=86_400)
     """Server-side deadline (0.01 s to a day); the request is aborted in the engine when it passes."""
     fast_forward: bool | None = None
-    """``False``: every token costs a decoding step, even where the grammar forces it. ``None``/``True``:
-    the server's setting (``--fast-forward``). The output is the same either way; metadata's
-    ``decode_steps`` and ``forced_tokens`` say what it cost."""
+    """``False``: every token costs a decoding step, even where the grammar forces it. ``True``: the
+    server's setting (``--fast-forward``). ``None`` (default): the server's setting, except for a request
+    that samples (temperature above 0) with a ``seed``, which runs without: drafts verified by vLLM do not
+    keep a seeded sample reproducible. Metadata's ``decode_steps`` and ``forced_tokens`` say what it cost."""
 
     @field_validator("stop", mode="before")
     @classmethod

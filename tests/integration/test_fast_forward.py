@@ -284,3 +284,24 @@ def test_openai_api_carries_the_switch_and_the_counts(http: httpx.Client) -> Non
     assert (meta_off["decode_steps"], meta_off["forced_tokens"]) == (tokens, 0)
     wrong = http.post("/generate_api", json={"prompt": "x", "fast_forward": "sometimes"})
     assert wrong.status_code == 422
+
+
+def test_a_seeded_sample_stays_reproducible(http: httpx.Client) -> None:
+    """A request that samples with a seed runs without fast-forward by default (vLLM's draft verification
+    does not keep a seeded sample reproducible), so the same request gives the same output; asked for
+    explicitly, fast-forward still applies."""
+    _health_says_on(http)
+    body = {
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "tools": [WEATHER],
+        "tool_choice": "get_weather",
+        "max_tokens": 64,
+        "temperature": 0.9,
+        "seed": 7,
+    }
+    first, second = (http.post("/generate_api", json=body).json() for _ in range(2))
+    assert first["generated_text"] == second["generated_text"]
+    assert first["metadata"]["forced_tokens"] == 0
+    forced = http.post("/generate_api", json=body | {"fast_forward": True}).json()
+    assert forced["metadata"]["forced_tokens"] > 0
+    assert forced["tool_calls"], forced  # still a valid call of the named tool
