@@ -63,6 +63,11 @@ class Plan:
     constraint: CompiledConstraint | None
     cache_hit: bool
 
+    @property
+    def closable(self) -> bool:
+        """Whether the closing search can finish this plan's output (a constraint with a grammar)."""
+        return self.constraint is not None and self.constraint.ll_grammar is not None
+
 
 class Generator:
     """Runs protocol requests on an :class:`Engine`."""
@@ -274,8 +279,8 @@ class Generator:
         """The loop guard's span for this request (0: off): constrained output that the closing search
         can finish, with room for a loop worth cutting (``max_tokens`` at least twice the span), the
         server's ``--loop-guard-span`` and the request's ``constraints.loop_guard``."""
-        c, span = plan.constraint, self.limits.loop_guard_span
-        if c is None or c.ll_grammar is None or (req.constraints and not req.constraints.loop_guard):
+        span = self.limits.loop_guard_span
+        if not plan.closable or (req.constraints and not req.constraints.loop_guard):
             return 0
         return span if req.max_tokens >= 2 * span else 0
 
@@ -308,8 +313,7 @@ class Generator:
     def _close_window(self, req: GenerateRequest, plan: Plan) -> int:
         """How many trailing tokens are held back while streaming, so that closing may roll them
         back (0: no closing). Non-streaming output is held back whole anyway."""
-        c = plan.constraint
-        if c is None or c.ll_grammar is None or (req.constraints and not req.constraints.close_on_budget):
+        if not plan.closable or (req.constraints and not req.constraints.close_on_budget):
             return 0
         return min(CLOSE_WINDOW, req.max_tokens // 2)
 

@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from langchain_ananke.protocol import ErrorBody
+from langchain_ananke.protocol import ErrorBody, GenerateRequest
 from tests.reliability.conftest import MAX_TOKENS_CAP, Service, chat
 
 schemathesis = pytest.importorskip("schemathesis", reason="pip install schemathesis")
@@ -66,7 +66,7 @@ def _check_honest(data: dict[str, Any], schema: dict[str, Any] | None, body: Any
     elif isinstance(constraints.get("choice"), list):
         assert data["generated_text"] in constraints["choice"], data
     elif data.get("finish_reason") == "length":
-        assert data["tokens_generated"] == body.get("max_tokens", 256), data
+        assert data["tokens_generated"] == body.get("max_tokens", DEFAULT_MAX_TOKENS), data
 
 
 # -------------------------------------------------------------------------------- schemathesis
@@ -77,6 +77,8 @@ STRESS_MIN_CASES = 1000
 STRESS_BUDGET_S = float(os.environ.get("ANANKE_SCHEMATHESIS_BUDGET_S", "900"))
 #: Valid output caps above this are lowered to it, so a generating case stays cheap on the CPU engine.
 CHEAP_MAX_TOKENS = 16
+#: What /generate_api generates without a max_tokens (the protocol's default).
+DEFAULT_MAX_TOKENS = GenerateRequest.model_fields["max_tokens"].default
 #: Valid ``timeout_s`` values below this are raised to it (see :func:`_cheapen`).
 MIN_FUZZ_TIMEOUT_S = 60.0
 
