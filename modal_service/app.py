@@ -121,6 +121,8 @@ MAX_NUM_SEQS_CAP = 256
 TIMEOUT = 60 * MINUTES
 
 APP_NAME = "ananke"
+#: The container port Modal forwards the traffic to (``@modal.web_server``).
+PORT = 8000
 API_KEY_SECRET = "ananke-api-key"  # noqa: S105 (the Modal secret's name)
 
 
@@ -217,6 +219,9 @@ class DeployConfig:
     proxy_auth: bool
     target_inputs: int | None = None
     """``ANANKE_TARGET_INPUTS``: overrides the target derived from the KV cache (see concurrency_for)."""
+    snapshots: bool = True
+    """``ANANKE_SNAPSHOT`` (default on): GPU memory snapshots, so a cold start restores a started, warmed
+    engine instead of starting one (see ``Server`` below); ``0`` starts the engine in every container."""
 
 
 def load_config(env: Mapping[str, str] | None = None) -> DeployConfig:
@@ -237,6 +242,7 @@ def load_config(env: Mapping[str, str] | None = None) -> DeployConfig:
         target_inputs=_int(env, "ANANKE_TARGET_INPUTS", 0, minimum=1)
         if _get(env, "ANANKE_TARGET_INPUTS")
         else None,
+        snapshots=_flag(env, "ANANKE_SNAPSHOT", default=True),
     )
 
 
@@ -249,6 +255,7 @@ def container_env(config: DeployConfig) -> dict[str, str]:
         "ANANKE_MODEL_REVISION": config.revision,
         "ANANKE_MAX_MODEL_LEN": str(config.max_model_len),
         "ANANKE_PROXY_AUTH": "1" if config.proxy_auth else "0",
+        "ANANKE_SNAPSHOT": "1" if config.snapshots else "0",
     }
     if config.target_inputs is not None:
         env["ANANKE_TARGET_INPUTS"] = str(config.target_inputs)
@@ -300,6 +307,8 @@ def engine_kwargs(config: DeployConfig) -> dict[str, Any]:
         # artefacts land in the vllm-cache volume, so later cold starts reuse them.
         "enforce_eager": False,
         "max_num_seqs": concurrency_for(config).max_inputs,
+        # The snapshot path puts the warmed engine to sleep before Modal snapshots the container.
+        "sleep_mode": config.snapshots,
         "extra": {"revision": config.revision, "tokenizer_revision": config.revision},
     }
 
@@ -325,10 +334,10 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> in
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def _flag(env: Mapping[str, str], name: str) -> bool:
+def _flag(env: Mapping[str, str], name: str, *, default: bool = False) -> bool:
     raw = _get(env, name)
     if raw is None:
-        return False
+        return default
     if raw.lower() in _TRUE:
         return True
     if raw.lower() in _FALSE:
@@ -361,6 +370,17 @@ if modal is not None:
 
     app = modal.App(APP_NAME)
 
+    # GPU memory snapshots (ANANKE_SNAPSHOT, default on; Modal's alpha feature, as in its vLLM
+    # example): the first container starts the engine, warms it and puts it to sleep in
+    # @modal.enter(snap=True); Modal snapshots CPU and GPU memory; every later cold start restores
+    # that and only wakes the engine (@modal.enter(snap=False)). Off: both hooks run in every
+    # container, without the sleep.
+    snapshot_options: dict[str, Any] = (
+        {"enable_memory_snapshot": True, "experimental_options": {"enable_gpu_snapshot": True}}
+        if CONFIG.snapshots
+        else {}
+    )
+
     @app.cls(
         gpu=CONFIG.gpu.modal_gpu,
         image=image,
@@ -370,45 +390,32 @@ if modal is not None:
         timeout=TIMEOUT,
         min_containers=CONFIG.mode.min_containers,
         buffer_containers=CONFIG.mode.buffer_containers,
+        **snapshot_options,
     )
     @modal.concurrent(max_inputs=CONCURRENCY.max_inputs, target_inputs=CONCURRENCY.target_inputs)
     class Server:
-        """One GPU container: one engine, the shared app in front of it."""
+        """One GPU container: one engine, the shared app in front of it on PORT."""
 
-        @modal.enter()
-        def build(self) -> None:
-            from huggingface_hub import snapshot_download
+        @modal.enter(snap=True)
+        def start(self) -> None:
+            self.server = start_server(CONFIG, os.environ["ANANKE_API_KEY"], commit_weights=hf_cache.commit)
+            if CONFIG.snapshots:
+                print(
+                    f"engine asleep in {self.server.call(self.server.app.state.engine.sleep):.1f} s: snapshot"
+                )
 
-            from modal_service.engine.engine import Engine, EngineConfig
-            from modal_service.http.app import create_app
-            from modal_service.http.request_id import configure_logging
-            from modal_service.limits import Limits
+        @modal.enter(snap=False)
+        def wake(self) -> None:
+            if CONFIG.snapshots:
+                print(f"engine awake in {self.server.call(self.server.app.state.engine.wake):.1f} s")
 
-            configure_logging()  # the request id in every log line, as under `ananke serve`
+        @modal.web_server(PORT, startup_timeout=TIMEOUT, requires_proxy_auth=CONFIG.proxy_auth)
+        def web(self) -> None:
+            """Modal forwards the traffic to the server the hooks above started."""
 
-            # Fetch the weights into the volume before the container takes requests (a no-op once
-            # they are there). Requests wait for this instead of hitting a container that is busy
-            # downloading for many minutes and could be scaled down halfway.
-            snapshot_download(
-                CONFIG.model,
-                revision=CONFIG.revision,
-                ignore_patterns=["*.pt", "*.pth", "*.bin", "original/*"],  # safetensors only
-            )
-            hf_cache.commit()
-            # Build the app here but do not start the engine here: vLLM's AsyncLLM belongs to the
-            # event loop that runs it, and that must be the ASGI server's loop, which only exists
-            # once Modal serves the app. create_app's lifespan starts the engine on that loop in the
-            # background, so /health answers 503 "loading" (Retry-After: 5) until it is ready, and
-            # "error" with the reason if it failed.
-            self.web_app = create_app(
-                Engine(EngineConfig(**engine_kwargs(CONFIG))),
-                api_key=os.environ["ANANKE_API_KEY"],
-                limits=Limits(max_inflight=CONCURRENCY.max_inputs),
-            )
-
-        @modal.asgi_app(requires_proxy_auth=CONFIG.proxy_auth)
-        def web(self) -> Any:
-            return self.web_app
+        @modal.exit()
+        def stop(self) -> None:
+            self.server.stop()
 
     @app.local_entrypoint()
     def smoke(url: str = "", timeout: int = TIMEOUT) -> None:
@@ -429,6 +436,136 @@ if modal is not None:
         base_url = url or Server().web.get_web_url()
         print(f"smoke test against {base_url} (mode {CONFIG.mode.mode}, {CONFIG.gpu.modal_gpu})")
         run_smoke_test(base_url, api_key, extra_headers=headers, timeout_s=timeout)
+
+
+# ------------------------------------------------------------------------------- container start
+# What Server's hooks run, plain Python so that it runs (and is tested) without Modal.
+#: A tool call, for the warm-up: the grammar path agents use (tool_choice "required").
+WARM_UP_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def download_weights(config: DeployConfig, commit: Callable[[], None]) -> None:
+    """Fetch the weights into the volume (a no-op once they are there), then ``commit`` it."""
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(
+        config.model,
+        revision=config.revision,
+        ignore_patterns=["*.pt", "*.pth", "*.bin", "original/*"],  # safetensors only
+    )
+    commit()
+
+
+def start_server(
+    config: DeployConfig,
+    api_key: str,
+    *,
+    commit_weights: Callable[[], None] | None = None,
+    engine: Any = None,
+    port: int = PORT,
+    timeout_s: float = TIMEOUT,
+) -> Any:
+    """Start a container's service and return it (a :class:`~modal_service.http.background.BackgroundServer`)
+    once the engine is ready and warmed: the weights into the volume (``commit_weights`` given), the
+    shared app on ``port`` from a background thread (``AsyncLLM`` lives on that thread's loop, which
+    serves the requests), then :func:`warm_up` through that port. The server is left running; a start
+    that fails stops it and raises, so Modal restarts the container instead of routing to it."""
+    from modal_service.engine.engine import Engine, EngineConfig
+    from modal_service.http.app import create_app
+    from modal_service.http.background import BackgroundServer
+    from modal_service.http.request_id import configure_logging
+    from modal_service.limits import Limits
+
+    configure_logging()  # the request id in every log line, as under `ananke serve`
+    if commit_weights is not None:
+        download_weights(config, commit_weights)
+    engine = engine if engine is not None else Engine(EngineConfig(**engine_kwargs(config)))
+    server = BackgroundServer(
+        create_app(engine, api_key=api_key, limits=Limits(max_inflight=concurrency_for(config).max_inputs)),
+        port=port,
+    )
+    server.start()
+    try:
+        server.wait_for(
+            lambda: engine.state not in ("idle", "loading"), timeout_s=timeout_s, what="engine start"
+        )
+        if engine.state != "ok":
+            raise RuntimeError(f"the engine failed to start: {engine.error}")
+        timings = warm_up(f"http://127.0.0.1:{port}", api_key)
+        print(f"engine ready in {engine.start_seconds:.1f} s, warmed: {timings}")
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def warm_up(base_url: str, api_key: str, *, client: Any = None) -> dict[str, float]:
+    """The first requests of a container, answered before it takes traffic (and before the snapshot):
+    a JSON-schema request on ``/generate_api``, a tool call and plain text on ``/v1``. They build what
+    vLLM and the service build lazily on a path's first request (the structured-output backend, a
+    grammar's compiled parts, the chat template, CUDA graphs at batch size 1), so the first user's
+    constrained request after a restore pays none of it. Each must succeed (and the constrained ones
+    satisfy their constraint), or this raises :class:`SmokeTestError`. Returns seconds per request."""
+    import httpx
+
+    own = client is None
+    client = client or httpx.Client(timeout=httpx.Timeout(600.0, connect=30.0))
+    headers = {"Authorization": f"Bearer {api_key}"}
+    user = [{"role": "user", "content": "Describe one well-known open-source project."}]
+    requests: dict[str, tuple[str, dict[str, Any]]] = {
+        "json_schema": (
+            "/generate_api",
+            {
+                "messages": user,
+                "constraints": {"json_schema": SMOKE_SCHEMA},
+                "max_tokens": 64,
+                "temperature": 0.0,
+            },
+        ),
+        "tool_call": (
+            "/v1/chat/completions",
+            {
+                "model": "ananke",
+                "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+                "tools": [WARM_UP_TOOL],
+                "tool_choice": "required",
+                "max_tokens": 32,
+                "temperature": 0.0,
+            },
+        ),
+        "text": (
+            "/v1/chat/completions",
+            {"model": "ananke", "messages": user, "max_tokens": 8, "temperature": 0.0},
+        ),
+    }
+    timings: dict[str, float] = {}
+    try:
+        for name, (path, body) in requests.items():
+            started = time.perf_counter()
+            resp = client.post(f"{base_url.rstrip('/')}{path}", json=body, headers=headers)
+            timings[name] = round(time.perf_counter() - started, 3)
+            if resp.status_code != 200:
+                raise SmokeTestError(f"warm-up {name}: {path} answered {resp.status_code}: {resp.text[:500]}")
+            answer = resp.json()
+            if name == "json_schema" and "constraint_satisfied" not in answer:
+                raise SmokeTestError(f"warm-up {name}: no constraint_satisfied in {json.dumps(answer)[:500]}")
+            if name == "tool_call" and not answer["choices"][0]["message"].get("tool_calls"):
+                raise SmokeTestError(f"warm-up {name}: no tool call in {json.dumps(answer)[:500]}")
+    finally:
+        if own:
+            client.close()
+    return timings
 
 
 # ------------------------------------------------------------------------------------ smoke test

@@ -33,7 +33,7 @@ from modal_service.limits import Limits
 
 log = logging.getLogger(__name__)
 
-EngineState = Literal["idle", "loading", "ok", "error"]
+EngineState = Literal["idle", "loading", "ok", "sleeping", "error"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,9 @@ class EngineConfig:
     fast_forward: bool = False
     """Tokens the grammar forces enter without a decoding step each (:mod:`.fast_forward`); ``ananke
     serve`` turns it on (``--fast-forward``)."""
+    sleep_mode: bool = False
+    """vLLM's sleep mode (GPU only): :meth:`Engine.sleep` frees the GPU memory and :meth:`Engine.wake`
+    restores it, as Modal's GPU memory snapshots need (``modal_service/app.py``)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """More ``AsyncEngineArgs`` keywords."""
 
@@ -189,6 +192,7 @@ class Engine:
             dtype=dtype,
             load_format=cfg.load_format,
             seed=cfg.seed,
+            enable_sleep_mode=cfg.sleep_mode,
             structured_outputs_config=StructuredOutputsConfig(backend="guidance"),
             disable_log_stats=True,  # no periodic stats log lines; the Prometheus logger below still runs
             **(fast_forward_mod.engine_kwargs(cfg.fast_forward) | cfg.extra),
@@ -358,6 +362,34 @@ class Engine:
                 )
             )
         return out
+
+    async def sleep(self, level: int = 1) -> float:
+        """Put the started engine to sleep (``sleep_mode``): level 1 copies the weights to CPU memory and
+        drops the KV cache, so GPU memory holds almost nothing but the CUDA graphs and compiled kernels
+        (what a GPU memory snapshot then stores). Requests in flight are aborted; until :meth:`wake`,
+        ``/health`` says ``sleeping`` and requests are answered 503. Returns the seconds it took."""
+        if not self.config.sleep_mode:
+            raise RuntimeError("the engine was built without sleep_mode")
+        if self.state != "ok":
+            raise EngineNotReady(self.error or f"engine is {self.state}")
+        started = time.perf_counter()
+        self.state = "sleeping"
+        await self._llm.sleep(level=level)
+        took = time.perf_counter() - started
+        log.info("engine asleep (level %d) in %.2f s", level, took)
+        return took
+
+    async def wake(self) -> float:
+        """Wake the engine :meth:`sleep` put to sleep: the weights go back to the GPU and the KV cache is
+        allocated again. Returns the seconds it took."""
+        if self.state != "sleeping":
+            raise RuntimeError(f"wake: the engine is {self.state}, not sleeping")
+        started = time.perf_counter()
+        await self._llm.wake_up()
+        self.state = "ok"
+        took = time.perf_counter() - started
+        log.info("engine awake in %.2f s", took)
+        return took
 
     def num_unfinished_requests(self) -> int:
         # AsyncLLM.get_num_unfinished_requests is not in vLLM 0.26; its output processor is (0.26-0.32)

@@ -6,6 +6,7 @@ Nothing here needs Modal installed, a network or a GPU.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib.util
 import json
@@ -362,9 +363,9 @@ class _Recorder:
                 return decorate
 
         def decorator(name: str) -> Callable[..., Callable[[Any], Any]]:
-            def factory(**kwargs: Any) -> Callable[[Any], Any]:
+            def factory(*args: Any, **kwargs: Any) -> Callable[[Any], Any]:
                 def decorate(target: Any) -> Any:
-                    rec.calls.append((name, (getattr(target, "__name__", target),), kwargs))
+                    rec.calls.append((name, (getattr(target, "__name__", target), *args), kwargs))
                     return target
 
                 return decorate
@@ -374,8 +375,12 @@ class _Recorder:
         fake.Image, fake.Volume, fake.Secret, fake.App = Image, Volume, Secret, App  # type: ignore[attr-defined]
         fake.concurrent = decorator("concurrent")  # type: ignore[attr-defined]
         fake.enter = decorator("enter")  # type: ignore[attr-defined]
-        fake.asgi_app = decorator("asgi_app")  # type: ignore[attr-defined]
+        fake.web_server = decorator("web_server")  # type: ignore[attr-defined]
+        fake.exit = decorator("exit")  # type: ignore[attr-defined]
         return fake
+
+    def all(self, name: str) -> list[tuple[Any, Any]]:
+        return [(args, kwargs) for call, args, kwargs in self.calls if call == name]
 
     def one(self, name: str) -> tuple[Any, Any]:
         found = [(args, kwargs) for call, args, kwargs in self.calls if call == name]
@@ -427,8 +432,15 @@ def test_modal_wiring_defaults(recorded: Callable[..., tuple[_Recorder, types.Mo
     assert options["timeout"] >= 30 * MINUTES
     _, concurrency = rec.one("concurrent")
     assert concurrency == {"max_inputs": 34, "target_inputs": 17}  # A100-80GB: its KV cache, not a constant
-    assert rec.one("enter")[0] == ("build",)
-    assert rec.one("asgi_app") == (("web",), {"requires_proxy_auth": False})
+    # GPU snapshots on by default: start + warm + sleep before the snapshot, wake after the restore
+    assert options["enable_memory_snapshot"] is True
+    assert options["experimental_options"] == {"enable_gpu_snapshot": True}
+    assert rec.all("enter") == [(("start",), {"snap": True}), (("wake",), {"snap": False})]
+    assert rec.one("web_server") == (
+        ("web", module.PORT),
+        {"startup_timeout": module.TIMEOUT, "requires_proxy_auth": False},
+    )
+    assert rec.one("exit")[0] == ("stop",)
     assert "smoke" in rec.entrypoints
 
 
@@ -439,46 +451,70 @@ def test_modal_wiring_prod_h100(recorded: Callable[..., tuple[_Recorder, types.M
     _, options = rec.one("cls")
     assert options["gpu"] == "H100:2"
     assert _scaling(options) == (300, 1, 1)
-    assert rec.one("asgi_app")[1] == {"requires_proxy_auth": True}
+    assert rec.one("web_server")[1]["requires_proxy_auth"] is True
     (baked,), _ = rec.one("env")
     assert baked["ANANKE_GPU"] == "H100:2"
     assert baked["MODAL_MODE"] == "prod"
 
 
-def test_enter_builds_the_shared_app_without_starting_the_engine(
-    recorded: Callable[..., tuple[_Recorder, types.ModuleType]], monkeypatch: pytest.MonkeyPatch
+class _Engine:
+    """What the hooks reach of the engine: sleep and wake, counted."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def sleep(self) -> float:
+        self.calls.append("sleep")
+        return 1.5
+
+    async def wake(self) -> float:
+        self.calls.append("wake")
+        return 2.5
+
+
+class _Started:
+    """What start_server returns: the background server, here with ``call`` running on a fresh loop."""
+
+    def __init__(self) -> None:
+        self.app = types.SimpleNamespace(state=types.SimpleNamespace(engine=_Engine()))
+        self.stopped = False
+
+    def call(self, make: Callable[[], Any]) -> Any:
+        return asyncio.run(make())
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+@pytest.mark.parametrize("snapshots", ["1", "0"])
+def test_hooks_start_warm_sleep_then_wake(
+    recorded: Callable[..., tuple[_Recorder, types.ModuleType]],
+    monkeypatch: pytest.MonkeyPatch,
+    snapshots: str,
 ) -> None:
-    pytest.importorskip("vllm")
-    huggingface_hub = pytest.importorskip("huggingface_hub")
-    from fastapi import FastAPI
-    from fastapi.testclient import TestClient
-
-    downloads: list[tuple[Any, Any]] = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: downloads.append((a, k)))
     monkeypatch.setenv("ANANKE_API_KEY", "test-key")
-    rec, module = recorded(ANANKE_GPU="H100:2")
+    rec, module = recorded(ANANKE_GPU="H100:2", ANANKE_SNAPSHOT=snapshots)
+    started: list[tuple[Any, ...]] = []
 
+    def fake_start(config: Any, api_key: str, **kwargs: Any) -> _Started:
+        started.append((config, api_key, kwargs))
+        return _Started()
+
+    monkeypatch.setattr(module, "start_server", fake_start)
     server = rec.classes["Server"]()
-    server.build()
-    assert len(downloads) == 1
-    assert downloads[0][0] == (DEFAULT_MODEL,)
-    assert downloads[0][1]["revision"] == DEFAULT_MODEL_REVISION
-    assert "*.bin" in downloads[0][1]["ignore_patterns"]  # safetensors only
-    assert rec.commits == 1
-    web_app = server.web()
-    assert isinstance(web_app, FastAPI)
-    engine = web_app.state.engine
-    assert engine.state == "idle"  # started by the app's lifespan, on the server's loop
-    assert engine.config.tensor_parallel_size == 2
-    assert engine.config.extra["revision"] == DEFAULT_MODEL_REVISION
-    assert web_app.state.admission.limit == concurrency_for(load_config({"ANANKE_GPU": "H100:2"})).max_inputs
-
-    client = TestClient(web_app)  # no `with`: the lifespan (engine start) does not run
-    health = client.get("/health")
-    assert health.status_code == 503
-    assert health.json()["status"] == "loading"
-    assert client.post("/generate_api", json={"prompt": "x"}).status_code == 401
-    assert module.CONFIG.gpu.modal_gpu == "H100:2"
+    server.start()  # @modal.enter(snap=True)
+    ((config, api_key, kwargs),) = started
+    assert (config, api_key) == (module.CONFIG, "test-key")
+    kwargs["commit_weights"]()
+    assert rec.commits == 1  # the weights' volume
+    engine = server.server.app.state.engine
+    server.wake()  # @modal.enter(snap=False), after the restore
+    assert engine.calls == (["sleep", "wake"] if snapshots == "1" else [])
+    options = rec.one("cls")[1]
+    assert ("enable_memory_snapshot" in options) is (snapshots == "1")
+    assert module.engine_kwargs(module.CONFIG)["sleep_mode"] is (snapshots == "1")
+    server.stop()
+    assert server.server.stopped
 
 
 # -------------------------------------------------------------------------------------- smoke test
@@ -604,3 +640,50 @@ def test_unknown_cards_and_models_fall_back_and_the_variable_overrides() -> None
     config = load_config(env)
     assert (concurrency_for(config).target_inputs, concurrency_for(config).max_inputs) == (50, 100)
     assert load_config(container_env(config)) == config  # baked into the container too
+
+
+# ---------------------------------------------------------------------------------------- warm-up
+def _warm_answers(
+    tool_calls: list[Any] | None = None, status: int = 200
+) -> Callable[[httpx.Request], httpx.Response]:
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/generate_api":
+            return httpx.Response(status, json=_good_body())
+        body = json.loads(request.content)
+        calls = tool_calls if "tools" in body else None
+        return httpx.Response(200, json={"choices": [{"message": {"content": "x", "tool_calls": calls}}]})
+
+    return answer
+
+
+def test_warm_up_runs_each_path_once_with_the_key() -> None:
+    seen: list[httpx.Request] = []
+    answer = _warm_answers(
+        [{"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]
+    )
+
+    def record(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answer(request)
+
+    timings = modal_app.warm_up(
+        "http://127.0.0.1:8000/", "k", client=httpx.Client(transport=httpx.MockTransport(record))
+    )
+    assert set(timings) == {"json_schema", "tool_call", "text"}
+    assert [r.url.path for r in seen] == ["/generate_api", "/v1/chat/completions", "/v1/chat/completions"]
+    assert all(r.headers["authorization"] == "Bearer k" for r in seen)
+    bodies = [json.loads(r.content) for r in seen]
+    assert bodies[0]["constraints"] == {"json_schema": modal_app.SMOKE_SCHEMA}
+    assert bodies[1]["tool_choice"] == "required"
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (_warm_answers(None), "tool_call: no tool call"),
+        (_warm_answers([], status=503), "json_schema: .* answered 503"),
+    ],
+)
+def test_warm_up_fails_the_start_on_a_bad_answer(answer: Any, message: str) -> None:
+    with pytest.raises(SmokeTestError, match=message):
+        modal_app.warm_up("http://x", "k", client=httpx.Client(transport=httpx.MockTransport(answer)))
