@@ -9,7 +9,7 @@ import json
 import time
 from typing import Any
 
-from bench.gpu._plan import MAX_TOKENS, TEMPERATURE, constraints_for, prompt_for
+from bench.gpu._plan import MAX_TOKENS, TEMPERATURE, request_body
 from bench.gpu._shared import percentile
 
 
@@ -88,6 +88,13 @@ def summarize(records: list[dict[str, Any]], wall_s: float, c: int) -> dict[str,
     errs = [r["error"] for r in records if r.get("error")]
     if errs:
         out["first_error"] = errs[0][:300]
+    steps = [r for r in ok if r.get("decode_steps") is not None]
+    if steps:  # fast-forward: decoding steps per generated token, forced tokens
+        out["decode_steps"] = sum(r["decode_steps"] for r in steps)
+        out["forced_tokens"] = sum(r.get("forced_tokens") or 0 for r in steps)
+        out["steps_per_token"] = round(out["decode_steps"] / max(1, sum(r["tokens"] for r in steps)), 3)
+    if c == 1:  # single stream: each output, for the on/off identity check
+        out["outputs"] = {str(r["i"]): r.get("text") for r in ok if "i" in r}
     sample = next((r["text"] for r in ok if r.get("text")), None)
     if sample:
         out["sample"] = sample[:160]
@@ -95,7 +102,13 @@ def summarize(records: list[dict[str, Any]], wall_s: float, c: int) -> dict[str,
 
 
 async def http_phase(  # noqa: PLR0917
-    port: int, c: int, n: int, mode: str, timeout_s: float, max_tokens: int = MAX_TOKENS
+    port: int,
+    c: int,
+    n: int,
+    mode: str,
+    timeout_s: float,
+    max_tokens: int = MAX_TOKENS,
+    temperature: float = TEMPERATURE,
 ) -> tuple[list[dict], float]:
     import aiohttp
 
@@ -108,14 +121,8 @@ async def http_phase(  # noqa: PLR0917
 
         async def worker() -> None:
             for i in counter:
-                body: dict[str, Any] = {
-                    "prompt": prompt_for(i, mode),
-                    "max_tokens": max_tokens,
-                    "temperature": TEMPERATURE,
-                }
-                cons = constraints_for(mode)
-                if cons is not None:
-                    body["constraints"] = cons
+                body = request_body(i, mode, max_tokens, temperature)
+                cons = body.get("constraints")
                 started = time.perf_counter()
                 rec: dict[str, Any] = {}
                 try:
@@ -142,6 +149,9 @@ async def http_phase(  # noqa: PLR0917
                         cache_hit=md.get("cache_hit"),
                         text=text,
                         closed=md.get("closed_on_budget"),
+                        decode_steps=md.get("decode_steps"),
+                        forced_tokens=md.get("forced_tokens"),
+                        i=i,
                     )
                     if cons is not None:
                         rec["ws"] = ws_outside_strings(text)

@@ -102,9 +102,39 @@ ENGINES += [
         "name": "32b-sleep",
         "arch": "qwen2.5-coder-32b",
         "enforce_eager": False,
-        "extra": {"enable_sleep_mode": True},
+        "extra": {},
+        "sleep_mode": True,
         "diag": False,
         "sleep_cycles": 2,
+        "end_by": 585,
+        "start_est": 200,
+        "step": STEP_032,
+    },
+    # Issue 21 on the GPU: the snapshot setting (sleep mode) with fast-forward on; its phases switch it
+    # off per request ("_off" modes), and its unconstrained c=64 compares with 32b-snap's.
+    {
+        "name": "32b-ff",
+        "arch": "qwen2.5-coder-32b",
+        "enforce_eager": False,
+        "extra": {},
+        "sleep_mode": True,
+        "fast_forward": True,
+        "diag": False,
+        "end_by": 585,
+        "start_est": 200,
+        "step": STEP_032,
+    },
+    # 32b-sleep's engine with the phases issue 23 still lacked after the first 0.32 run: the sleep
+    # cycles (first), JSON / unconstrained at c=256, the knee, and c=64 unconstrained for 32b-ff.
+    {
+        "name": "32b-snap",
+        "arch": "qwen2.5-coder-32b",
+        "enforce_eager": False,
+        "extra": {},
+        "sleep_mode": True,
+        "diag": False,
+        "sleep_cycles": 2,
+        "sleep_first": True,
         "end_by": 585,
         "start_est": 200,
         "step": STEP_032,
@@ -258,6 +288,91 @@ PHASES["32b-sleep"] = [
     *(ph for ph in PHASES["32b-app"] if ph["prio"] == 2),
 ]
 PHASES["32b-knee"] = [*(_knee(c, 1) for c in (1, 8, 16, 32, 64)), *(_knee(c, 2) for c in (24, 48, 128, 96))]
+
+
+# Fast-forward (issue 21): a forced tool call (one tool, named tool_choice) and a JSON extraction, at
+# temperature 0, fast-forward on and off per request (the "_off" modes), in turns: ABBA blocks.
+FF_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather and forecast for a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 24},
+                "country_code": {"type": "string", "pattern": "^[A-Z]{2}$"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 14},
+                "include_hourly": {"type": "boolean"},
+            },
+            "required": ["city", "country_code", "unit", "days", "include_hourly"],
+            "additionalProperties": False,
+        },
+    },
+}
+FF_EXTRACTION_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "invoice_number": {"type": "string", "maxLength": 16},
+        "customer_name": {"type": "string", "maxLength": 32},
+        "total_amount": {"type": "number"},
+        "currency": {"type": "string", "enum": ["EUR", "USD", "GBP"]},
+        "paid": {"type": "boolean"},
+        "line_items": {"type": "integer", "minimum": 0, "maximum": 50},
+    },
+    "required": ["invoice_number", "customer_name", "total_amount", "currency", "paid", "line_items"],
+    "additionalProperties": False,
+}
+FF_MAX_TOKENS = 96
+
+
+def _ff(block: int, prio: int) -> list[dict[str, Any]]:
+    order = ("tool", "tool_off", "tool_off", "tool", "xjson", "xjson_off", "xjson_off", "xjson")
+    return [
+        _p(f"ff{block}_{i}_{m}", "http", 1, 4, m, prio, max_tokens=FF_MAX_TOKENS, temperature=0.0)
+        for i, m in enumerate(order, start=1)
+    ]
+
+
+PHASES["32b-ff"] = [
+    *_ff(1, 1),
+    _p("c64_unc_ff1", "http", 64, 128, "unc", 1),
+    _p("c64_unc_ff2", "http", 64, 128, "unc", 1),
+    _p("c64_tool", "http", 64, 128, "tool", 1, max_tokens=FF_MAX_TOKENS, temperature=0.0),
+    _p("c64_tool_off", "http", 64, 128, "tool_off", 1, max_tokens=FF_MAX_TOKENS, temperature=0.0),
+    *_ff(2, 2),
+]
+PHASES["32b-snap"] = [
+    _p("c64_unc_a", "http", 64, 128, "unc", 1),
+    *_matrix(256),
+    *(_knee(c, 1) for c in (1, 8, 16, 32, 64, 128)),
+    _p("c64_unc_b", "http", 64, 128, "unc", 1),
+    *(_knee(c, 2) for c in (24, 48, 96)),
+]
+
+
+def request_body(i: int, mode: str, max_tokens: int, temperature: float = TEMPERATURE) -> dict[str, Any]:
+    """The ``/generate_api`` body of request ``i`` of a phase in ``mode``."""
+    base = mode.removesuffix("_off")
+    body: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
+    if mode.endswith("_off"):
+        body["fast_forward"] = False
+    if base == "tool":
+        city = ("Paris", "Lisbon", "Osaka", "Lima")[i % 4]
+        body["messages"] = [{"role": "user", "content": f"Request {i}. What's the weather in {city}?"}]
+        body["constraints"] = {"tools": [FF_TOOL], "tool_choice": "get_weather"}
+        return body
+    if base == "xjson":
+        text = f"Invoice INV-{1000 + i} for Ada Lovelace, total 1,{i:03d}.50 EUR, paid, 3 line items."
+        body["messages"] = [{"role": "user", "content": f"Extract the invoice fields as JSON.\n\n{text}"}]
+        body["constraints"] = {"json_schema": FF_EXTRACTION_SCHEMA}
+        return body
+    body["prompt"] = prompt_for(i, mode)
+    cons = constraints_for(mode)
+    if cons is not None:
+        body["constraints"] = cons
+    return body
 
 
 def constraints_for(mode: str) -> dict[str, Any] | None:

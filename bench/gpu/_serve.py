@@ -57,6 +57,15 @@ class _FakeEngine:
                 ll_tok = llguidance.hf.from_tokenizer(tok, n_vocab=VOCAB)
                 self.compiler = ConstraintCompiler(ll_tok, vocab_size=VOCAB, eos_token_ids=self.eos_token_ids)
 
+                class SleepyLLM:  # vLLM's sleep-mode calls, for Engine.sleep / Engine.wake
+                    async def sleep(self, level: int = 1) -> None:
+                        await asyncio.sleep(0.01)
+
+                    async def wake_up(self) -> None:
+                        await asyncio.sleep(0.01)
+
+                self._llm = SleepyLLM()
+
             async def stream(self, prompt: str, **kw: Any) -> Any:  # type: ignore[override]
                 text = '[{"id":1,"name":"a","ok":true}' if kw.get("constraint") else "x"
                 for i in range(kw["max_tokens"]):
@@ -173,7 +182,7 @@ def add_bench_routes(app: Any, engine: Any, fake: bool) -> None:
 
 
 def add_sleep_routes(app: Any, engine: Any) -> None:
-    """``/_bench/sleep`` and ``/_bench/wake``: vLLM's sleep mode on the engine, timed."""
+    """``/_bench/sleep``, ``/_bench/wake``: ``Engine.sleep`` / ``Engine.wake`` (vLLM sleep mode), timed."""
     from fastapi import Body
 
     @app.post("/_bench/sleep")
@@ -182,18 +191,15 @@ def add_sleep_routes(app: Any, engine: Any) -> None:
         CPU memory and drops the KV cache, as before a GPU memory snapshot."""
         level = int(body.get("level", 1))
         t = time.perf_counter()
-        await engine._llm.sleep(level=level)
-        return {
-            "level": level,
-            "sleep_s": round(time.perf_counter() - t, 3),
-            "is_sleeping": await engine._llm.is_sleeping(),
-        }
+        took = await engine.sleep(level)  # the service's own call, as modal_service/app.py makes it
+        return {"level": level, "sleep_s": round(time.perf_counter() - t, 3), "engine_s": round(took, 3)}
 
     @app.post("/_bench/wake")
     async def wake() -> dict[str, Any]:
         t = time.perf_counter()
-        await engine._llm.wake_up()
-        return {"wake_s": round(time.perf_counter() - t, 3), "is_sleeping": await engine._llm.is_sleeping()}
+        took = await engine.wake()
+        wall = round(time.perf_counter() - t, 3)
+        return {"wake_s": wall, "engine_s": round(took, 3), "state": engine.state}
 
 
 def serve(spec: dict[str, Any]) -> None:
@@ -218,6 +224,8 @@ def serve(spec: dict[str, Any]) -> None:
         enforce_eager=spec["enforce_eager"],
         max_num_seqs=256,
         load_format="dummy",
+        sleep_mode=spec.get("sleep_mode", False),
+        fast_forward=spec.get("fast_forward", False),
         extra=spec.get("extra", {}),
     )
     engine = _FakeEngine.make(config) if spec.get("fake") else Engine(config)

@@ -50,6 +50,7 @@ from bench.gpu._plan import (
     CLOSING_SCHEMA,
     DEFAULT_ENGINES,
     ENGINES,
+    FF_MAX_TOKENS,
     MAX_TOKENS,
     PHASES,
     TEMPERATURE,
@@ -306,6 +307,8 @@ class Bench:
             "model": model,
             "enforce_eager": eng["enforce_eager"],
             "extra": eng["extra"],
+            "sleep_mode": eng.get("sleep_mode", False),
+            "fast_forward": eng.get("fast_forward", False),
             "port": port,
             "fake": self.fake,
         }
@@ -385,6 +388,11 @@ class Bench:
         res["ready_wall_s"] = round(time.time() - t_launch, 2)
         log(f"engine {name} ready: engine {info.get('engine_start_s')}s, process {res['ready_wall_s']}s")
         self.save()
+        if eng.get("sleep_first"):
+            # Modal's snapshot path as modal_service.app runs it: Engine.start (done), warm_up, sleep; then
+            # after the restore, wake and the first user requests
+            self._prod_warm_up(res, port)
+            self._sleep_cycles(res, port, int(eng["sleep_cycles"]), probe_dir)
         # warm-up; the very first constrained request initialises the llguidance backend in EngineCore
         for wname, kind, mode, c, n, max_tokens in self.warmups(eng):
             self._phase(
@@ -416,7 +424,7 @@ class Bench:
                     continue
                 self._phase(res, ph, port, est, probe_dir)
             # after the priority-1 phases (a failed sleep loses less), with time left for them
-            if prio == 1 and eng.get("sleep_cycles"):
+            if prio == 1 and eng.get("sleep_cycles") and not eng.get("sleep_first"):
                 if self.elapsed() + 70 > end_by:
                     self.results["skipped"].append(f"{name}/sleep cycles")
                 else:
@@ -429,6 +437,19 @@ class Bench:
                 summary["probe"] = probe_summary(
                     probe_dir, win[0], win[1], summary["c"], info.get("pid"), recs
                 )
+
+    def _prod_warm_up(self, res: dict[str, Any], port: int) -> None:
+        """``modal_service.app.warm_up``, what ``@modal.enter(snap=True)`` runs before the sleep."""
+        try:
+            from modal_service.app import warm_up
+
+            t = time.perf_counter()
+            res["prod_warm_up"] = {"requests_s": warm_up(f"http://127.0.0.1:{port}", "none")}
+            res["prod_warm_up"]["total_s"] = round(time.perf_counter() - t, 3)
+        except Exception as exc:
+            res["prod_warm_up"] = {"error": f"{type(exc).__name__}: {exc}"}
+        log(f"  production warm-up: {res['prod_warm_up']}")
+        self.save()
 
     def _sleep_cycles(self, res: dict[str, Any], port: int, cycles: int, probe_dir: Path) -> None:
         """Sleep mode as Modal's GPU-snapshot path uses it: the engine is up and warmed (``Engine.start``
@@ -466,7 +487,7 @@ class Bench:
                 return
             out.append(cyc)
             log(f"  sleep cycle {k}: {cyc}")
-            order = ("unc", "json") if k % 2 else ("json", "unc")
+            order = ("unc", "json", "tool") if k % 2 else ("tool", "json", "unc")
             for i, mode in enumerate(order, start=1):
                 self._phase(
                     res,
@@ -476,7 +497,8 @@ class Bench:
                         "c": 1,
                         "n": 1,
                         "mode": mode,
-                        "max_tokens": MAX_TOKENS,
+                        "max_tokens": MAX_TOKENS if mode != "tool" else FF_MAX_TOKENS,
+                        "temperature": TEMPERATURE if mode != "tool" else 0.0,
                     },
                     port,
                     30,
@@ -511,7 +533,15 @@ class Bench:
                 )
             else:
                 recs, wall = asyncio.run(
-                    http_phase(port, ph["c"], ph["n"], ph["mode"], max(60, 4 * est), max_tokens=max_tokens)
+                    http_phase(
+                        port,
+                        ph["c"],
+                        ph["n"],
+                        ph["mode"],
+                        max(60, 4 * est),
+                        max_tokens=max_tokens,
+                        temperature=ph.get("temperature", TEMPERATURE),
+                    )
                 )
             summary = summarize(recs, wall, ph["c"])
             if ph["n"] == 1 and recs:  # a single request (after a wake): its own latency and TTFT
