@@ -57,14 +57,13 @@ class _FakeEngine:
                 ll_tok = llguidance.hf.from_tokenizer(tok, n_vocab=VOCAB)
                 self.compiler = ConstraintCompiler(ll_tok, vocab_size=VOCAB, eos_token_ids=self.eos_token_ids)
 
-                class SleepyLLM:  # vLLM's sleep-mode calls, for Engine.sleep / Engine.wake
-                    async def sleep(self, level: int = 1) -> None:
-                        await asyncio.sleep(0.01)
+            async def sleep(self, level: int = 1) -> float:
+                self.state = "sleeping"
+                return 0.01
 
-                    async def wake_up(self) -> None:
-                        await asyncio.sleep(0.01)
-
-                self._llm = SleepyLLM()
+            async def wake(self) -> float:
+                self.state = "ok"
+                return 0.01
 
             async def stream(self, prompt: str, **kw: Any) -> Any:  # type: ignore[override]
                 text = '[{"id":1,"name":"a","ok":true}' if kw.get("constraint") else "x"
