@@ -361,7 +361,7 @@ def request_body(i: int, mode: str, max_tokens: int, temperature: float = TEMPER
     if base == "tool":
         city = ("Paris", "Lisbon", "Osaka", "Lima")[i % 4]
         body["messages"] = [{"role": "user", "content": f"Request {i}. What's the weather in {city}?"}]
-        body["constraints"] = {"tools": [FF_TOOL], "tool_choice": "get_weather"}
+        body["tools"], body["tool_choice"] = [FF_TOOL], "get_weather"
         return body
     if base == "xjson":
         text = f"Invoice INV-{1000 + i} for Ada Lovelace, total 1,{i:03d}.50 EUR, paid, 3 line items."

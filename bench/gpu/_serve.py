@@ -52,6 +52,9 @@ class _FakeEngine:
                 from modal_service.constraints.compiler import ConstraintCompiler
 
                 tok = PreTrainedTokenizerFast(tokenizer_file=str(Path(self.config.model) / "tokenizer.json"))
+                with contextlib.suppress(OSError, KeyError):
+                    cfg = json.loads((Path(self.config.model) / "tokenizer_config.json").read_text())
+                    tok.chat_template = cfg["chat_template"]
                 self.tokenizer = tok
                 self.eos_token_ids = frozenset({151645})
                 ll_tok = llguidance.hf.from_tokenizer(tok, n_vocab=VOCAB)
