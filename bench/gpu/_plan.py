@@ -343,6 +343,36 @@ PHASES["32b-ff"] = [
     _p("c64_tool_off", "http", 64, 128, "tool_off", 1, max_tokens=FF_MAX_TOKENS, temperature=0.0),
     *_ff(2, 2),
 ]
+# What fast-forward's engine setting costs unconstrained text at c=64 (issue 21), factor by factor, one
+# engine each, all with sleep mode (the production setting): the app's setting; without async
+# scheduling (fast-forward turns it off); also on vLLM's V1 model runner (0.32 runs a custom_class
+# proposer there); fast-forward itself.
+_AB = {
+    "32b-ab-app": {},
+    "32b-ab-sync": {"extra": {"async_scheduling": False}},
+    "32b-ab-v1sync": {"extra": {"async_scheduling": False}, "env": {"VLLM_USE_V2_MODEL_RUNNER": "0"}},
+    "32b-ab-ff": {"fast_forward": True},
+}
+for _name, _diff in _AB.items():
+    ENGINES.append(
+        {
+            "name": _name,
+            "arch": "qwen2.5-coder-32b",
+            "enforce_eager": False,
+            "extra": {},
+            "sleep_mode": True,
+            "diag": False,
+            "end_by": 585,
+            "start_est": 90,
+            "step": STEP_032,
+            **_diff,
+        }
+    )
+    PHASES[_name] = [
+        _p("c1_unc", "http", 1, 3, "unc", 1),
+        _p("c64_unc_1", "http", 64, 128, "unc", 1),
+        _p("c64_unc_2", "http", 64, 128, "unc", 1),
+    ]
 PHASES["32b-snap"] = [
     _p("c64_unc_a", "http", 64, 128, "unc", 1),
     *_matrix(256),
