@@ -513,8 +513,17 @@ def test_hooks_start_warm_sleep_then_wake(
     options = rec.one("cls")[1]
     assert ("enable_memory_snapshot" in options) is (snapshots == "1")
     assert module.engine_kwargs(module.CONFIG)["sleep_mode"] is (snapshots == "1")
+    assert module.engine_kwargs(module.CONFIG)["fast_forward"] is False  # off unless ANANKE_FAST_FORWARD
     server.stop()
     assert server.server.stopped
+
+
+def test_fast_forward_is_a_deploy_switch() -> None:
+    on = load_config({"ANANKE_FAST_FORWARD": "1"})
+    assert engine_kwargs(on)["fast_forward"] is True
+    assert load_config(container_env(on)) == on
+    with pytest.raises(ValueError, match="ANANKE_FAST_FORWARD"):
+        load_config({"ANANKE_FAST_FORWARD": "sometimes"})
 
 
 # -------------------------------------------------------------------------------------- smoke test
