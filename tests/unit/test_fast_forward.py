@@ -144,6 +144,7 @@ def test_engine_kwargs_and_status(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fast_forward.STATUS["fast_forward"] == "off (--fast-forward off)"
     kwargs = fast_forward.engine_kwargs(True)
     assert fast_forward.STATUS["fast_forward"] == "on"
+    assert fast_forward.STATUS["no_draft_sampling"] == "applied"
     assert kwargs["speculative_config"]["method"] == "custom_class"
     assert kwargs["speculative_config"]["model"] == fast_forward.PROPOSER
     assert kwargs["scheduler_cls"] == fast_forward.SCHEDULER
@@ -154,13 +155,110 @@ def test_engine_kwargs_and_status(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fast_forward.STATUS["fast_forward"].startswith("not applied: built for vLLM 0.0.1")
 
 
-def test_class_paths_resolve_and_the_proposer_proposes_nothing() -> None:
+def test_class_paths_resolve_and_the_proposer_proposes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib
+
+    # building the proposer patches vLLM's model runner class: not in this process
+    monkeypatch.setenv(fast_forward.NO_DRAFT_SAMPLING_ENV, "0")
 
     for path in (fast_forward.PROPOSER, fast_forward.SCHEDULER):
         module, name = path.rsplit(".", 1)
         assert getattr(importlib.import_module(module), name) is not None
     assert fast_forward.NoDraftProposer(None).propose([[1], [2, 3]], None, None) == [[], []]
+
+
+def _runner_class() -> type:
+    """A copy of vLLM's model runner class to patch (the real one stays as it is)."""
+    base = fast_forward._runner_base()
+    return type("Runner", (base,), {"_sample": base._sample})
+
+
+def test_no_draft_sampling_sends_a_batch_without_drafts_to_the_plain_sampler() -> None:
+    import torch
+    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+
+    runner = _runner_class()
+    original = runner._sample  # type: ignore[attr-defined]
+    assert fast_forward.no_draft_sampling_check(runner) is None
+    assert fast_forward.patch_no_draft_sampling(runner) == "applied"
+    assert fast_forward.patch_no_draft_sampling(runner) == "applied (already)"
+    assert runner._sample.__wrapped__ is original  # type: ignore[attr-defined]
+    assert fast_forward._runner_base()._sample is original  # vLLM's class is untouched
+
+    # a stand-in for vLLM's _sample, with what the check reads: which sampler gets the batch?
+    def _sample(self: Any, logits: Any, spec_decode_metadata: Any) -> Any:
+        return self.sampler if spec_decode_metadata is None else self.rejection_sampler
+
+    stand_in = type("StandIn", (), {"_sample": _sample, "sampler": "plain", "rejection_sampler": "rejection"})
+    assert fast_forward.patch_no_draft_sampling(stand_in) == "applied"
+    runner_ = stand_in()
+    dummy = SpecDecodeMetadata.make_dummy
+    cpu = torch.device("cpu")
+    assert runner_._sample(None, dummy([[], [], []], cpu)) == "plain"
+    assert runner_._sample(None, dummy([[], [5, 6], []], cpu)) == "rejection"
+    assert runner_._sample(None, None) == "plain"
+
+    def other(self: Any, logits: Any) -> Any:
+        return self.sampler
+
+    assert fast_forward.patch_no_draft_sampling(type("Other", (), {"_sample": other})) == (
+        "not applied: vLLM's model runner _sample takes other arguments"
+    )
+
+    def no_rejection(self: Any, logits: Any, spec_decode_metadata: Any) -> Any:
+        return self.sampler
+
+    assert fast_forward.patch_no_draft_sampling(type("Other", (), {"_sample": no_rejection})).startswith(
+        "not applied: vLLM's model runner _sample no longer picks"
+    )
+
+
+def test_no_draft_sampling_gives_the_rejection_samplers_tokens() -> None:
+    """Greedy and seeded-random: the plain sampler on a batch without drafts picks what vLLM's
+    rejection sampler picks for it (its bonus token), from the same logits."""
+    import torch
+    from vllm.v1.sample.logits_processor import LogitsProcessors
+    from vllm.v1.sample.metadata import SamplingMetadata
+    from vllm.v1.sample.sampler import Sampler
+
+    n, vocab = 4, 97
+    logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    meta = SamplingMetadata(
+        temperature=None, all_greedy=True, all_random=False, top_p=None, top_k=None, generators={},
+        max_num_logprobs=None, no_penalties=True, prompt_token_ids=None,
+        frequency_penalties=torch.zeros(n), presence_penalties=torch.zeros(n),
+        repetition_penalties=torch.ones(n), output_token_ids=[[] for _ in range(n)],
+        allowed_token_ids_mask=None, bad_words_token_ids={}, logitsprocs=LogitsProcessors(),
+    )  # fmt: skip
+    sampler = Sampler()
+    plain = sampler(logits=logits.clone(), sampling_metadata=meta).sampled_token_ids
+    # the rejection sampler's bonus sampling with no drafts: the same rows, its own options
+    from dataclasses import replace
+
+    bonus = sampler(
+        logits=logits.clone()[torch.arange(n)],
+        sampling_metadata=replace(meta, max_num_logprobs=-1),
+        predict_bonus_token=True,
+        logprobs_mode_override="raw_logits",
+    ).sampled_token_ids
+    assert torch.equal(plain, bonus)
+    assert plain.view(-1).tolist() == logits.float().argmax(-1).tolist()
+
+
+def test_no_draft_sampling_switch_and_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(fast_forward.NO_DRAFT_SAMPLING_ENV, "0")
+    off = "off (ANANKE_FF_NO_DRAFT_SAMPLING=0)"
+    assert fast_forward.apply_no_draft_sampling() == off
+    fast_forward.engine_kwargs(True)
+    assert fast_forward.STATUS["fast_forward"] == f"on (no-draft sampling: {off})"
+    monkeypatch.delenv(fast_forward.NO_DRAFT_SAMPLING_ENV)
+    copy = _runner_class()
+    monkeypatch.setattr(fast_forward, "_runner_base", lambda: copy)
+    assert fast_forward.apply_no_draft_sampling() == "applied"
+    monkeypatch.setattr(fast_forward, "no_draft_sampling_check", lambda runner_cls=None: "changed")
+    fast_forward.engine_kwargs(True)
+    assert fast_forward.STATUS["fast_forward"] == "on (no-draft sampling: not applied: changed)"
+    assert fast_forward.STATUS["no_draft_sampling"] == "not applied: changed"
 
 
 def test_request_switch_on_both_apis() -> None:
