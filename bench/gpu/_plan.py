@@ -343,15 +343,15 @@ PHASES["32b-ff"] = [
     _p("c64_tool_off", "http", 64, 128, "tool_off", 1, max_tokens=FF_MAX_TOKENS, temperature=0.0),
     *_ff(2, 2),
 ]
-# What fast-forward's engine setting costs unconstrained text at c=64 (issue 21), factor by factor, one
-# engine each, all with sleep mode (the production setting): the app's setting; without async
-# scheduling (fast-forward turns it off); also on vLLM's V1 model runner (0.32 runs a custom_class
-# proposer there); fast-forward itself.
+# What fast-forward's engine setting costs unconstrained text at c=64 (issue 21), one engine each, all
+# with sleep mode (the production setting): the app's setting; fast-forward (its no-draft sampling
+# shortcut applied); fast-forward with vLLM's rejection sampler on every step (the shortcut off); and
+# the app's setting without async scheduling (fast-forward turns it off).
 _AB = {
     "32b-ab-app": {},
-    "32b-ab-sync": {"extra": {"async_scheduling": False}},
-    "32b-ab-v1sync": {"extra": {"async_scheduling": False}, "env": {"VLLM_USE_V2_MODEL_RUNNER": "0"}},
     "32b-ab-ff": {"fast_forward": True},
+    "32b-ab-ffrs": {"fast_forward": True, "env": {"ANANKE_FF_NO_DRAFT_SAMPLING": "0"}},
+    "32b-ab-sync": {"extra": {"async_scheduling": False}},
 }
 for _name, _diff in _AB.items():
     ENGINES.append(
