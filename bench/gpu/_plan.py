@@ -87,68 +87,24 @@ ENGINES: list[dict[str, Any]] = [
 # is put to sleep and woken (sleep_cycles), each time followed by single requests.
 # "32b-knee": the latency knee (1.5k-token prompts, 200-token outputs) on the app's setting.
 STEP_032 = {1: 24, 8: 26, 64: 36, 256: 60}  # H100 estimates, for the time guard only
+
+
+def _e032(name: str, **kw: Any) -> dict[str, Any]:
+    """An engine of the 0.32 runs: the app's setting (32B shape, compiled) plus ``kw``."""
+    base = {"arch": "qwen2.5-coder-32b", "enforce_eager": False, "extra": {}, "diag": False}
+    return {"name": name, **base, "end_by": 585, "start_est": 200, "step": STEP_032, **kw}
+
+
 ENGINES += [
-    {
-        "name": "32b-app",
-        "arch": "qwen2.5-coder-32b",
-        "enforce_eager": False,
-        "extra": {},
-        "diag": False,
-        "end_by": 585,
-        "start_est": 200,
-        "step": STEP_032,
-    },
-    {
-        "name": "32b-sleep",
-        "arch": "qwen2.5-coder-32b",
-        "enforce_eager": False,
-        "extra": {},
-        "sleep_mode": True,
-        "diag": False,
-        "sleep_cycles": 2,
-        "end_by": 585,
-        "start_est": 200,
-        "step": STEP_032,
-    },
+    _e032("32b-app"),
+    _e032("32b-sleep", sleep_mode=True, sleep_cycles=2),
     # Issue 21 on the GPU: the snapshot setting (sleep mode) with fast-forward on; its phases switch it
     # off per request ("_off" modes), and its unconstrained c=64 compares with 32b-snap's.
-    {
-        "name": "32b-ff",
-        "arch": "qwen2.5-coder-32b",
-        "enforce_eager": False,
-        "extra": {},
-        "sleep_mode": True,
-        "fast_forward": True,
-        "diag": False,
-        "end_by": 585,
-        "start_est": 200,
-        "step": STEP_032,
-    },
+    _e032("32b-ff", sleep_mode=True, fast_forward=True),
     # 32b-sleep's engine with the phases issue 23 still lacked after the first 0.32 run: the sleep
     # cycles (first), JSON / unconstrained at c=256, the knee, and c=64 unconstrained for 32b-ff.
-    {
-        "name": "32b-snap",
-        "arch": "qwen2.5-coder-32b",
-        "enforce_eager": False,
-        "extra": {},
-        "sleep_mode": True,
-        "diag": False,
-        "sleep_cycles": 2,
-        "sleep_first": True,
-        "end_by": 585,
-        "start_est": 200,
-        "step": STEP_032,
-    },
-    {
-        "name": "32b-knee",
-        "arch": "qwen2.5-coder-32b",
-        "enforce_eager": False,
-        "extra": {},
-        "diag": False,
-        "end_by": 585,
-        "start_est": 200,
-        "step": STEP_032,
-    },
+    _e032("32b-snap", sleep_mode=True, sleep_cycles=2, sleep_first=True),
+    _e032("32b-knee"),
 ]
 DEFAULT_ENGINES = ["32b-graphs", "32b-compile", "7b-graphs"]
 
@@ -354,20 +310,7 @@ _AB = {
     "32b-ab-sync": {"extra": {"async_scheduling": False}},
 }
 for _name, _diff in _AB.items():
-    ENGINES.append(
-        {
-            "name": _name,
-            "arch": "qwen2.5-coder-32b",
-            "enforce_eager": False,
-            "extra": {},
-            "sleep_mode": True,
-            "diag": False,
-            "end_by": 585,
-            "start_est": 90,
-            "step": STEP_032,
-            **_diff,
-        }
-    )
+    ENGINES.append(_e032(_name, sleep_mode=True, start_est=90, **_diff))
     PHASES[_name] = [
         _p("c1_unc", "http", 1, 3, "unc", 1),
         _p("c64_unc_1", "http", 64, 128, "unc", 1),
