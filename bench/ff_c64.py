@@ -4,9 +4,12 @@ A focused companion to :mod:`bench.fast_forward`, whose c=64 phase this repeats 
 same ``_block``), against two servers that are already up (``--on URL --off URL``: ``ananke serve
 --fast-forward on`` and ``off``, otherwise the same flags). Blocks go A-B-B-A (``on, off, off, on``,
 repeated). For each block it also records the CPU seconds that each process of the serving server
-used (the API process, vLLM's EngineCore, its worker), read from ``/proc`` before and after, so a cost
-shows up in the process that pays it. ``--py-spy DIR`` records a ``py-spy`` profile (``--format raw``,
-collapsed stacks) of EngineCore and the worker during the first block of each arm.
+used (the API process, vLLM's EngineCore, its worker), read from ``/proc`` before and after (vLLM's
+processes busy-wait on each other, so these are close to the wall time: a hint, not a cost). Blocks
+are ``--pause`` seconds apart: an idle vLLM worker keeps spinning for 1 s after its last step
+(``SpinCondition``), and both servers' workers are pinned to core 0. ``--py-spy DIR`` records a
+``py-spy`` profile (``--format raw``, collapsed stacks) of EngineCore and the worker during the first
+block of each arm.
 
     python -m bench.ff_c64 --on http://127.0.0.1:18401 --off http://127.0.0.1:18402 --rounds 2
 """
@@ -92,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block", type=int, default=128, help="requests per block")
     parser.add_argument("--c", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=64, help="requests per server before the blocks")
+    parser.add_argument(
+        "--pause",
+        type=float,
+        default=2.0,
+        help="seconds between blocks: vLLM's idle worker spins for 1 s after its last step, on core 0, "
+        "where both servers' workers are pinned",
+    )
     parser.add_argument("--py-spy", type=Path, help="record py-spy profiles here (first block per arm)")
     parser.add_argument("--spy-seconds", type=int, default=8)
     parser.add_argument("--label", default="", help="free text stored with the result")
@@ -116,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     spied: set[str] = set()
     for b in range(4 * args.rounds):
         arm = ("on", "off", "off", "on")[b % 4]
+        time.sleep(args.pause)
         spies = []
         if args.py_spy and arm not in spied:
             args.py_spy.mkdir(parents=True, exist_ok=True)
@@ -138,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         result["blocks"].append(block)
         print(f"[{time.strftime('%H:%M:%S')}] {arm}: {block['tok_s']} tok/s {block['wall_s']} s "
               f"cpu {block['cpu_s']} steps {block['decode_steps']}", flush=True)  # fmt: skip
+    _summarize(result)
+    out = args.out / f"ff_c64-{stamp}.json"
+    write_json(out, result)
+    print(out)
+    return 0
+
+
+def _summarize(result: dict[str, Any]) -> None:
     sums: dict[str, dict[str, float]] = {}
     for block in result["blocks"]:
         if block["profiled"]:
@@ -150,10 +169,6 @@ def main(argv: list[str] | None = None) -> int:
         result["tok_s"] = {arm: round(r, 2) for arm, r in rate.items()}
         result["ratio_on_off"] = round(rate["on"] / rate["off"], 3)
         print(f"on/off tok/s: {result['ratio_on_off']} ({result['tok_s']})")
-    out = args.out / f"ff_c64-{stamp}.json"
-    write_json(out, result)
-    print(out)
-    return 0
 
 
 if __name__ == "__main__":
