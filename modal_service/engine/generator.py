@@ -175,9 +175,10 @@ class Generator:
                     logprobs.extend(delta.logprobs or ())
                     finish = delta.finish_reason or finish
                     steps = delta.steps or steps
-                    if guard_span and guard is None and len(token_ids) - checked >= GUARD_EVERY:
-                        checked = len(token_ids)
-                        guard, closed = await self._guard(req, plan, token_ids, guard_span, sent_tokens)
+                    if guard_span and guard is None:
+                        checked, guard, closed = await self._guard_upto(
+                            req, plan, token_ids, checked, guard_span, sent_tokens
+                        )
                         if closed is not None:
                             text_parts, token_ids, closing = [closed[0]], closed[1], closed[2]
                             finish = "loop_guard"
@@ -283,6 +284,26 @@ class Generator:
         if not plan.closable or (req.constraints and not req.constraints.loop_guard):
             return 0
         return span if req.max_tokens >= 2 * span else 0
+
+    async def _guard_upto(  # noqa: PLR0917
+        self,
+        req: GenerateRequest,
+        plan: Plan,
+        token_ids: list[int],
+        checked: int,
+        span: int,
+        sent_tokens: int,
+    ) -> tuple[int, dict[str, Any] | None, tuple[str, list[int], dict[str, int | bool]] | None]:
+        """:meth:`_guard` at every ``GUARD_EVERY``-th token past ``checked``, up to the output's length:
+        exactly there, however the tokens arrive (one a step, or several when fast-forward adds forced
+        ones), so the same tokens meet the same verdict. ``(tokens checked, metadata.loop_guard, the
+        closed output)``."""
+        guard: dict[str, Any] | None = None
+        closed = None
+        while guard is None and checked + GUARD_EVERY <= len(token_ids):
+            checked += GUARD_EVERY
+            guard, closed = await self._guard(req, plan, token_ids[:checked], span, sent_tokens)
+        return checked, guard, closed
 
     async def _guard(
         self, req: GenerateRequest, plan: Plan, token_ids: list[int], span: int, sent_tokens: int

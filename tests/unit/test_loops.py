@@ -73,3 +73,43 @@ def test_periods_longer_than_the_limit_are_not_loops() -> None:
     rng = random.Random(2)
     unit = [rng.randrange(60) for _ in range(MAX_PERIOD + 3)]
     assert find_loop(unit * 8, decode) is None
+
+
+def test_the_guard_checks_the_same_positions_however_the_tokens_arrive() -> None:
+    """Fast-forward hands the generator several tokens at once; the guard still looks at every
+    GUARD_EVERY-th token exactly, so on and off meet the same verdict at the same token."""
+    import asyncio
+    from typing import Any
+
+    from modal_service.engine.generator import GUARD_EVERY, Generator
+
+    looked: list[list[int]] = []
+
+    class Probe(Generator):
+        def __init__(self) -> None:  # no engine: only the checkpoint walk is under test
+            pass
+
+        async def _guard(self, req: Any, plan: Any, token_ids: list[int], span: int, sent: int) -> Any:
+            looked.append(list(token_ids))
+            if len(token_ids) == 3 * GUARD_EVERY:
+                return {"fired": True}, ("x", token_ids, {})
+            return None, None
+
+    tokens = list(range(5 * GUARD_EVERY + 3))
+
+    def walk(chunks: list[int]) -> tuple[list[list[int]], int]:
+        looked.clear()
+        probe, checked, seen = Probe(), 0, 0
+        for end in chunks:
+            seen = end
+            upto = probe._guard_upto(None, None, tokens[:seen], checked, 48, 0)  # type: ignore[arg-type]
+            checked, guard, _closed = asyncio.run(upto)
+            if guard is not None:
+                break
+        return list(looked), seen
+
+    one_by_one, stopped_one = walk(list(range(1, len(tokens) + 1)))
+    chunked, stopped_chunked = walk([5, 13, 30, len(tokens)])  # forced runs of several tokens
+    assert one_by_one == chunked
+    assert [len(t) for t in chunked] == [GUARD_EVERY, 2 * GUARD_EVERY, 3 * GUARD_EVERY]
+    assert (stopped_one, stopped_chunked) == (3 * GUARD_EVERY, 30)  # the verdict at token 24 either way
