@@ -353,7 +353,9 @@ class ModelList(BaseModel):
 class HealthResponse(BaseModel):
     """``GET /health``."""
 
-    status: Literal["loading", "ok", "error"]
+    status: Literal["loading", "ok", "sleeping", "error"]
+    """``sleeping``: the engine is in vLLM's sleep mode (a Modal container between its snapshot and its
+    wake); answered 503 with ``Retry-After`` like ``loading``."""
     model: str | None = None
     detail: str | None = None
 

@@ -90,10 +90,10 @@ def create_app(
 
     @app.get("/health", response_model=HealthResponse)
     async def health() -> JSONResponse:
-        """``loading`` until the engine is ready, then ``ok``; ``error`` if it failed, died or the
-        server is draining. Also reports load: ``inflight`` (admitted requests) and
-        ``engine_unfinished`` (requests the engine is still working on), the ``dtype`` it runs in, and
-        ``fast_forward`` (``on``, ``off (...)`` or ``not applied: <why>``)."""
+        """``loading`` until the engine is ready, then ``ok``; ``sleeping`` while the engine sleeps (a
+        Modal snapshot); ``error`` if it failed, died or the server is draining. Also reports load:
+        ``inflight`` (admitted requests) and ``engine_unfinished`` (requests the engine is still working
+        on), the ``dtype`` it runs in, and ``fast_forward`` (``on``, ``off (...)``, ``not applied: ...``)."""
         state = {"idle": "loading", "loading": "loading"}.get(engine.state, engine.state)
         detail = engine.error
         if state == "ok" and engine.is_dead:
