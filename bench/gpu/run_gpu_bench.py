@@ -609,16 +609,9 @@ class Bench:
         res["shutdown_s"] = round(time.time() - t0, 1)
         if not self.fake:  # wait until the GPU memory is back before the next engine
             for _ in range(40):
-                with contextlib.suppress(Exception):
-                    used = subprocess.run(
-                        ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                        check=False,
-                        capture_output=True,
-                        text=True,
-                        timeout=10,
-                    ).stdout
-                    if int(used.split()[0]) < 4000:
-                        break
+                used = gpu_mib()
+                if used is not None and used < 4000:
+                    break
                 time.sleep(0.5)
 
     def run(self, engines: list[str] | None) -> None:
