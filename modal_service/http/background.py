@@ -41,11 +41,9 @@ class BackgroundServer:
         engine's start in the background). Raises if uvicorn stopped first."""
         if self._thread is not None:
             raise RuntimeError("BackgroundServer.start: already started")
-        looping = threading.Event()
 
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
-            looping.set()
             await self._server.serve()
 
         def run() -> None:
@@ -53,18 +51,16 @@ class BackgroundServer:
                 asyncio.run(main())
             except BaseException as exc:
                 self._error = exc
-            finally:
-                looping.set()
 
         self._thread = threading.Thread(target=run, name="ananke-http", daemon=True)
         self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive():
-                raise RuntimeError(f"the server stopped while starting: {self._error!r}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the server did not listen on port {self.port} within {timeout_s:.0f} s")
-            time.sleep(0.05)
+        self._poll(
+            lambda: bool(self._server.started),
+            timeout_s=timeout_s,
+            poll_s=0.05,
+            stopped="while starting",
+            late=f"the server did not listen on port {self.port} within {timeout_s:.0f} s",
+        )
 
     def call(self, make: Callable[[], Coroutine[Any, Any, T]], timeout_s: float | None = None) -> T:
         """Run the coroutine ``make()`` on the server's loop (where the engine lives); its result."""
@@ -76,12 +72,25 @@ class BackgroundServer:
         self, ready: Callable[[], bool], *, timeout_s: float, what: str, poll_s: float = 0.5
     ) -> None:
         """Poll ``ready()`` until it holds; TimeoutError naming ``what`` after ``timeout_s``."""
+        self._poll(
+            ready,
+            timeout_s=timeout_s,
+            poll_s=poll_s,
+            stopped=f"while waiting for {what}",
+            late=f"{what}: not within {timeout_s:.0f} s",
+        )
+
+    def _poll(
+        self, ready: Callable[[], bool], *, timeout_s: float, poll_s: float, stopped: str, late: str
+    ) -> None:
+        """Poll ``ready()`` until it holds: RuntimeError ``the server stopped <stopped>`` if the server's
+        thread ends first, TimeoutError ``late`` after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while not ready():
             if self._thread is None or not self._thread.is_alive():
-                raise RuntimeError(f"the server stopped while waiting for {what}: {self._error!r}")
+                raise RuntimeError(f"the server stopped {stopped}: {self._error!r}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{what}: not within {timeout_s:.0f} s")
+                raise TimeoutError(late)
             time.sleep(poll_s)
 
     def stop(self, timeout_s: float = 60.0) -> None:
