@@ -127,6 +127,83 @@ def test_scheduler_sets_the_forced_tokens_as_drafts() -> None:
     assert requests["prefill"].spec_token_ids == []
 
 
+def test_scheduler_sets_the_drafts_after_the_step_where_the_round_trip_is_skipped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    requests = {"json": _request('{"id":12,'), "free": _request(None), "prefill": _request("", prefill=True)}
+    scheduler = _scheduler(requests)
+    base = fast_forward._scheduler_base()
+    seen: list[Any] = []
+    monkeypatch.setattr(base, "update_from_output", lambda self, out, runner: seen.append(out) or {"k": 1})
+    step = SimpleNamespace(num_scheduled_tokens={"json": 1, "free": 1, "prefill": 8, "gone": 1})
+    scheduler.drafts_after_output = False  # the engine will ask the worker: the drafts are set then
+    assert scheduler.update_from_output(step, None) == {"k": 1}
+    assert requests["json"].spec_token_ids == []
+    scheduler.drafts_after_output = True
+    assert scheduler.update_from_output(step, None) == {"k": 1}
+    assert seen == [step, step]
+    assert _text(requests["json"].spec_token_ids) == '"ok"'
+    assert requests["free"].spec_token_ids == []
+    assert requests["prefill"].spec_token_ids == []
+
+
+def _executor_class(proposer: str) -> tuple[type, Any]:
+    """A copy of vLLM's executor class for this engine's config, whose round trip is recorded."""
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    calls: list[str] = []
+    config = SimpleNamespace(speculative_config=SimpleNamespace(method="custom_class", model=proposer))
+
+    def take_draft_token_ids(self: Any) -> Any:
+        calls.append("rpc")
+        return "worker drafts"
+
+    cls = type("Executor", (MultiprocExecutor,), {"take_draft_token_ids": take_draft_token_ids})
+    executor = cls.__new__(cls)
+    executor.vllm_config = config
+    return cls, (executor, calls)
+
+
+def test_no_draft_rpc_answers_for_the_proposer_that_proposes_nothing() -> None:
+    cls, (executor, calls) = _executor_class(fast_forward.PROPOSER)
+    assert fast_forward.no_draft_rpc_check(cls) is None
+    assert fast_forward.patch_no_draft_rpc(cls) == "applied"
+    assert fast_forward.patch_no_draft_rpc(cls) == "applied (already)"
+    assert executor.take_draft_token_ids() is None
+    assert calls == []
+    # another proposer (a real draft model) still gets its drafts from the worker
+    executor.vllm_config.speculative_config.model = "some.other.Proposer"
+    assert executor.take_draft_token_ids() == "worker drafts"
+    assert calls == ["rpc"]
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    assert not getattr(MultiprocExecutor, fast_forward._RPC_MARK, False)  # vLLM's class is untouched
+    assert fast_forward.patch_no_draft_rpc(type("Bare", (), {})) == (
+        "not applied: vLLM's Bare has no take_draft_token_ids"
+    )
+
+
+def test_no_draft_rpc_switch_guard_and_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = SimpleNamespace(speculative_config=SimpleNamespace(method="ngram", model=None))
+    assert fast_forward.apply_no_draft_rpc(config) == (
+        "not applied: the speculative proposer is not fast-forward's"
+    )
+    monkeypatch.setenv(fast_forward.NO_DRAFT_RPC_ENV, "0")
+    assert fast_forward.apply_no_draft_rpc(config) == "off (ANANKE_FF_NO_DRAFT_RPC=0)"
+    fast_forward.engine_kwargs(True)
+    assert fast_forward.STATUS["fast_forward"] == "on (no-draft round trip: off (ANANKE_FF_NO_DRAFT_RPC=0))"
+    monkeypatch.delenv(fast_forward.NO_DRAFT_RPC_ENV)
+    monkeypatch.setattr(fast_forward, "VLLM_RELEASE", "0.0.1")
+    assert fast_forward.no_draft_rpc_check().startswith("built for vLLM 0.0.1")  # type: ignore[union-attr]
+    monkeypatch.undo()
+    monkeypatch.setattr(fast_forward, "no_draft_rpc_check", lambda executor_cls=None: "changed")
+    monkeypatch.setattr(fast_forward, "no_draft_sampling_check", lambda runner_cls=None: "moved")
+    fast_forward.engine_kwargs(True)
+    assert fast_forward.STATUS["fast_forward"] == (
+        "on (no-draft sampling: not applied: moved; no-draft round trip: not applied: changed)"
+    )
+
+
 def test_step_counts_from_the_spec_decode_histogram() -> None:
     # 31 tokens: 8 steps, of which steps accepted 4+5+... drafts: histogram[j] = steps accepting j
     metrics = SimpleNamespace(histogram=[1, 2, 0, 3, 0, 2] + [0] * 11)
@@ -145,6 +222,7 @@ def test_engine_kwargs_and_status(monkeypatch: pytest.MonkeyPatch) -> None:
     kwargs = fast_forward.engine_kwargs(True)
     assert fast_forward.STATUS["fast_forward"] == "on"
     assert fast_forward.STATUS["no_draft_sampling"] == "applied"
+    assert fast_forward.STATUS["no_draft_rpc"] == "applied"
     assert kwargs["speculative_config"]["method"] == "custom_class"
     assert kwargs["speculative_config"]["model"] == fast_forward.PROPOSER
     assert kwargs["scheduler_cls"] == fast_forward.SCHEDULER
