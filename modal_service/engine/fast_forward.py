@@ -144,19 +144,29 @@ def _switched_off(env: str) -> bool:
     return os.environ.get(env, "1").strip().lower() in {"0", "false", "no", "off"}
 
 
-def no_draft_sampling_check(runner_cls: type | None = None) -> str | None:
-    """Why :func:`patch_no_draft_sampling` cannot apply to the installed vLLM's model runner (or
-    ``runner_cls``), or None when it can."""
+def _release_mismatch() -> str | None:
+    """Why the installed vLLM is not the release this module was built for, or None."""
     try:
         import vllm
-        from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
-
-        cls = runner_cls if runner_cls is not None else _runner_base()
     except ImportError as exc:
         return f"vLLM internals not importable ({exc})"
     running = str(getattr(vllm, "__version__", ""))
     if running != VLLM_RELEASE:
         return f"built for vLLM {VLLM_RELEASE}, running {running or 'unknown'}"
+    return None
+
+
+def no_draft_sampling_check(runner_cls: type | None = None) -> str | None:
+    """Why :func:`patch_no_draft_sampling` cannot apply to the installed vLLM's model runner (or
+    ``runner_cls``), or None when it can."""
+    if (why := _release_mismatch()) is not None:
+        return why
+    try:
+        from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+
+        cls = runner_cls if runner_cls is not None else _runner_base()
+    except ImportError as exc:
+        return f"vLLM internals not importable ({exc})"
     sample = getattr(cls, "_sample", None)
     if not callable(sample):
         return "vLLM's model runner has no _sample"
@@ -176,19 +186,35 @@ def patch_no_draft_sampling(runner_cls: type) -> str:
     """Make ``runner_cls._sample`` (vLLM's model runner) sample a batch without drafts as vLLM does
     without speculative decoding; returns what happened (``applied``, ``applied (already)``,
     ``not applied: <why>``)."""
-    if getattr(runner_cls, _MARK, False):
+
+    def wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
+        def _sample(self: Any, logits: Any, spec_decode_metadata: Any) -> Any:
+            return original(self, logits, plain_if_no_drafts(spec_decode_metadata))
+
+        return _sample
+
+    return _wrap(runner_cls, "_sample", _MARK, lambda: no_draft_sampling_check(runner_cls), wrapper)
+
+
+def _wrap(
+    cls: type,
+    name: str,
+    mark: str,
+    check_fn: Callable[[], str | None],
+    wrapper: Callable[[Callable[..., Any]], Callable[..., Any]],
+) -> str:
+    """Replace ``cls.<name>`` by ``wrapper(original)`` once, where ``check_fn`` finds nothing against it;
+    returns ``applied``, ``applied (already)`` or ``not applied: <why>``."""
+    if getattr(cls, mark, False):
         return "applied (already)"
-    why = no_draft_sampling_check(runner_cls)
+    why = check_fn()
     if why is not None:
         return f"not applied: {why}"
-    original: Callable[..., Any] = runner_cls._sample  # type: ignore[attr-defined]
-
-    def _sample(self: Any, logits: Any, spec_decode_metadata: Any) -> Any:
-        return original(self, logits, plain_if_no_drafts(spec_decode_metadata))
-
-    _sample.__wrapped__ = original  # type: ignore[attr-defined]
-    runner_cls._sample = _sample  # type: ignore[attr-defined]
-    setattr(runner_cls, _MARK, True)
+    original: Callable[..., Any] = getattr(cls, name)
+    wrapped = wrapper(original)
+    wrapped.__wrapped__ = original  # type: ignore[attr-defined]
+    setattr(cls, name, wrapped)
+    setattr(cls, mark, True)
     return "applied"
 
 
@@ -226,15 +252,13 @@ def _executor_class(vllm_config: Any) -> type:
 def no_draft_rpc_check(executor_cls: type | None = None) -> str | None:
     """Why :func:`patch_no_draft_rpc` cannot apply to the installed vLLM (or to ``executor_cls``), or None
     when it can."""
+    if (why := _release_mismatch()) is not None:
+        return why
     try:
-        import vllm
         from vllm.v1.core.sched.scheduler import Scheduler
         from vllm.v1.engine.core import EngineCore
     except ImportError as exc:
         return f"vLLM internals not importable ({exc})"
-    running = str(getattr(vllm, "__version__", ""))
-    if running != VLLM_RELEASE:
-        return f"built for vLLM {VLLM_RELEASE}, running {running or 'unknown'}"
     post_step = getattr(getattr(EngineCore, "post_step", None), "__code__", None)
     if post_step is None or not {"take_draft_token_ids", "update_draft_token_ids"} <= set(post_step.co_names):
         return "vLLM's EngineCore.post_step no longer takes the drafts from the executor"
@@ -259,22 +283,18 @@ def patch_no_draft_rpc(executor_cls: type) -> str:
     """Make ``executor_cls.take_draft_token_ids`` answer "no drafts" without asking the worker where the
     proposer is :class:`NoDraftProposer`; returns what happened (``applied``, ``applied (already)``,
     ``not applied: <why>``)."""
-    if getattr(executor_cls, _RPC_MARK, False):
-        return "applied (already)"
-    why = no_draft_rpc_check(executor_cls)
-    if why is not None:
-        return f"not applied: {why}"
-    original: Callable[..., Any] = executor_cls.take_draft_token_ids  # type: ignore[attr-defined]
 
-    def take_draft_token_ids(self: Any) -> Any:
-        if _proposes_nothing(getattr(self, "vllm_config", None)):
-            return None
-        return original(self)
+    def wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
+        def take_draft_token_ids(self: Any) -> Any:
+            if _proposes_nothing(getattr(self, "vllm_config", None)):
+                return None
+            return original(self)
 
-    take_draft_token_ids.__wrapped__ = original  # type: ignore[attr-defined]
-    executor_cls.take_draft_token_ids = take_draft_token_ids  # type: ignore[attr-defined]
-    setattr(executor_cls, _RPC_MARK, True)
-    return "applied"
+        return take_draft_token_ids
+
+    return _wrap(
+        executor_cls, "take_draft_token_ids", _RPC_MARK, lambda: no_draft_rpc_check(executor_cls), wrapper
+    )
 
 
 def apply_no_draft_rpc(vllm_config: Any) -> str:
@@ -300,15 +320,13 @@ def _scheduler_base() -> type:
 
 def check() -> str | None:
     """Why fast-forward cannot run on the installed vLLM, or None when it can."""
+    if (why := _release_mismatch()) is not None:
+        return why
     try:
-        import vllm
         from vllm.v1.core.sched.scheduler import Scheduler
         from vllm.v1.structured_output.backend_guidance import GuidanceGrammar
     except ImportError as exc:
         return f"vLLM internals not importable ({exc})"
-    running = str(getattr(vllm, "__version__", ""))
-    if running != VLLM_RELEASE:
-        return f"built for vLLM {VLLM_RELEASE}, running {running or 'unknown'}"
     if not callable(getattr(Scheduler, "update_draft_token_ids", None)):
         return "vLLM's Scheduler has no update_draft_token_ids"
     if "ll_matcher" not in getattr(GuidanceGrammar, "__annotations__", {}):
