@@ -6,7 +6,8 @@ JSONSchemaBench dev schemas and the other constraint kinds, streaming and not. T
 add up: ``decode_steps + forced_tokens`` is the engine's token count, and with fast-forward off every
 token took a step. A forced tool call (named ``tool_choice``) must take at most half a step per token.
 
-One allowance: in bfloat16, the forward pass that verifies a run of forced
+In float32 the identity is strict (:func:`test_float32_is_byte_identical`, on a float32 server of its own).
+One allowance, in bfloat16 only: the forward pass that verifies a run of forced
 tokens rounds differently from one token at a time, so a near-tie between two tokens can go either
 way (seen: ``Y`` and `` York`` at the same bfloat16 logprob). Where the outputs part, the token the
 fast-forward run took must be within :data:`NEAR_TIE` nats of the other run's choice, in the other
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from bench._server import ServerProcess
 from tests.conftest import ROOT, chat_prompt
 
 pytestmark = pytest.mark.integration
@@ -156,6 +159,18 @@ def _dev_sample() -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
+def _schema_body(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    title = str(schema.get("title") or schema.get("description") or name)[:200]
+    return {
+        "prompt": chat_prompt(f"Write one realistic JSON example for: {title}"),
+        "constraints": {"json_schema": schema},
+        "max_tokens": 64,
+        "temperature": 0,
+        "seed": 1,
+        "logprobs": 5,
+    }
+
+
 Outcome = tuple[str, int, dict[str, Any], dict[str, Any]]
 """(schema, status, answer with fast-forward, answer without)"""
 
@@ -169,15 +184,7 @@ def test_dev_schemas_identical(base_url: str) -> None:
         async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
 
             async def one(name: str, schema: dict[str, Any]) -> Outcome:
-                title = str(schema.get("title") or schema.get("description") or name)[:200]
-                body = {
-                    "prompt": chat_prompt(f"Write one realistic JSON example for: {title}"),
-                    "constraints": {"json_schema": schema},
-                    "max_tokens": 64,
-                    "temperature": 0,
-                    "seed": 1,
-                    "logprobs": 5,
-                }
+                body = _schema_body(name, schema)
                 async with sem:
                     on = await client.post("/generate_api", json=body)
                     off = await client.post("/generate_api", json=body | {"fast_forward": False})
@@ -305,3 +312,50 @@ def test_a_seeded_sample_stays_reproducible(http: httpx.Client) -> None:
     forced = http.post("/generate_api", json=body | {"fast_forward": True}).json()
     assert forced["metadata"]["forced_tokens"] > 0
     assert forced["tool_calls"], forced  # still a valid call of the named tool
+
+
+@pytest.fixture(scope="module")
+def float32_http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    """A server of this module's own, in float32, fast-forward on (the default)."""
+    server = ServerProcess(["--dtype", "float32"], tmp_path_factory.mktemp("float32") / "serve.log")
+    server.start()
+    try:
+        server.wait_for("ok")
+        with httpx.Client(base_url=server.url, timeout=600) as client:
+            yield client
+    finally:
+        server.stop()
+
+
+def test_float32_is_byte_identical(float32_http: httpx.Client) -> None:
+    """No allowance: in float32 the multi-token forward pass rounds about 1e-6 away from one token at a
+    time, far below any gap between two tokens here, so every answer must be byte-identical with
+    fast-forward on and off: the tool calls, the sampled dev schemas, the other constraint kinds."""
+    health = float32_http.get("/health").json()
+    assert (health["dtype"], health["fast_forward"]) == ("float32", "on"), health
+    bodies = [
+        {"messages": [{"role": "user", "content": prompt}], "tools": tools, "tool_choice": choice,
+         "max_tokens": 160}
+        for prompt, tools, choice in TOOL_CASES
+    ]  # fmt: skip
+    bodies += [_schema_body(name, schema) for name, schema in _dev_sample()]
+    bodies += [
+        {"prompt": chat_prompt("Give one example."), "constraints": constraint, "max_tokens": 48}
+        for constraint in OTHER_KINDS
+    ]
+    answered, forced = 0, 0
+    for body in bodies:
+        base = {"temperature": 0, "seed": 0, "logprobs": 5} | body
+        on = float32_http.post("/generate_api", json=base)
+        off = float32_http.post("/generate_api", json=base | {"fast_forward": False})
+        assert on.status_code == off.status_code, (body, on.text, off.text)
+        if on.status_code != 200:  # refused (4xx) either way: the same refusal
+            assert on.json() == off.json()
+            continue
+        answered += 1
+        on_, off_ = on.json(), off.json()
+        _same(on_, off_)
+        assert [t["token_id"] for t in on_["logprobs"]] == [t["token_id"] for t in off_["logprobs"]]
+        forced += _steps(on_)[1]
+    assert answered >= len(bodies) * 3 // 4
+    assert forced > 0
