@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import datetime as dt
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +26,7 @@ import httpx
 
 from bench.common import RESULTS, load_avg, machine_info, versions, write_json
 from bench.conformance import load_cases
-from bench.fast_forward import schema_body
-
-
-def _outcome(resp: httpx.Response) -> dict[str, Any]:
-    if resp.status_code != 200:
-        return {"status": resp.status_code}
-    data = resp.json()
-    return {"status": 200, "text": data["generated_text"], "tokens": data["tokens_generated"]}
+from bench.fast_forward import record, schema_body
 
 
 async def _run(url: str, bodies: list[dict[str, Any]], c: int) -> list[dict[str, Any]]:
@@ -42,13 +36,16 @@ async def _run(url: str, bodies: list[dict[str, Any]], c: int) -> list[dict[str,
 
         async def one(body: dict[str, Any]) -> dict[str, Any]:
             async with gate:
-                return _outcome(await client.post(f"{url}/generate_api", json=body))
+                started = time.perf_counter()
+                resp = await client.post(f"{url}/generate_api", json=body)
+                return record(resp, time.perf_counter() - started)
 
         return list(await asyncio.gather(*(one(b) for b in bodies)))
 
 
 def compare(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
-    """Answered by both, identical (text and token count), and the indices that differ."""
+    """Answered by both, identical (text and token count), and the indices that differ (rows as
+    :func:`bench.fast_forward.record` writes them)."""
     both = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x["status"] == y["status"] == 200]
     differ = [i for i in both if (a[i]["text"], a[i]["tokens"]) != (b[i]["text"], b[i]["tokens"])]
     return {"answered": len(both), "identical": len(both) - len(differ), "differ": differ}

@@ -140,8 +140,11 @@ def _runner_base() -> type:
     return GPUModelRunner
 
 
-def _switched_off(env: str) -> bool:
-    return os.environ.get(env, "1").strip().lower() in {"0", "false", "no", "off"}
+def _off_status(env: str) -> str | None:
+    """``off (<env>=0)`` where the environment switches a shortcut off, else None."""
+    if os.environ.get(env, "1").strip().lower() in {"0", "false", "no", "off"}:
+        return f"off ({env}=0)"
+    return None
 
 
 def _release_mismatch() -> str | None:
@@ -231,8 +234,8 @@ def plain_if_no_drafts(spec_decode_metadata: Any) -> Any:
 
 def apply_no_draft_sampling() -> str:
     """Apply :func:`patch_no_draft_sampling` to vLLM's model runner unless switched off; records it."""
-    if _switched_off(NO_DRAFT_SAMPLING_ENV):
-        status = f"off ({NO_DRAFT_SAMPLING_ENV}=0)"
+    if (off := _off_status(NO_DRAFT_SAMPLING_ENV)) is not None:
+        status = off
     else:
         try:
             status = patch_no_draft_sampling(_runner_base())
@@ -262,12 +265,9 @@ def no_draft_rpc_check(executor_cls: type | None = None) -> str | None:
     post_step = getattr(getattr(EngineCore, "post_step", None), "__code__", None)
     if post_step is None or not {"take_draft_token_ids", "update_draft_token_ids"} <= set(post_step.co_names):
         return "vLLM's EngineCore.post_step no longer takes the drafts from the executor"
-    update = getattr(getattr(Scheduler, "update_from_output", None), "__code__", None)
-    if update is None or list(inspect.signature(Scheduler.update_from_output).parameters) != [
-        "self",
-        "scheduler_output",
-        "model_runner_output",
-    ]:
+    update = getattr(Scheduler, "update_from_output", None)
+    arguments = ["self", "scheduler_output", "model_runner_output"]
+    if not callable(update) or list(inspect.signature(update).parameters) != arguments:
         return "vLLM's Scheduler.update_from_output takes other arguments"
     if executor_cls is not None and not callable(getattr(executor_cls, "take_draft_token_ids", None)):
         return f"vLLM's {executor_cls.__name__} has no take_draft_token_ids"
@@ -299,8 +299,8 @@ def patch_no_draft_rpc(executor_cls: type) -> str:
 
 def apply_no_draft_rpc(vllm_config: Any) -> str:
     """Apply :func:`patch_no_draft_rpc` to the engine's executor class unless switched off; records it."""
-    if _switched_off(NO_DRAFT_RPC_ENV):
-        status = f"off ({NO_DRAFT_RPC_ENV}=0)"
+    if (off := _off_status(NO_DRAFT_RPC_ENV)) is not None:
+        status = off
     elif not _proposes_nothing(vllm_config):
         status = "not applied: the speculative proposer is not fast-forward's"
     else:
@@ -359,9 +359,7 @@ def engine_kwargs(enabled: bool) -> dict[str, Any]:
     )
     missing = []
     for key, label, env, check_fn in shortcuts:
-        if _switched_off(env):
-            state = f"off ({env}=0)"
-        else:
+        if (state := _off_status(env)) is None:
             reason = check_fn()
             state = "applied" if reason is None else f"not applied: {reason}"
         STATUS[key] = state

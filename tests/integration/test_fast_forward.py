@@ -81,12 +81,31 @@ def _health_says_on(http: httpx.Client) -> None:
     assert state == "on", f"the service runs without fast-forward ({state}); start it with --fast-forward on"
 
 
-def _pair(http: httpx.Client, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _post_pair(http: httpx.Client, body: dict[str, Any]) -> tuple[httpx.Response, httpx.Response]:
+    """``body`` at temperature 0 with logprobs, once as it is and once with ``fast_forward: false``."""
     base = {"temperature": 0, "seed": 0, "logprobs": 5} | body
     on = http.post("/generate_api", json=base)
     off = http.post("/generate_api", json=base | {"fast_forward": False})
+    return on, off
+
+
+def _pair(http: httpx.Client, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    on, off = _post_pair(http, body)
     assert on.status_code == off.status_code == 200, (on.text, off.text)
     return on.json(), off.json()
+
+
+def _tool_body(prompt: str, tools: list[dict[str, Any]], choice: str) -> dict[str, Any]:
+    return {
+        "messages": [{"role": "user", "content": prompt}],
+        "tools": tools,
+        "tool_choice": choice,
+        "max_tokens": 160,
+    }
+
+
+def _kind_body(constraint: dict[str, Any]) -> dict[str, Any]:
+    return {"prompt": chat_prompt("Give one example."), "constraints": constraint, "max_tokens": 48}
 
 
 def _same(on: dict[str, Any], off: dict[str, Any]) -> None:
@@ -131,13 +150,7 @@ def _steps(resp: dict[str, Any]) -> tuple[int, int]:
 def test_tool_calls_identical_and_forced_calls_take_half_a_step_per_token(http: httpx.Client) -> None:
     _health_says_on(http)
     for prompt, tools, choice in TOOL_CASES:
-        body = {
-            "messages": [{"role": "user", "content": prompt}],
-            "tools": tools,
-            "tool_choice": choice,
-            "max_tokens": 160,
-        }
-        on, off = _pair(http, body)
+        on, off = _pair(http, _tool_body(prompt, tools, choice))
         _same_or_near_tie(on, off)
         steps_off, forced_off = _steps(off)
         assert (steps_off, forced_off) == (off["tokens_generated"], 0)
@@ -207,7 +220,7 @@ def test_dev_schemas_identical(base_url: str) -> None:
     assert identical >= answered - 2, (identical, answered)
 
 
-OTHER_KINDS = [
+OTHER_KINDS: list[dict[str, Any]] = [
     {"regex": r"ID-[0-9]{3}-(alpha|beta)-END"},
     {"choice": ["strongly agree", "agree", "disagree", "strongly disagree"]},
     {"grammar": 'start: "color=" COLOR ";size=" SIZE\nCOLOR: "red" | "green" | "blue"\nSIZE: /[0-9]{1,2}/'},
@@ -217,8 +230,7 @@ OTHER_KINDS = [
 
 @pytest.mark.parametrize("constraint", OTHER_KINDS, ids=lambda c: next(iter(c)))
 def test_other_kinds_identical(http: httpx.Client, constraint: dict[str, Any]) -> None:
-    body = {"prompt": chat_prompt("Give one example."), "constraints": constraint, "max_tokens": 48}
-    on, off = _pair(http, body)
+    on, off = _pair(http, _kind_body(constraint))
     _same_or_near_tie(on, off)
     _steps(on)
     assert _steps(off)[1] == 0
@@ -333,21 +345,12 @@ def test_float32_is_byte_identical(float32_http: httpx.Client) -> None:
     fast-forward on and off: the tool calls, the sampled dev schemas, the other constraint kinds."""
     health = float32_http.get("/health").json()
     assert (health["dtype"], health["fast_forward"]) == ("float32", "on"), health
-    bodies = [
-        {"messages": [{"role": "user", "content": prompt}], "tools": tools, "tool_choice": choice,
-         "max_tokens": 160}
-        for prompt, tools, choice in TOOL_CASES
-    ]  # fmt: skip
+    bodies = [_tool_body(*case) for case in TOOL_CASES]
     bodies += [_schema_body(name, schema) for name, schema in _dev_sample()]
-    bodies += [
-        {"prompt": chat_prompt("Give one example."), "constraints": constraint, "max_tokens": 48}
-        for constraint in OTHER_KINDS
-    ]
+    bodies += [_kind_body(constraint) for constraint in OTHER_KINDS]
     answered, forced = 0, 0
     for body in bodies:
-        base = {"temperature": 0, "seed": 0, "logprobs": 5} | body
-        on = float32_http.post("/generate_api", json=base)
-        off = float32_http.post("/generate_api", json=base | {"fast_forward": False})
+        on, off = _post_pair(float32_http, body)
         assert on.status_code == off.status_code, (body, on.text, off.text)
         if on.status_code != 200:  # refused (4xx) either way: the same refusal
             assert on.json() == off.json()
