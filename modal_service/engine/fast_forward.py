@@ -42,7 +42,9 @@ wrap one vLLM method each, applied only where fast-forward is configured:
 - The count comes back through vLLM's per-request spec-decode metrics
   (``per_request_spec_decode_metrics="summary"``): the number of draft tokens accepted. Each step
   produces one token plus the drafts it accepted, so ``decode_steps = tokens - accepted`` and
-  ``forced_tokens = accepted`` (:func:`step_counts`).
+  ``forced_tokens = accepted`` (:func:`step_counts`). vLLM attaches that count only to the output
+  that finishes a request in the engine; for a request with stop strings, which finish in the API
+  process, the scheduler sends it with every drafted step's output (:func:`counts_for_stop_strings`).
 
 A request opts out with ``SamplingParams.extra_args[EXTRA_ARG] = False``; the server switches it all
 off by not configuring it (``--fast-forward off``): then vLLM runs exactly as without this module.
@@ -55,6 +57,7 @@ The scheduler relies on vLLM internals (``Request.structured_output_request.gram
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
@@ -383,13 +386,49 @@ def engine_kwargs(enabled: bool) -> dict[str, Any]:
 
 def step_counts(tokens: int, metrics: Any) -> tuple[int, int]:
     """``(decode_steps, forced_tokens)`` of one engine request that produced ``tokens`` tokens, from
-    vLLM's per-request spec-decode metrics (None without fast-forward: one step per token)."""
-    accepted = 0
+    vLLM's per-request spec-decode metrics (None without fast-forward: one step per token).
+
+    Where a stop string cut the output, the accepted drafts may include tokens past it that the client
+    never got; the steps are then at least the verifying steps plus the first (prefill) step, which
+    has no drafts."""
+    if not tokens:
+        return 0, 0
+    accepted = verifying = 0
     if metrics is not None:
         histogram = getattr(metrics, "histogram", None) or []
         accepted = sum(j * n for j, n in enumerate(histogram))
-    accepted = max(0, min(accepted, tokens - 1)) if tokens else 0
-    return tokens - accepted, accepted
+        verifying = sum(histogram)
+    steps = max(tokens - accepted, min(verifying + 1, tokens), 1)
+    return steps, tokens - steps
+
+
+def counts_for_stop_strings(outputs: Any, drafted: Any, requests: Any) -> None:
+    """Send the running spec-decode count with each output of a drafted request that has stop strings.
+
+    vLLM's scheduler attaches a request's count only to the output that finishes it in the engine; a
+    stop string finishes it later, in the API process's output processor, which then reports the last
+    count it received: none at all, so such a request would report no forced tokens. The API process
+    keeps the newest count it gets, so each drafted step's output carries a copy (the output is
+    serialized after the next step may have changed the request's own)."""
+    try:
+        for engine_outputs in outputs.values():
+            for out in engine_outputs.outputs:
+                if out.finish_reason is not None or out.spec_decode_metrics is not None:
+                    continue
+                if out.request_id not in drafted:
+                    continue
+                request = requests.get(out.request_id)
+                metrics = getattr(request, "spec_decode_metrics", None)
+                if metrics is None or not request.sampling_params.stop:
+                    continue
+                out.spec_decode_metrics = dataclasses.replace(
+                    metrics,
+                    histogram=list(metrics.histogram),
+                    per_step_accepted=list(metrics.per_step_accepted),
+                    per_step_drafted=list(metrics.per_step_drafted),
+                )
+    except Exception:  # the count is metadata: never fail the step for it
+        log.exception("fast-forward: attaching the step count failed")
 
 
 def __getattr__(name: str) -> Any:
@@ -420,6 +459,8 @@ def _build_scheduler() -> type:
 
         def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
             outputs = super().update_from_output(scheduler_output, model_runner_output)
+            if scheduler_output.scheduled_spec_decode_tokens:
+                counts_for_stop_strings(outputs, scheduler_output.scheduled_spec_decode_tokens, self.requests)
             if self.drafts_after_output:
                 self.set_forced_drafts(scheduler_output.num_scheduled_tokens)
             return outputs

@@ -284,6 +284,29 @@ def test_streaming_identical(http: httpx.Client) -> None:
     assert plain["generated_text"] == text_on  # the stream is the non-streaming answer
 
 
+def test_a_stop_string_inside_a_forced_run_keeps_the_counts(http: httpx.Client) -> None:
+    """A stop string finishes a request in the API process, after the engine; vLLM sends its step count
+    only with the engine's own finishing output, so without the scheduler sending it each drafted step
+    such a request reported every token as a step and none forced."""
+    sentence = "The quick brown fox jumps over the lazy dog and then runs far away into the dark forest"
+    body = {
+        "prompt": chat_prompt("Complete the sentence: The quick brown"),
+        "constraints": {"choice": [sentence]},
+        "max_tokens": 60,
+        "stop": ["dark"],
+    }
+    on, off = _pair(http, body)
+    _same(on, off)
+    assert on["generated_text"] == sentence[: sentence.index("dark")]
+    assert on["finish_reason"] == "stop"
+    steps, forced = _steps(on)
+    assert forced > on["tokens_generated"] // 2, on["metadata"]  # all but the first token or two
+    assert _steps(off) == (off["tokens_generated"], 0)
+    text, done = _stream(http, body | {"temperature": 0})
+    assert text == on["generated_text"]
+    assert _steps(done) == (steps, forced)
+
+
 def test_openai_api_carries_the_switch_and_the_counts(http: httpx.Client) -> None:
     body = {
         "messages": [{"role": "user", "content": "Weather in Rome?"}],

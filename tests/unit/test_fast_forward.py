@@ -135,7 +135,11 @@ def test_scheduler_sets_the_drafts_after_the_step_where_the_round_trip_is_skippe
     base = fast_forward._scheduler_base()
     seen: list[Any] = []
     monkeypatch.setattr(base, "update_from_output", lambda self, out, runner: seen.append(out) or {"k": 1})
-    step = SimpleNamespace(num_scheduled_tokens={"json": 1, "free": 1, "prefill": 8, "gone": 1})
+    counted: list[Any] = []
+    monkeypatch.setattr(fast_forward, "counts_for_stop_strings", lambda *args: counted.append(args))
+    step = SimpleNamespace(
+        num_scheduled_tokens={"json": 1, "free": 1, "prefill": 8, "gone": 1}, scheduled_spec_decode_tokens={}
+    )
     scheduler.drafts_after_output = False  # the engine will ask the worker: the drafts are set then
     assert scheduler.update_from_output(step, None) == {"k": 1}
     assert requests["json"].spec_token_ids == []
@@ -145,6 +149,10 @@ def test_scheduler_sets_the_drafts_after_the_step_where_the_round_trip_is_skippe
     assert _text(requests["json"].spec_token_ids) == '"ok"'
     assert requests["free"].spec_token_ids == []
     assert requests["prefill"].spec_token_ids == []
+    assert counted == []  # no drafts in the step: nothing to send
+    step.scheduled_spec_decode_tokens = {"json": [5]}
+    scheduler.update_from_output(step, None)
+    assert counted == [({"k": 1}, {"json": [5]}, requests)]
 
 
 def _executor_class(proposer: str) -> tuple[type, Any]:
@@ -211,8 +219,57 @@ def test_step_counts_from_the_spec_decode_histogram() -> None:
     assert fast_forward.step_counts(31, metrics) == (31 - accepted, accepted)
     assert fast_forward.step_counts(31, None) == (31, 0)
     assert fast_forward.step_counts(0, metrics) == (0, 0)
-    # never fewer steps than one: the first token is always sampled
-    assert fast_forward.step_counts(3, SimpleNamespace(histogram=[0, 0, 0, 1])) == (1, 2)
+    # a stop string cut the output inside a verified run (3 tokens delivered, 3 drafts accepted in
+    # one verifying step): still the first step plus the verifying one
+    assert fast_forward.step_counts(3, SimpleNamespace(histogram=[0, 0, 0, 1])) == (2, 1)
+    assert fast_forward.step_counts(1, SimpleNamespace(histogram=[0, 0, 0, 1])) == (1, 0)
+    # tokens == steps + forced, always
+    for tokens in range(1, 40):
+        steps, forced = fast_forward.step_counts(tokens, metrics)
+        assert steps + forced == tokens
+        assert steps >= 1
+        assert forced >= 0
+
+
+def _engine_output(req_id: str, finish: Any = None) -> Any:
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+
+    return EngineCoreOutputs(
+        outputs=[EngineCoreOutput(request_id=req_id, new_token_ids=[1], finish_reason=finish)]
+    )
+
+
+def test_counts_for_stop_strings_reach_the_api_process() -> None:
+    from vllm import SamplingParams
+    from vllm.v1.engine import FinishReason
+    from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
+
+    def request(stop: list[str] | None) -> Any:
+        metrics = RequestSpecDecodeMetrics.new(4)
+        metrics.observe(num_draft_tokens=3, num_accepted=3)
+        return SimpleNamespace(spec_decode_metrics=metrics, sampling_params=SamplingParams(stop=stop))
+
+    requests = {"stop": request(["dark"]), "plain": request(None), "undrafted": request(["x"])}
+    outputs = {0: _engine_output("stop"), 1: _engine_output("plain"), 2: _engine_output("undrafted")}
+    outputs[0].outputs.append(_engine_output("gone").outputs[0])  # finished and freed this step
+    finishing = _engine_output("done", FinishReason.LENGTH)
+    outputs[3] = finishing
+    fast_forward.counts_for_stop_strings(outputs, {"stop": [5, 6, 7], "plain": [5], "gone": [5]}, requests)
+
+    sent = outputs[0].outputs[0].spec_decode_metrics
+    assert sent is not None
+    assert sent.histogram == [0, 0, 0, 1, 0]
+    # a copy: the next step may change the request's own before this output is serialized
+    requests["stop"].spec_decode_metrics.observe(num_draft_tokens=2, num_accepted=2)
+    assert sent.histogram == [0, 0, 0, 1, 0]
+    # without stop strings the engine's finishing output carries the count, as vLLM sends it
+    assert outputs[1].outputs[0].spec_decode_metrics is None
+    assert outputs[2].outputs[0].spec_decode_metrics is None  # no drafts this step: count unchanged
+    assert outputs[0].outputs[1].spec_decode_metrics is None
+    assert finishing.outputs[0].spec_decode_metrics is None
+
+    # a malformed request never fails the step
+    fast_forward.counts_for_stop_strings(outputs, {"plain": [5]}, {"plain": SimpleNamespace()})
 
 
 def test_engine_kwargs_and_status(monkeypatch: pytest.MonkeyPatch) -> None:
