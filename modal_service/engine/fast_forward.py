@@ -115,7 +115,8 @@ def forced_drafts(request: Any, limit: int) -> list[int]:
     request opted out, or its grammar is not llguidance's.
 
     Never more than the request's budget leaves after the next token, so every accepted draft is kept
-    (the scheduler drops tokens past ``max_tokens``, which would make the step count wrong).
+    (the scheduler drops tokens past ``max_tokens``, which would make the step count wrong), and never a
+    stop token or what follows it.
     """
     if limit <= 0 or not getattr(request, "use_structured_output", False):
         return []
@@ -133,8 +134,17 @@ def forced_drafts(request: Any, limit: int) -> list[int]:
         limit = min(limit, max_tokens - request.num_output_tokens - 1)
     if limit <= 0:
         return []
-    tokens = matcher.compute_ff_tokens()
-    return list(tokens[:limit])
+    tokens = list(matcher.compute_ff_tokens()[:limit])
+    stops = getattr(params, "all_stop_token_ids", None)
+    if stops:
+        for i, token in enumerate(tokens):
+            if token in stops:
+                # A grammar may force a stop token with more after it (``<|im_end|>`` named in a
+                # grammar). Drafted, the tokens past it would reach vLLM's mask fill after the grammar
+                # ended: a rejection there leaves llguidance's matcher in its (sticky) error state and
+                # vLLM terminates the request. The stop token itself comes as the next step's token.
+                return tokens[:i]
+    return tokens
 
 
 def _runner_base() -> type:

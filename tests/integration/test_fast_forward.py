@@ -307,6 +307,24 @@ def test_a_stop_string_inside_a_forced_run_keeps_the_counts(http: httpx.Client) 
     assert _steps(done) == (steps, forced)
 
 
+def test_a_grammar_that_forces_the_end_token_mid_run(http: httpx.Client) -> None:
+    """A grammar may force the end-of-sequence token with more text after it. Drafted past that token,
+    the rest reached vLLM's mask fill after the grammar had ended, which left llguidance's matcher in its
+    error state: vLLM terminated the request (finish ``abort``) where decoding without fast-forward
+    stops cleanly."""
+    body = {
+        "prompt": chat_prompt("Say hi."),
+        "constraints": {"grammar": 'start: "hello there" <|im_end|> " and more text"'},
+        "max_tokens": 30,
+    }
+    on, off = _pair(http, body)
+    _same(on, off)
+    assert on["generated_text"] == "hello there"
+    assert on["metadata"]["request_finish_reason"] == off["metadata"]["request_finish_reason"] == "stop"
+    assert on["constraint_satisfied"] is False  # the grammar's text after the end token never came
+    _steps(on)
+
+
 def test_openai_api_carries_the_switch_and_the_counts(http: httpx.Client) -> None:
     body = {
         "messages": [{"role": "user", "content": "Weather in Rome?"}],

@@ -92,6 +92,24 @@ def test_no_drafts_for_an_opted_out_unconstrained_or_finished_request() -> None:
     assert fast_forward.forced_drafts(done, 16) == []
 
 
+def test_forced_drafts_stop_before_a_stop_token() -> None:
+    # a grammar that names the end-of-sequence token (256) with text after it: "ab" EOS "cd"
+    spec = llguidance.LLMatcher.grammar_from_lark('start: "ab" <[256]> "cd"')
+    matcher = llguidance.LLMatcher(BYTE_TOKENIZER, spec, log_level=0)
+    assert matcher.consume_tokens(list(b"a"))
+    assert matcher.compute_ff_tokens() == [98, 256, 99, 100]  # what the grammar forces
+    request = _request("")
+    request.structured_output_request.grammar = backend_guidance.GuidanceGrammar(
+        ll_matcher=matcher, ll_tokenizer=BYTE_TOKENIZER, vocab_size=257
+    )
+    request.sampling_params.all_stop_token_ids = {256}
+    assert _text(fast_forward.forced_drafts(request, 16)) == "b"
+    request.sampling_params.all_stop_token_ids = {256, 98}  # a stop_token_ids of the request's own
+    assert fast_forward.forced_drafts(request, 16) == []
+    request.sampling_params.all_stop_token_ids = set()
+    assert fast_forward.forced_drafts(request, 16) == [98, 256, 99, 100]
+
+
 class _Manager:
     """vLLM's StructuredOutputManager.validate_tokens, for requests whose grammar is the one given."""
 
