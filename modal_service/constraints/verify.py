@@ -3,7 +3,8 @@
 It does not trust the engine's mask. JSON is parsed and validated with ``jsonschema`` against the
 caller's full schema (never the capped or approximated one the engine enforced); a regex is matched in
 full with Python's ``re``; grammars and choices are replayed through a fresh llguidance matcher over
-the produced tokens; a token mask is checked by set membership. Tool calls are parsed and each call's
+the produced tokens (the returned text's own where a stop string cut the text short of them); a token
+mask is checked by set membership. Tool calls are parsed and each call's
 arguments validated against its tool's schema; an agent turn (tools plus an answer schema) is checked
 on whichever branch it took, and the verdict says which.
 """
@@ -74,6 +75,8 @@ class Verifier:
 
     def _complete(self, compiled: CompiledConstraint, text: str, token_ids: list[int]) -> Verdict:
         body = [t for t in token_ids if t not in self._eos]
+        if compiled.allowed_token_ids is None:
+            body = self._as_returned(text, body)
         if compiled.allowed_token_ids is not None:
             stray = sorted({t for t in body if t not in compiled.allowed_token_ids})
             if stray:
@@ -88,6 +91,16 @@ class Verifier:
         if compiled.regexes:
             return verify_regex(compiled.regexes, text) or self._matcher(compiled, body)
         return self._matcher(compiled, body)
+
+    def _as_returned(self, text: str, body: list[int]) -> list[int]:
+        """The tokens to replay: the ones produced, or, where a stop string cut the text short of them
+        (vLLM keeps the token that holds the stop string, and cuts the text), the returned text's own.
+        What is checked is what the caller gets."""
+        returned = text.encode()
+        produced = self._tokenizer.decode_bytes(body)
+        if produced != returned and produced.startswith(returned):
+            return list(self._tokenizer.tokenize_bytes(returned))
+        return body
 
     def _agent_turn(self, compiled: CompiledConstraint, text: str, body: list[int]) -> Verdict:
         """The grammar first, then the branch taken: calls against their tools, or the answer."""
@@ -157,4 +170,6 @@ def check_tool_calls(text: str, tools: dict[str, dict[str, Any]]) -> Verdict:
         if errors:
             error = f"arguments of {call.name} do not validate: {errors[0].message}"
             return Verdict(False, error, code="tool_arguments_invalid")
-    return Verdict(True, tool_calls=calls or None)
+    if not calls:
+        return Verdict(False, "no complete tool call in the output", code="tool_call_malformed")
+    return Verdict(True, tool_calls=calls)

@@ -132,8 +132,11 @@ def test_json_schema_features_validate(http: httpx.Client) -> None:
 
 
 def test_max_tokens_below_the_shortest_instance_is_422(http: httpx.Client) -> None:
-    body = {"prompt": chat_prompt("Describe a pet as JSON."), "max_tokens": 4,
-            "constraints": {"json_schema": FEATURE_SCHEMA}}
+    body = {
+        "prompt": chat_prompt("Describe a pet as JSON."),
+        "max_tokens": 4,
+        "constraints": {"json_schema": FEATURE_SCHEMA},
+    }
     err = error(http, body, 422)
     assert err["code"] == "max_tokens_too_small"
     assert err["detail"]["shortest_output_tokens"] > 4
@@ -270,6 +273,30 @@ def test_choice(http: httpx.Client) -> None:
     )
     assert data["generated_text"] in ("definitely yes", "no")
     assert data["constraint_satisfied"] is True
+
+
+@pytest.mark.parametrize(
+    "constraints",
+    [{"choice": ["red apple"]}, {"grammar": 'start: "red apple"'}],
+    ids=["choice", "grammar"],
+)
+def test_a_stop_string_cut_is_never_valid(http: httpx.Client, constraints: dict[str, Any]) -> None:
+    # the engine stops on "apple" and returns "red ": that is not the constraint's text
+    data = gen(
+        http, prompt=chat_prompt("Name a fruit."), max_tokens=8, constraints=constraints, stop=["apple"]
+    )
+    assert data["generated_text"] == "red "
+    assert data["constraint_satisfied"] is False
+    whole = gen(http, prompt=chat_prompt("Name a fruit."), max_tokens=8, constraints=constraints)
+    assert (whole["generated_text"], whole["constraint_satisfied"]) == ("red apple", True)
+
+
+def test_a_tool_call_cut_by_a_stop_string_is_not_a_call(http: httpx.Client) -> None:
+    data = gen(
+        http, messages=ASK, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=64, stop=["</tool_call>"]
+    )
+    assert data["constraint_satisfied"] is False
+    assert not data["tool_calls"]
 
 
 def test_token_mask_allowed(http: httpx.Client) -> None:
@@ -564,13 +591,24 @@ def test_openapi_describes_every_endpoint(http: httpx.Client) -> None:
     assert "GenerateRequest" in spec["components"]["schemas"]
 
 
-UNIQUE = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 3,
-          "maxItems": 3, "uniqueItems": True}
+UNIQUE = {
+    "type": "array",
+    "items": {"type": "integer", "minimum": 0, "maximum": 9},
+    "minItems": 3,
+    "maxItems": 3,
+    "uniqueItems": True,
+}
 
 
 def test_unenforceable_keyword_is_approximated_then_verified(http: httpx.Client) -> None:
-    data = gen(http, prompt=chat_prompt("Three different digits as a JSON array"), max_tokens=32,
-               constraints={"json_schema": UNIQUE}, temperature=1.0, seed=3)
+    data = gen(
+        http,
+        prompt=chat_prompt("Three different digits as a JSON array"),
+        max_tokens=32,
+        constraints={"json_schema": UNIQUE},
+        temperature=1.0,
+        seed=3,
+    )
     meta = data["metadata"]
     assert meta["constraint_mode"] == "approximate"
     assert "uniqueItems" in meta["approximation"]
@@ -594,10 +632,15 @@ def test_schema_without_finite_instance_is_rejected(http: httpx.Client) -> None:
 
 
 def test_length_caps_bound_unbounded_fields(http: httpx.Client) -> None:
-    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
-              "additionalProperties": False}
-    capped = gen(http, prompt=chat_prompt("A big number as JSON"), max_tokens=40,
-                 constraints={"json_schema": schema})
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    capped = gen(
+        http, prompt=chat_prompt("A big number as JSON"), max_tokens=40, constraints={"json_schema": schema}
+    )
     assert capped["metadata"]["length_caps_applied"] >= 1
     if capped["finish_reason"] == "stop":
         assert abs(json.loads(capped["generated_text"])["n"]) <= 10**15

@@ -325,3 +325,58 @@ def test_tool_call_verdicts_have_reason_codes(text: str, code: str) -> None:
     tools = {"add": {"type": "object", "properties": {"a": {"type": "integer"}}}}
     verdict = check_tool_calls(text, tools)
     assert (verdict.satisfied, verdict.code) == (False, code)
+
+
+@pytest.mark.parametrize(
+    ("constraints", "produced", "returned"),
+    [
+        (Constraints(choice=["yes please", "no thanks"]), "yes please", "yes "),
+        (Constraints(grammar='start: "yes please" | "no thanks"'), "yes please", "yes "),
+        (Constraints(choice=["red apple"]), "red apple", "red "),
+    ],
+)
+def test_a_stop_string_cut_is_checked_on_the_text_returned(
+    compiler: Any, hf: Any, constraints: Constraints, produced: str, returned: str
+) -> None:
+    # vLLM cuts the text at a stop string but keeps the token that holds it: the check replays what
+    # the caller gets, so "yes " is not a satisfied "yes please"
+    compiled, _ = compiler.compile(constraints, 64)
+    ids = hf.encode(produced, add_special_tokens=False)
+    assert compiler.verify(compiled, produced, ids, "stop").satisfied
+    verdict = compiler.verify(compiled, returned, ids, "stop")
+    assert (verdict.satisfied, verdict.code) == (False, "incomplete")
+
+
+def test_a_tool_call_cut_by_a_stop_string_is_not_satisfied(compiler: Any, hf: Any) -> None:
+    from langchain_ananke.protocol import ToolSpec
+    from modal_service.constraints.compiled import ToolTurn
+
+    weather = ToolSpec.model_validate(
+        {
+            "function": {
+                "name": "weather",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
+            }
+        }
+    )
+    compiled, _ = compiler.compile(None, 64, tools=ToolTurn((weather,), "required", True))
+    call = '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    ids = hf.encode(call, add_special_tokens=False)
+    whole = compiler.verify(compiled, call, ids, "stop")
+    assert whole.satisfied
+    assert whole.tool_calls is not None
+    cut = call[: call.index("</tool_call>")]  # stop: ["</tool_call>"]
+    verdict = compiler.verify(compiled, cut, ids, "stop")
+    assert verdict.satisfied is False
+    assert verdict.tool_calls is None
+
+
+def test_a_call_marker_without_a_complete_call_is_not_satisfied() -> None:
+    from modal_service.constraints.verify import check_tool_calls
+
+    verdict = check_tool_calls('<tool_call>\n{"name": "weather"', {"weather": {"type": "object"}})
+    assert (verdict.satisfied, verdict.code) == (False, "tool_call_malformed")
