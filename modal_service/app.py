@@ -64,8 +64,9 @@ PACKAGES = (
     f"llguidance=={LLGUIDANCE_RELEASE}",
     # The shared app (modal_service/http/). Inside vLLM 0.32.0's fastapi range, and the version CI runs.
     "fastapi==0.136.3",
-    # The service's independent re-check of JSON-schema outputs (modal_service/constraints/verify.py).
-    "jsonschema==4.26.0",
+    # The service's independent re-check of JSON-schema outputs (modal_service/constraints/verify.py);
+    # the format extra brings the checkers of date-time, uri, hostname, ... (without it they are skipped).
+    "jsonschema[format-nongpl]==4.26.0",
     # The protocol models shared with the client (langchain_ananke/protocol.py).
     "pydantic==2.14.4",
     # The client package's own dependencies, so langchain_ananke imports in the container too.

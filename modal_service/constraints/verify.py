@@ -38,6 +38,46 @@ class Verdict:
     """Why it is not satisfied, as a stable code (``error`` says it for people)."""
 
 
+STANDARD_FORMATS = frozenset(
+    [
+        "date-time",
+        "date",
+        "time",
+        "duration",
+        "email",
+        "idn-email",
+        "hostname",
+        "idn-hostname",
+        "ipv4",
+        "ipv6",
+        "uri",
+        "uri-reference",
+        "iri",
+        "iri-reference",
+        "uuid",
+        "uri-template",
+        "json-pointer",
+        "relative-json-pointer",
+        "regex",
+    ]
+)
+"""JSON Schema 2020-12's formats. jsonschema checks some only with optional packages (its
+``format-nongpl`` extra, a dependency of the server) and silently skips the others."""
+UNCHECKED_FORMATS = STANDARD_FORMATS - set(jsonschema.Draft202012Validator.FORMAT_CHECKER.checkers)
+"""Standard formats this installation cannot check (empty where the server's dependencies are in)."""
+
+
+def _formats(schema: Any) -> set[str]:
+    if isinstance(schema, dict):
+        found = {schema["format"]} if isinstance(schema.get("format"), str) else set()
+        for value in schema.values():
+            found |= _formats(value)
+        return found
+    if isinstance(schema, list):
+        return set().union(*(_formats(v) for v in schema)) if schema else set()
+    return set()
+
+
 def json_validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
     """A validator for the draft the schema declares (Draft 2020-12 when it declares none), formats
     checked: the one the final check, the witness and the compile-time search all use."""
@@ -130,7 +170,11 @@ class Verifier:
 
 
 def verify_json(schema: dict[str, Any], text: str) -> Verdict:
-    """``text`` parses as JSON and the full ``schema`` validates it."""
+    """``text`` parses as JSON and the full ``schema`` validates it; never satisfied where the schema
+    uses a standard format this installation cannot check."""
+    if UNCHECKED_FORMATS and (unchecked := sorted(_formats(schema) & UNCHECKED_FORMATS)):
+        error = f"format {', '.join(unchecked)} cannot be checked here (jsonschema's format extra is missing)"
+        return Verdict(False, error, code="unverifiable")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -380,3 +380,42 @@ def test_a_call_marker_without_a_complete_call_is_not_satisfied() -> None:
 
     verdict = check_tool_calls('<tool_call>\n{"name": "weather"', {"weather": {"type": "object"}})
     assert (verdict.satisfied, verdict.code) == (False, "tool_call_malformed")
+
+
+def test_every_standard_format_is_checked() -> None:
+    # jsonschema skips a format whose checker needs a package that is missing: the server depends on
+    # its format extra, so here none is missing
+    from modal_service.constraints.verify import UNCHECKED_FORMATS
+
+    assert not UNCHECKED_FORMATS, UNCHECKED_FORMATS
+
+
+@pytest.mark.parametrize(
+    ("fmt", "bad", "good"),
+    [
+        ("date-time", "2023-02-29T00:00:00Z", "2024-02-29T00:00:00Z"),
+        ("time", "25:00:00Z", "23:59:59Z"),
+        ("duration", "P1Y2", "P1Y2M"),
+        ("hostname", "-bad-.example", "example.com"),
+        ("uri", "not a uri", "https://example.com/a"),
+        ("iri", "  ", "https://example.com/\u00e9"),
+    ],
+)
+def test_formats_are_checked(fmt: str, bad: str, good: str) -> None:
+    from modal_service.constraints.verify import verify_json
+
+    schema = {"type": "object", "properties": {"v": {"type": "string", "format": fmt}}}
+    assert verify_json(schema, json.dumps({"v": good})).satisfied
+    verdict = verify_json(schema, json.dumps({"v": bad}))
+    assert (verdict.satisfied, verdict.code) == (False, "schema_mismatch")
+
+
+def test_a_format_that_cannot_be_checked_is_never_satisfied(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modal_service.constraints import verify
+
+    monkeypatch.setattr(verify, "UNCHECKED_FORMATS", frozenset({"uri-template"}))
+    schema = {"type": "array", "items": [{"type": "string", "format": "uri-template"}]}
+    verdict = verify.verify_json(schema, '["/a{b}"]')
+    assert (verdict.satisfied, verdict.code) == (False, "unverifiable")
+    assert "uri-template" in (verdict.error or "")
+    assert verify.verify_json({"type": "string", "format": "uri"}, '"https://a.b"').satisfied
