@@ -221,7 +221,7 @@ class GenerateRequest(_Strict):
                     f"tool_choice must be auto, required, none or a tool name ({', '.join(names)})"
                 )
         elif self.tool_choice not in ("auto", "none"):
-            raise ValueError("tool_choice names a tool but no tools were given")
+            raise ValueError(f"tool_choice {self.tool_choice!r} needs tools, and no tools were given")
         if self.stream and isinstance(self.prompt, list):
             raise ValueError("streaming takes a single prompt")
         return self

@@ -94,14 +94,57 @@ def _response_format(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
     raise ApiError(422, "invalid_request", f"unsupported response_format type: {fmt.get('type')}")
 
 
-def _tool_choice(choice: Any) -> str:
+def _tool_choice(choice: Any, names: list[str]) -> str:
+    """OpenAI's ``tool_choice`` -> the protocol's (``auto``, ``required``, ``none`` or a tool's name).
+
+    ``names``: the request's tools. A choice that needs a tool (``required``, a named one) without
+    tools, or one naming a tool that is not among them, is a 422 naming ``tool_choice``: never dropped.
+    """
     if choice is None:
         return "auto"
     if isinstance(choice, str):
-        return choice
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        return str(choice["function"]["name"])
-    raise ApiError(422, "invalid_request", f"unsupported tool_choice: {choice!r}")
+        name = choice
+    elif isinstance(choice, dict) and choice.get("type") == "function":
+        function = choice.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ApiError(
+                422,
+                "invalid_request",
+                f'tool_choice: a "function" choice names its tool as {{"function": {{"name": ...}}}}, '
+                f"got {choice!r}",
+                {"field": "tool_choice"},
+            )
+        name = str(function["name"])
+        if name not in names:  # the object form always names a tool, even one called "auto"
+            raise _unknown_tool(name, names)
+        return name
+    else:
+        raise ApiError(
+            422, "invalid_request", f"unsupported tool_choice: {choice!r}", {"field": "tool_choice"}
+        )
+    if name in ("auto", "none"):
+        return name
+    if name != "required" and name not in names:
+        raise _unknown_tool(name, names)
+    if not names:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"tool_choice {name!r} needs tools, and the request has none",
+            {"field": "tool_choice"},
+        )
+    return name
+
+
+def _unknown_tool(name: str, names: list[str]) -> ApiError:
+    tools = f"the tools are {', '.join(names)}" if names else "the request has no tools"
+    return ApiError(
+        422,
+        "invalid_request",
+        f"tool_choice names {name!r}, which is not one of the request's tools ({tools}); "
+        "tool_choice must be auto, required, none or a tool name",
+        {"field": "tool_choice"},
+    )
 
 
 #: vLLM's own constraint fields. Ignoring them would return unconstrained text as if it were
@@ -176,17 +219,52 @@ def _common(body: dict[str, Any]) -> dict[str, Any]:
     if body.get("n", 1) != 1:
         raise ApiError(422, "invalid_request", "only n=1 is supported")
     out = {k: body[k] for k in _PASSTHROUGH if body.get(k) is not None}
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-    if max_tokens is not None:
-        out["max_tokens"] = max_tokens
+    field = max_tokens_field(body)
+    if field is not None:
+        out["max_tokens"] = body[field]
     return out
 
 
-def _build(fields: dict[str, Any]) -> GenerateRequest:
+def max_tokens_field(body: dict[str, Any]) -> str | None:
+    """Which field sets the output cap: ``max_completion_tokens`` (OpenAI's current name),
+    ``max_tokens`` (its deprecated alias) or neither (None: the default).
+
+    Every value given is validated, under its own name (``0`` is refused, never read as "not given"):
+    a bad value is the field returned, so its error names it. Both, valid but different, is a 422 that
+    names both: neither is dropped silently. Both with the same value is fine."""
+    given = [f for f in ("max_completion_tokens", "max_tokens") if body.get(f) is not None]
+    bad = [f for f in given if not (isinstance(body[f], int) and body[f] > 0)]
+    if bad:
+        return bad[0]
+    if len(given) == 2 and body["max_completion_tokens"] != body["max_tokens"]:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"max_completion_tokens ({body['max_completion_tokens']}) and max_tokens ({body['max_tokens']}) "
+            "disagree; give one of them (max_tokens is OpenAI's deprecated alias of max_completion_tokens)",
+            {"fields": ["max_completion_tokens", "max_tokens"]},
+        )
+    return given[0] if given else None
+
+
+def _build(fields: dict[str, Any], renamed: dict[str, str] | None = None) -> GenerateRequest:
+    """The protocol request; ``renamed`` maps a protocol field to the OpenAI field the request set, so
+    an error blames the field the user wrote (``max_completion_tokens``, not ``max_tokens``)."""
     try:
         return GenerateRequest.model_validate(fields)
     except ValidationError as exc:
-        raise validation_error(list(exc.errors())) from exc
+        errors = list(exc.errors())
+        for error in errors:
+            loc = error["loc"]
+            if loc and str(loc[0]) in (renamed or {}):
+                error["loc"] = ((renamed or {})[str(loc[0])], *loc[1:])
+        raise validation_error(errors) from exc
+
+
+def _renamed(body: dict[str, Any]) -> dict[str, str]:
+    """The protocol's ``max_tokens`` under the name the request gave it."""
+    field = max_tokens_field(body)
+    return {"max_tokens": field} if field else {}
 
 
 def chat_to_request(body: dict[str, Any]) -> GenerateRequest:
@@ -196,19 +274,33 @@ def chat_to_request(body: dict[str, Any]) -> GenerateRequest:
         raise ApiError(422, "invalid_request", "messages must be a non-empty list")
     fields = _common(body) | {"messages": [_message(m, f"messages.{i}") for i, m in enumerate(messages)]}
     top = body.get("top_logprobs")
+    renamed = _renamed(body)
     if body.get("logprobs"):
-        fields["logprobs"] = top or 0
-    elif top:
-        raise ApiError(422, "invalid_request", "top_logprobs needs logprobs: true")
+        fields["logprobs"] = 0 if top is None else top
+        if top is not None:
+            renamed["logprobs"] = "top_logprobs"
+    elif top:  # 0 (no alternatives) asks for nothing without logprobs; any other value needs them
+        raise ApiError(
+            422,
+            "invalid_request",
+            "top_logprobs needs logprobs: true",
+            {"fields": ["top_logprobs", "logprobs"]},
+        )
     constraint = _response_format(body.get("response_format"))
     if constraint:
         fields["constraints"] = constraint
-    tools = body.get("tools")
+    tools = body.get("tools") or []
+    names = [
+        t["function"].get("name")
+        for t in tools
+        if isinstance(t, dict) and isinstance(t.get("function"), dict)
+    ]
+    choice = _tool_choice(body.get("tool_choice"), names)
     if tools:
         fields["tools"] = tools
-        fields["tool_choice"] = _tool_choice(body.get("tool_choice"))
+        fields["tool_choice"] = choice
         fields["parallel_tool_calls"] = body.get("parallel_tool_calls", True)
-    return _build(fields)
+    return _build(fields, renamed)
 
 
 def completion_to_request(body: dict[str, Any]) -> GenerateRequest:
@@ -219,7 +311,7 @@ def completion_to_request(body: dict[str, Any]) -> GenerateRequest:
     constraint = _response_format(body.get("response_format"))
     if constraint:
         fields["constraints"] = constraint
-    return _build(fields)
+    return _build(fields, _renamed(body))
 
 
 def _chat_logprobs(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
@@ -373,7 +465,18 @@ def openai_router(lifecycle: Lifecycle, require_key: Callable[..., Any]) -> APIR
     return router
 
 
+def _check_cap(lifecycle: Lifecycle, req: GenerateRequest, body: dict[str, Any]) -> None:
+    """The server's ``max_tokens`` cap, checked here to name the field the request set (the lifecycle's
+    own check says ``max_tokens``)."""
+    field, cap = max_tokens_field(body), lifecycle.limits.max_tokens
+    if field is not None and req.max_tokens > cap:
+        raise ApiError(
+            422, "invalid_request", f"{field} {req.max_tokens} exceeds the cap {cap}", {"field": field}
+        )
+
+
 async def _serve(lifecycle: Lifecycle, req: GenerateRequest, body: dict[str, Any], *, chat: bool) -> Any:
+    _check_cap(lifecycle, req, body)
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     head = {"id": ident, "created": int(time.time()), "model": lifecycle.generator.engine.model_name}
     if body.get("user"):

@@ -5,10 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
 from langchain_ananke.protocol import GenerateRequest
+from modal_service.engine.engine import Engine, EngineConfig
 from modal_service.errors import ApiError
+from modal_service.http.app import create_app
 from modal_service.http.openai_api import chat_to_request, completion_to_request
+from modal_service.limits import Limits
 
 USER = {"role": "user", "content": "hi"}
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
@@ -207,8 +211,41 @@ def test_tool_with_strict_flag_is_accepted() -> None:
     assert request.tools[0].function.name == "get_weather"
 
 
-def test_tool_choice_without_tools_is_ignored() -> None:
-    assert chat_to_request(chat(tool_choice="required")).tool_choice == "auto"
+@pytest.mark.parametrize("tools", [None, []], ids=["absent", "empty"])
+@pytest.mark.parametrize("tool_choice", ["auto", "none"])
+def test_tool_choice_that_needs_no_tool_is_fine_without_tools(tools: Any, tool_choice: str) -> None:
+    body = chat(tool_choice=tool_choice) | ({} if tools is None else {"tools": tools})
+    request = chat_to_request(body)
+    assert not request.tools
+    assert request.tool_choice == "auto"  # nothing to choose from: plain text either way
+
+
+NAMED = {"type": "function", "function": {"name": "nope"}}
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"tool_choice": "required"}, "tool_choice 'required' needs tools"),
+        ({"tool_choice": "required", "tools": []}, "tool_choice 'required' needs tools"),
+        ({"tool_choice": NAMED}, "tool_choice names 'nope'.*no tools"),
+        ({"tool_choice": NAMED, "tools": []}, "tool_choice names 'nope'.*no tools"),
+        ({"tool_choice": NAMED, "tools": [TOOL]}, "tool_choice names 'nope'.*get_weather"),
+        ({"tool_choice": "get_time"}, "tool_choice names 'get_time'"),
+        ({"tool_choice": {"type": "function"}, "tools": [TOOL]}, 'tool_choice: a "function" choice'),
+        ({"tool_choice": {"type": "function", "function": "get_weather"}, "tools": [TOOL]}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": 3}}, "tools": [TOOL]}, "tool_choice"),
+        ({"tool_choice": {"type": "function"}}, 'tool_choice: a "function" choice'),
+        ({"tool_choice": ["auto"], "tools": [TOOL]}, "unsupported tool_choice"),
+    ],
+)
+def test_tool_choice_the_service_cannot_honour_is_refused_by_name(fields: dict[str, Any], match: str) -> None:
+    """Never dropped: a choice that needs a tool the request does not give is a 422 naming tool_choice."""
+    with pytest.raises(ApiError, match=match) as info:
+        chat_to_request(chat(**fields))
+    assert (info.value.status, info.value.code) == (422, "invalid_request")
+    assert "tool_choice" in info.value.message
+    assert info.value.detail == {"field": "tool_choice"}
 
 
 # ----------------------------------------------------------------------------- sampling fields
@@ -220,7 +257,7 @@ def test_tool_choice_without_tools_is_ignored() -> None:
         ({}, {"max_tokens": 256, "temperature": 0.7, "top_p": 1.0, "seed": None, "stop": None}),
         ({"max_tokens": 10}, {"max_tokens": 10}),
         ({"max_completion_tokens": 20}, {"max_tokens": 20}),
-        ({"max_tokens": 10, "max_completion_tokens": 20}, {"max_tokens": 20}),
+        ({"max_tokens": 20, "max_completion_tokens": 20}, {"max_tokens": 20}),
         ({"max_tokens": 10, "max_completion_tokens": None}, {"max_tokens": 10}),
         ({"temperature": 0.0, "top_p": 0.5, "seed": 7}, {"temperature": 0.0, "top_p": 0.5, "seed": 7}),
         ({"temperature": None}, {"temperature": 0.7}),
@@ -299,6 +336,54 @@ def test_fields_that_would_change_the_output_are_refused_by_name(field: str, val
         convert(body | {field: None})  # the no-op value is fine
 
 
+# ----------------------------------------------------------------------------- the field the user set
+
+
+@pytest.mark.parametrize("value", [0, -3, 1 << 21])
+def test_max_completion_tokens_is_validated_under_its_own_name(value: int) -> None:
+    """0 is refused, not read as "absent"; an error names max_completion_tokens, not max_tokens."""
+    for convert, body in ((chat_to_request, chat()), (completion_to_request, {"prompt": "x"})):
+        for extra in ({}, {"max_tokens": 8}) if value <= 0 else ({},):  # a big one with 8 disagrees
+            with pytest.raises(ApiError) as info:
+                convert(body | extra | {"max_completion_tokens": value})
+            assert (info.value.status, info.value.code) == (422, "invalid_request")
+            assert info.value.message.startswith("max_completion_tokens: "), info.value.message
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_max_tokens_is_validated_under_its_own_name(value: int) -> None:
+    for convert, body in ((chat_to_request, chat()), (completion_to_request, {"prompt": "x"})):
+        with pytest.raises(ApiError) as info:
+            convert(body | {"max_tokens": value, "max_completion_tokens": 8})
+        assert info.value.message.startswith("max_tokens: "), info.value.message
+
+
+def test_max_tokens_and_max_completion_tokens_that_disagree_are_refused() -> None:
+    for convert, body in ((chat_to_request, chat()), (completion_to_request, {"prompt": "x"})):
+        disagree = r"max_completion_tokens \(20\) and max_tokens \(10\) disagree"
+        with pytest.raises(ApiError, match=disagree) as info:
+            convert(body | {"max_tokens": 10, "max_completion_tokens": 20})
+        assert info.value.status == 422
+        assert info.value.detail == {"fields": ["max_completion_tokens", "max_tokens"]}
+
+
+@pytest.mark.parametrize("top", [21, 25, -1])
+def test_top_logprobs_is_validated_under_its_own_name(top: int) -> None:
+    with pytest.raises(ApiError) as info:
+        chat_to_request(chat(logprobs=True, top_logprobs=top))
+    assert (info.value.status, info.value.code) == (422, "invalid_request")
+    assert info.value.message.startswith("top_logprobs: "), info.value.message
+
+
+@pytest.mark.parametrize("logprobs", [None, False])
+def test_top_logprobs_without_logprobs_is_refused(logprobs: bool | None) -> None:
+    body = chat(top_logprobs=3) | ({} if logprobs is None else {"logprobs": logprobs})
+    with pytest.raises(ApiError, match="top_logprobs needs logprobs: true") as info:
+        chat_to_request(body)
+    assert info.value.detail == {"fields": ["top_logprobs", "logprobs"]}
+    assert chat_to_request(chat(top_logprobs=0)).logprobs is None  # 0 alternatives asks for nothing
+
+
 def test_logprobs_are_honoured_on_both_apis() -> None:
     assert chat_to_request(chat(logprobs=True, top_logprobs=3)).logprobs == 3
     assert chat_to_request(chat(logprobs=True)).logprobs == 0
@@ -306,3 +391,61 @@ def test_logprobs_are_honoured_on_both_apis() -> None:
     assert completion_to_request({"prompt": "x", "logprobs": 2}).logprobs == 2
     with pytest.raises(ApiError, match="top_logprobs needs logprobs"):
         chat_to_request(chat(top_logprobs=3))
+
+
+# ----------------------------------------------------------------------------- over HTTP (no engine)
+
+
+@pytest.fixture
+def client() -> Any:
+    """The real app and routes with a cap of 64 tokens; every request below is refused before planning."""
+    engine = Engine(EngineConfig(model="/nowhere/tiny"))
+    app = create_app(engine, api_key="k", limits=Limits(max_tokens=64), start_engine=False)
+    engine.state = "ok"
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        (
+            "/v1/chat/completions",
+            chat(max_completion_tokens=100_000),
+            "max_completion_tokens 100000 exceeds the cap 64",
+        ),
+        ("/v1/chat/completions", chat(max_tokens=100_000), "max_tokens 100000 exceeds the cap 64"),
+        (
+            "/v1/completions",
+            {"prompt": "x", "max_completion_tokens": 65},
+            "max_completion_tokens 65 exceeds the cap 64",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(max_completion_tokens=0, max_tokens=8),
+            "max_completion_tokens: Input should",
+        ),
+        ("/v1/chat/completions", chat(max_completion_tokens=0), "max_completion_tokens: Input should"),
+        ("/v1/chat/completions", chat(logprobs=True, top_logprobs=25), "top_logprobs: Input should"),
+        ("/v1/chat/completions", chat(tool_choice="required"), "tool_choice 'required' needs tools"),
+        (
+            "/v1/chat/completions",
+            chat(tools=[], tool_choice="required"),
+            "tool_choice 'required' needs tools",
+        ),
+        ("/v1/chat/completions", chat(tool_choice=NAMED), "tool_choice names 'nope'"),
+        (
+            "/v1/chat/completions",
+            chat(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice={"type": "function"}),
+            "tool_choice: ",
+        ),
+    ],
+)
+def test_refusals_over_http_name_the_field(
+    client: TestClient, path: str, body: dict[str, Any], message: str
+) -> None:
+    r = client.post(path, json=body, headers={"Authorization": "Bearer k"})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert error["message"].startswith(message), error["message"]

@@ -160,9 +160,10 @@ def test_valid_requests(data: dict[str, Any]) -> None:
         ),
         (
             {"messages": CHAT, "tool_choice": "get_weather"},
-            "tool_choice names a tool but no tools were given",
+            "tool_choice 'get_weather' needs tools, and no tools were given",
         ),
-        ({"messages": CHAT, "tool_choice": "required"}, "tool_choice names a tool but no tools were given"),
+        ({"messages": CHAT, "tool_choice": "required"}, "tool_choice 'required' needs tools"),
+        ({"messages": CHAT, "tools": [], "tool_choice": "required"}, "tool_choice 'required' needs tools"),
         ({"prompt": ["a", "b"], "stream": True}, "streaming takes a single prompt"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
         ({"messages": CHAT, "tools": [{"function": {"name": "bad name!"}}]}, "name"),
