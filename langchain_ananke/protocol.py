@@ -11,6 +11,7 @@ This module imports only pydantic, so the client, the service and third-party to
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -216,6 +217,15 @@ class GenerateRequest(_Strict):
             names = [tool.function.name for tool in self.tools]
             if len(set(names)) != len(names):
                 raise ValueError("tool names must be unique")
+            for tool in self.tools:
+                kind = tool.function.parameters.get("type", "object")
+                if kind != "object":
+                    # Arguments are a JSON object (OpenAI requires parameters to describe one):
+                    # any other schema would fail every call's check.
+                    raise ValueError(
+                        f"tool {tool.function.name!r}: function.parameters must be a JSON Schema for an "
+                        f'object ("type": "object"), not "type": {json.dumps(kind)}'
+                    )
             if self.tool_choice not in ("auto", "required", "none", *names):
                 raise ValueError(
                     f"tool_choice must be auto, required, none or a tool name ({', '.join(names)})"

@@ -59,10 +59,49 @@ _COMPACT: dict[str, Any] = {"whitespace_flexible": False}
 _SPACED: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
+#: Where a call schema holds the tool's parameters: the JSON pointer of its ``arguments`` property.
+ARGUMENTS_POINTER = "#/properties/arguments"
+
+#: Keywords whose value maps names to subschemas, and keywords whose value is data (never a schema).
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+_DATA = frozenset({"const", "enum", "default", "examples"})
+
+
+def _rebase_refs(schema: Any) -> Any:
+    """A copy of a tool's parameters with every local ``$ref`` re-pointed from the parameters' root to
+    where they sit in the call schema (``#`` -> ``#/properties/arguments``, ``#/$defs/A`` ->
+    ``#/properties/arguments/$defs/A``), so refs resolve as they do in the caller's schema.
+
+    A subschema with its own ``$id`` is a resource of its own, against which llguidance resolves the
+    refs inside it: those are left as they are, as is data (``const``, ``enum``, ...).
+    """
+    if not isinstance(schema, dict):
+        return [_rebase_refs(x) for x in schema] if isinstance(schema, list) else schema
+    resource = schema.get("$id")
+    if isinstance(resource, str) and not resource.startswith("#"):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = ARGUMENTS_POINTER + value[1:]
+        elif key in _DATA:
+            out[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _rebase_refs(sub) for name, sub in value.items()}
+        else:
+            out[key] = _rebase_refs(value)
+    return out
+
+
 def _call_schema(tool: ToolSpec, spacing: dict[str, Any]) -> dict[str, Any]:
-    params = dict(tool.function.parameters or {"type": "object", "properties": {}})
-    # Arguments are exact, as in OpenAI's strict mode: a call with invented keys would not run.
-    params.setdefault("additionalProperties", False)
+    # The parameters become the ``arguments`` property of the call schema, which moves their
+    # document root: their local refs are rebased to keep pointing where they point for the caller
+    # (a copy; the caller's dicts are never changed, and a schema without refs comes out the same).
+    params = dict(_rebase_refs(tool.function.parameters or {"type": "object", "properties": {}}))
+    # Arguments are exact, as in OpenAI's strict mode: a call with invented keys would not run. Not
+    # beside a root ``$ref``: the keyword would apply to the referenced schema's properties too.
+    if "$ref" not in params:
+        params.setdefault("additionalProperties", False)
     return {
         "type": "object",
         "properties": {"name": {"const": tool.function.name}, "arguments": params},

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
+from pydantic import BaseModel, Field
 
 from tests.conftest import chat_prompt
 
@@ -466,6 +467,38 @@ def test_forced_tool_calls_validate(http: httpx.Client, choice: str) -> None:
     tool = {"multiply": CALC_TOOL, "weather": WEATHER_TOOL}[call["name"]]
     params = tool["function"]["parameters"]  # type: ignore[index]
     jsonschema.validate(call["arguments"], params | {"additionalProperties": False})
+
+
+class _Place(BaseModel):
+    city: str = Field(max_length=20)
+    country: str = Field(max_length=20)
+
+
+class _Route(BaseModel):
+    start: _Place
+    end: _Place
+
+
+def test_nested_pydantic_tool_parameters_get_a_valid_call(http: httpx.Client) -> None:
+    """A nested model's schema refers to its parts through ``$defs`` (as LangChain's ``bind_tools``
+    sends it): the refs resolve as in the caller's schema, not at the service's call wrapper (before,
+    a 422 "Pointer '/$defs/_Place' does not exist")."""
+    params = _Route.model_json_schema()
+    assert "$defs" in params
+    route = {"type": "function", "function": {"name": "route", "parameters": params}}
+    data = gen(
+        http,
+        messages=[{"role": "user", "content": "Plan a route from Paris, France to Rome, Italy."}],
+        tools=[route],
+        tool_choice="route",
+        max_tokens=96,
+        parallel_tool_calls=False,
+    )
+    assert data["finish_reason"] == "tool_calls", data
+    assert data["constraint_satisfied"] is True, data
+    (call,) = data["tool_calls"]
+    assert call["name"] == "route"
+    jsonschema.validate(call["arguments"], params)
 
 
 def test_tool_choice_none_is_plain_text(http: httpx.Client) -> None:

@@ -11,9 +11,11 @@ from typing import Any
 
 import llguidance
 import pytest
+from pydantic import BaseModel, ValidationError
 
-from langchain_ananke.protocol import ChatMessage, ToolCall, ToolSpec
+from langchain_ananke.protocol import ChatMessage, GenerateRequest, ToolCall, ToolSpec
 from modal_service.constraints.tools import CALL_CLOSE, CALL_OPEN, is_call, parse_tool_calls, tool_grammar
+from modal_service.constraints.verify import check_tool_calls
 from modal_service.engine.prompts import render_chat, renders_tools, template_tools, to_template_messages
 from tests.unit.byte_tokenizer import BYTE_TOKENIZER
 
@@ -453,3 +455,131 @@ def test_grammar_output_round_trips_through_the_parser() -> None:
     text = PARIS + SUM
     assert admits(grammar, text)
     assert [c.name for c in parse_tool_calls(text)] == ["get_weather", "add"]
+
+
+# ----------------------------------------------------------------------------- $ref in tool parameters
+# A tool's parameters sit inside the call schema (as its ``arguments``), so their local refs must be
+# rebased to resolve as in the caller's schema: before, ``#/$defs/Loc`` was looked up at the call
+# schema's root (llguidance: "Pointer '/$defs/Loc' does not exist") and ``#`` meant the whole call.
+
+
+class Loc(BaseModel):
+    city: str
+    country: str
+
+
+class Trip(BaseModel):
+    origin: Loc
+    stops: list[Loc]
+
+
+def tool(name: str, parameters: dict[str, Any]) -> ToolSpec:
+    return ToolSpec.model_validate({"function": {"name": name, "parameters": parameters}})
+
+
+def compiled(grammar: str | None) -> str:
+    """The grammar, checked to compile (an unresolvable ``$ref`` is a compile error)."""
+    assert grammar is not None
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+        llguidance.LLMatcher.grammar_from_lark(grammar), TOKENIZER
+    )
+    assert not is_error, messages
+    return grammar
+
+
+PARIS_LOC = {"city": "Paris", "country": "FR"}
+DRAFT7 = {
+    "$schema": "http://json-schema.org/draft-07/schema#",
+    "type": "object",
+    "definitions": {"Unit": {"enum": ["C", "F"]}},
+    "properties": {"city": {"type": "string"}, "unit": {"$ref": "#/definitions/Unit"}},
+    "required": ["city", "unit"],
+}
+RECURSIVE = {"properties": {"city": {"type": "string"}, "next": {"$ref": "#"}}}
+
+
+@pytest.mark.parametrize(
+    ("parameters", "arguments", "admitted"),
+    [
+        (Trip.model_json_schema(), {"origin": PARIS_LOC, "stops": [PARIS_LOC]}, True),
+        (Trip.model_json_schema(), {"origin": PARIS_LOC, "stops": []}, True),
+        (Trip.model_json_schema(), {"origin": {"city": "Paris"}, "stops": []}, False),
+        (Trip.model_json_schema(), {"origin": PARIS_LOC, "stops": [{"country": "FR"}]}, False),
+        (DRAFT7, {"city": "Paris", "unit": "C"}, True),
+        (DRAFT7, {"city": "Paris", "unit": "K"}, False),
+        (RECURSIVE, {"city": "Paris", "next": {"city": "Lyon", "next": {}}}, True),
+        (RECURSIVE, {"city": "Paris", "next": {"name": "trip", "arguments": {}}}, False),
+        (RECURSIVE, {"city": "Paris", "next": {"city": 1}}, False),
+        # A root ``$ref`` (draft-7 generators): no additionalProperties beside it, which would forbid
+        # every property of the referenced schema.
+        ({"$ref": "#/definitions/L", "definitions": {"L": Loc.model_json_schema()}}, PARIS_LOC, True),
+        ({"$ref": "#/definitions/L", "definitions": {"L": Loc.model_json_schema()}}, {"city": "P"}, False),
+        # A schema with its own ``$id`` is a resource: its refs resolve against it and are left alone.
+        ({**Loc.model_json_schema(), "$id": "urn:example:loc"}, PARIS_LOC, True),
+    ],
+)
+def test_tool_parameter_refs_resolve_as_in_the_callers_schema(
+    parameters: dict[str, Any], arguments: dict[str, Any], admitted: bool
+) -> None:
+    grammar = compiled(tool_grammar([tool("trip", parameters)], "required", False))
+    assert admits(grammar, call("trip", arguments)) is admitted
+    assert admits(grammar, qwen_call("trip", arguments)) is admitted
+    if admitted:  # the independent check reads the caller's own schema, and passes what the grammar admits
+        assert check_tool_calls(call("trip", arguments), {"trip": parameters}).satisfied
+
+
+def test_tools_whose_defs_share_a_name_keep_their_own() -> None:
+    ints = tool(
+        "ints",
+        {"type": "object", "properties": {"v": {"$ref": "#/$defs/V"}}, "$defs": {"V": {"type": "integer"}}},
+    )
+    strs = tool(
+        "strs",
+        {"type": "object", "properties": {"v": {"$ref": "#/$defs/V"}}, "$defs": {"V": {"type": "string"}}},
+    )
+    grammar = compiled(tool_grammar([ints, strs], "required", True))
+    assert admits(grammar, call("ints", {"v": 1}) + call("strs", {"v": "a"}))
+    assert not admits(grammar, call("ints", {"v": "a"}))
+    assert not admits(grammar, call("strs", {"v": 1}))
+
+
+def test_rebasing_refs_does_not_mutate_the_tool_schema() -> None:
+    trip = tool("trip", Trip.model_json_schema())
+    before = trip.model_dump()
+    tool_grammar([trip], "auto", True)
+    assert trip.model_dump() == before
+
+
+def test_refs_in_data_and_property_names_are_kept_apart() -> None:
+    # A property named like a data keyword holds a schema (its ref is rebased); ``const`` holds data.
+    parameters = {
+        "type": "object",
+        "properties": {"default": {"$ref": "#/$defs/V"}, "tag": {"const": {"$ref": "#"}}},
+        "required": ["default", "tag"],
+        "$defs": {"V": {"type": "integer"}},
+    }
+    grammar = compiled(tool_grammar([tool("t", parameters)], "required", False))
+    assert admits(grammar, call("t", {"default": 1, "tag": {"$ref": "#"}}))
+    assert not admits(grammar, call("t", {"default": "x", "tag": {"$ref": "#"}}))
+
+
+def test_a_tool_without_refs_gets_the_same_call_schema() -> None:
+    # Unchanged for tools without refs (the compile cache and its timings stay as they were).
+    grammar = tool_grammar([ADD], "add", False)
+    assert grammar is not None
+    arguments = {**ADD.function.parameters, "additionalProperties": False}
+    assert f'"arguments": {json.dumps(arguments)}' in grammar
+
+
+@pytest.mark.parametrize(
+    "parameters", [{"type": "string"}, {"type": "array", "items": {}}, {"type": ["object", "null"]}]
+)
+def test_tool_parameters_that_are_not_an_object_schema_are_refused(parameters: dict[str, Any]) -> None:
+    request = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [WEATHER.model_dump(), tool("lookup", parameters).model_dump()],
+    }
+    with pytest.raises(
+        ValidationError, match=r"tool 'lookup': function\.parameters must be a JSON Schema for an object"
+    ):
+        GenerateRequest.model_validate(request)

@@ -155,6 +155,10 @@ def test_valid_requests(data: dict[str, Any]) -> None:
         ),
         ({"messages": CHAT, "tools": [TOOL, TOOL]}, "tool names must be unique"),
         (
+            {"messages": CHAT, "tools": [{"function": {"name": "f", "parameters": {"type": "string"}}}]},
+            "tool 'f': function.parameters must be a JSON Schema for an object",
+        ),
+        (
             {"messages": CHAT, "tools": [TOOL], "tool_choice": "get_time"},
             r"auto, required, none or a tool name \(get_weather\)",
         ),
