@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -42,6 +43,7 @@ from modal_service.constraints.schema import (
     count_grammar_rules,
     exceeds_depth,
     finite_instance_error,
+    inexact_number_bounds,
 )
 from modal_service.constraints.tools import Markers, is_call, tool_grammar
 from modal_service.constraints.verify import Verdict, Verifier, json_validator
@@ -54,6 +56,29 @@ __all__ = ["CompiledConstraint", "ConstraintCompiler", "ConstraintError", "ToolT
 def _digest(kind: str, payload: Any) -> str:
     text = json.dumps([kind, payload], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+_UPPER_BOUND = re.compile(r'\\?"(exclusiveMaximum|maximum)\\?"\s*:\s*(-[0-9][0-9.eE+-]*)')
+LOWEST_HELD_INTEGER = -(2**63)
+
+
+def _refuse_crashing_bounds(ll_grammar: str) -> None:
+    """A 422 for an upper bound at or below -2**63 in any JSON schema of the grammar (a schema, a
+    tool's parameters, a Lark ``%json``): llguidance 1.7.6 clamps integer bounds to 64 bits, and an
+    integer range whose bounds both clamp to the lowest one crashed the process (a segmentation fault
+    in ``validate_grammar``, measured with ``{"type": "integer", "minimum": -1e20, "maximum": -1e20}``,
+    and with ``maximum`` alone once the length caps add a ``minimum``). No integer there is one the
+    mask can hold anyway."""
+    for match in _UPPER_BOUND.finditer(ll_grammar):
+        try:
+            value = float(match[2])
+        except ValueError:
+            continue
+        if value <= LOWEST_HELD_INTEGER:
+            raise ConstraintError(
+                f"{match[1]} {match[2]} is at or below -2**63, the lowest integer the token mask can hold",
+                {"keyword": match[1], "value": match[2]},
+            )
 
 
 class ConstraintCompiler:
@@ -267,7 +292,10 @@ class ConstraintCompiler:
         def engine_schema() -> dict[str, Any]:  # a copy: never mutate the caller's
             return {**engine_base, "x-guidance": {**dict(engine_base.get("x-guidance") or {}), **options}}
 
+        inexact = inexact_number_bounds(schema)
         try:
+            if inexact:  # llguidance would compile it, but not hold it: approximate, then checked
+                raise ConstraintError(inexact)
             return attempt(engine_schema(), caps_applied=n_caps)
         except ConstraintError as exact:
             if c is not None and c.strict:
@@ -307,6 +335,7 @@ class ConstraintCompiler:
         **extra: Any,
     ) -> CompiledConstraint:
         started = time.perf_counter()
+        _refuse_crashing_bounds(ll_grammar)
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
             ll_grammar, self._tokenizer, limits=self._ll_limits()
         )

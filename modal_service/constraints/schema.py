@@ -135,6 +135,30 @@ def finite_instance_error(schema: dict[str, Any]) -> str | None:
     )
 
 
+EXACT_NUMBER_BOUND = 2**53
+"""Numeric bounds beyond this magnitude are not held exactly by the token mask: llguidance clamps an
+integer bound to 64 bits and rounds through a double (measured: ``minimum: 1e300`` generated
+9223372036854775807; ``minimum = maximum = 9007199254740993`` generated 9007199254740992)."""
+_BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+_DATA_KEYS = frozenset({"const", "enum", "default", "examples"})
+
+
+def inexact_number_bounds(schema: Any) -> str | None:
+    """Why the token mask cannot hold the schema's numeric bounds exactly, or None."""
+    if isinstance(schema, list):
+        return next((why for why in map(inexact_number_bounds, schema) if why), None)
+    if not isinstance(schema, dict):
+        return None
+    for key in _BOUND_KEYS:
+        value = schema.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) > EXACT_NUMBER_BOUND:
+            return f"{key} {value!r} is beyond the magnitude the token mask holds exactly (2**53)"
+    for key, value in schema.items():
+        if key not in _DATA_KEYS and (why := inexact_number_bounds(value)):
+            return why
+    return None
+
+
 def apply_length_caps(
     schema: dict[str, Any], *, max_length: int, max_items: int
 ) -> tuple[dict[str, Any], int]:

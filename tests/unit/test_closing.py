@@ -419,3 +419,68 @@ def test_a_format_that_cannot_be_checked_is_never_satisfied(monkeypatch: pytest.
     assert (verdict.satisfied, verdict.code) == (False, "unverifiable")
     assert "uri-template" in (verdict.error or "")
     assert verify.verify_json({"type": "string", "format": "uri"}, '"https://a.b"').satisfied
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "integer", "minimum": 1e300},
+        {"type": "integer", "minimum": 9007199254740993, "maximum": 9007199254740993},
+        {
+            "type": "object",
+            "properties": {"n": {"type": "integer", "maximum": -1e300}},
+            "required": ["n"],
+        },
+    ],
+)
+def test_bounds_the_mask_cannot_hold_are_not_exact(compiler: Any, schema: dict[str, Any]) -> None:
+    # llguidance clamps a bound to 64 bits and rounds it through a double: such a schema is never
+    # compiled as exact; with no instance that passes the full check it is refused up front
+    from modal_service.constraints.compiled import ConstraintError
+
+    with pytest.raises(ConstraintError):
+        compiler.compile(Constraints(json_schema=schema), 40)
+
+
+def test_large_bounds_with_an_instance_are_approximated_and_checked(compiler: Any) -> None:
+    from modal_service.constraints.schema import inexact_number_bounds
+
+    schema = {"type": "integer", "minimum": 5, "maximum": 2**60}
+    compiled, _ = compiler.compile(Constraints(json_schema=schema), 40)
+    assert compiled.approximate
+    assert "2**53" in (compiled.approximation or "")
+    assert inexact_number_bounds({"type": "integer", "minimum": 3, "maximum": 9}) is None
+    assert inexact_number_bounds({"const": {"minimum": 1e300}}) is None  # data, not a bound
+    assert inexact_number_bounds({"items": [{"maximum": 2**54}]})
+
+
+@pytest.mark.parametrize(
+    "constraints",
+    [
+        Constraints(json_schema={"type": "integer", "minimum": -1e20, "maximum": -1e20}),
+        Constraints(
+            json_schema={"type": "object", "properties": {"n": {"type": "integer", "maximum": -1e300}}}
+        ),
+        Constraints(json_schema={"type": "integer", "exclusiveMinimum": -1e20, "exclusiveMaximum": -1e19}),
+        Constraints(grammar='start: %json {"type": "integer", "minimum": -1e20, "maximum": -1e20}'),
+    ],
+)
+def test_bounds_that_crashed_llguidance_are_refused(compiler: Any, constraints: Constraints) -> None:
+    # each of these was a segmentation fault of the whole process in llguidance's validate_grammar
+    from modal_service.constraints.compiled import ConstraintError
+
+    with pytest.raises(ConstraintError, match=r"-2\*\*63"):
+        compiler.compile(constraints, 40)
+
+
+def test_a_tool_whose_parameters_crashed_llguidance_is_refused(compiler: Any) -> None:
+    from langchain_ananke.protocol import ToolSpec
+    from modal_service.constraints.compiled import ConstraintError, ToolTurn
+
+    params = {"type": "object", "properties": {"n": {"type": "integer", "maximum": -1e20}}, "required": ["n"]}
+    tool = ToolSpec.model_validate({"function": {"name": "f", "parameters": params}})
+    with pytest.raises(ConstraintError, match=r"-2\*\*63"):
+        compiler.compile(None, 40, tools=ToolTurn((tool,), "required", True))
+    # an ordinary negative bound is fine
+    ok = {"type": "object", "properties": {"n": {"type": "integer", "maximum": -5}}, "required": ["n"]}
+    compiler.compile(Constraints(json_schema=ok), 40)
