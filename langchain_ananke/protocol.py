@@ -107,6 +107,15 @@ class Constraints(_Strict):
             raise ValueError(f"exactly one constraint per request, got {len(given)}: {', '.join(given)}")
         if not given:
             raise ValueError(f"constraints is empty; give one of: {', '.join(CONSTRAINT_KINDS)}")
+        if not {"json_schema", "json_object"} & set(given):
+            # both act on JSON only: elsewhere they would be silently ignored
+            if self.whitespace == "flexible":
+                raise ValueError("whitespace applies to json_schema / json_object constraints only")
+            if self.max_attempts != type(self).model_fields["max_attempts"].default:
+                raise ValueError(
+                    "max_attempts applies to json_schema / json_object constraints only "
+                    "(the other kinds are not resampled)"
+                )
         return self
 
     def kinds(self) -> list[str]:

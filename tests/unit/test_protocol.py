@@ -241,3 +241,18 @@ def test_an_unsatisfied_answer_carries_its_reason_code_to_the_client_exception()
         check_satisfied(metadata, '{"a": ')
     assert info.value.code == "budget_exhausted"
     assert info.value.finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [({"whitespace": "flexible"}, "whitespace applies"), ({"max_attempts": 5}, "max_attempts applies")],
+)
+@pytest.mark.parametrize("kind", [{"regex": "[0-9]+"}, {"choice": ["a"]}, {"grammar": 'start: "a"'}])
+def test_json_only_options_are_refused_elsewhere(
+    kind: dict[str, Any], extra: dict[str, Any], needle: str
+) -> None:
+    with pytest.raises(ValidationError, match=needle):
+        Constraints.model_validate(kind | extra)
+    # their defaults, as clients send them, are fine
+    Constraints.model_validate(kind | {"whitespace": "compact", "max_attempts": 3})
+    Constraints.model_validate({"json_schema": {"type": "object"}} | extra)
