@@ -81,7 +81,28 @@ def _message(raw: dict[str, Any], where: str) -> dict[str, Any]:
     return msg
 
 
+_FORMAT_KEYS = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
+_JSON_SCHEMA_KEYS = {"name", "description", "schema", "strict"}
+
+
+def _unknown_keys(given: dict[str, Any], known: set[str], where: str) -> None:
+    """A 422 naming the first key of ``given`` not in ``known``: a field is never dropped silently (a
+    ``schema`` inside ``json_object`` would otherwise leave the output unconstrained by it)."""
+    extra = sorted(set(given) - known)
+    if extra:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"{where}.{extra[0]} is not supported here (known: {', '.join(sorted(known))})",
+            {"field": f"{where}.{extra[0]}"},
+        )
+
+
 def _response_format(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
+    if isinstance(fmt, dict) and fmt.get("type") in _FORMAT_KEYS:
+        _unknown_keys(fmt, _FORMAT_KEYS[fmt["type"]], "response_format")
+        if isinstance(fmt.get("json_schema"), dict):
+            _unknown_keys(fmt["json_schema"], _JSON_SCHEMA_KEYS, "response_format.json_schema")
     if not fmt or fmt.get("type") == "text":
         return None
     if fmt.get("type") == "json_object":

@@ -136,6 +136,16 @@ def test_malformed_tool_call_arguments_are_a_422() -> None:
             chat(response_format={"type": "json_schema"}),
             "response_format.json_schema.schema must be an object",
         ),
+        (
+            chat(response_format={"type": "json_object", "schema": SCHEMA}),
+            r"response_format\.schema is not supported here",
+        ),
+        (
+            chat(
+                response_format={"type": "json_schema", "json_schema": {"schema": SCHEMA, "strict_mode": 1}}
+            ),
+            r"response_format\.json_schema\.strict_mode is not supported here",
+        ),
         (chat(tools=[TOOL], tool_choice={"type": "allowed_tools"}), "unsupported tool_choice"),
         (
             chat(tools=[TOOL], tool_choice="get_time"),
