@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import threading
 import time
@@ -550,7 +551,23 @@ def length_caps_for(max_tokens: int) -> tuple[int, int]:
     return max(16, min(256, max_tokens)), max(2, min(32, max_tokens // 8))
 
 
+def _unreadable_number(node: Any) -> str | None:
+    """Why a number in the schema cannot reach the grammar compiler intact, or None: JSON's ``1e400``
+    parses to infinity (which no JSON text can carry onward), and llguidance reads integers of at most
+    64 bits (a larger one failed as "Value is not JSON serializable")."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return f"a number in the schema is not finite ({node}: beyond a double's range)"
+    if isinstance(node, int) and not isinstance(node, bool) and abs(node) >= 2**64:
+        return (
+            f"the integer {node} in the schema does not fit in 64 bits, the most the grammar compiler reads"
+        )
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    return next((why for why in map(_unreadable_number, children) if why), None)
+
+
 def _check_schema(schema: dict[str, Any]) -> None:
+    if problem := _unreadable_number(schema):
+        raise ConstraintError(problem)
     try:
         cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
         cls.check_schema(schema)

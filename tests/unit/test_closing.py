@@ -484,3 +484,23 @@ def test_a_tool_whose_parameters_crashed_llguidance_is_refused(compiler: Any) ->
     # an ordinary negative bound is fine
     ok = {"type": "object", "properties": {"n": {"type": "integer", "maximum": -5}}, "required": ["n"]}
     compiler.compile(Constraints(json_schema=ok), 40)
+
+
+@pytest.mark.parametrize(
+    ("schema", "needle"),
+    [
+        ({"const": float("inf")}, "not finite"),  # what JSON's 1e400 parses to
+        ({"properties": {"a": {"enum": [1, float("-inf")]}}}, "not finite"),
+        ({"type": "integer", "minimum": 2**64 + 1}, "does not fit in 64 bits"),
+        ({"enum": [-(2**70)]}, "does not fit in 64 bits"),
+    ],
+)
+def test_numbers_the_grammar_compiler_cannot_read_are_named(
+    compiler: Any, schema: dict[str, Any], needle: str
+) -> None:
+    # before: 1e400 passed here and the engine refused the request without naming anything; a 65-bit
+    # integer was "invalid JSON Schema: Value is not JSON serializable"
+    from modal_service.constraints.compiled import ConstraintError
+
+    with pytest.raises(ConstraintError, match=needle):
+        compiler.compile(Constraints(json_schema=schema), 40)
