@@ -335,6 +335,14 @@ CRASH_SHAPES = {
         + "\n".join(f'r{i}: "{i}" r{i + 1} | "{i}"' for i in range(3000))
         + '\nr3000: "end"'
     },
+    # Integer bounds that llguidance 1.7.6 clamps both to -2**63: a segmentation fault in
+    # validate_grammar (found by an adversarial probe; one request killed the service).
+    "schema-integer-range-below-int64": {
+        "json_schema": {"type": "integer", "minimum": -1e20, "maximum": -1e20}
+    },
+    "schema-integer-maximum-below-int64": {
+        "json_schema": {"type": "object", "properties": {"n": {"type": "integer", "maximum": -1e300}}}
+    },
 }
 
 
