@@ -220,6 +220,13 @@ def _refuse_unknown(body: BaseModel) -> None:
 
 
 def _common(body: dict[str, Any]) -> dict[str, Any]:
+    if body.get("stream_options") is not None and not body.get("stream"):
+        raise ApiError(
+            422,
+            "invalid_request",
+            "stream_options applies to streamed answers only (stream: true)",
+            {"field": "stream_options"},
+        )
     unsupported = [k for k, noop in _UNSUPPORTED.items() if k in body and body[k] not in noop]
     if unsupported:
         raise ApiError(
