@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from modal_service.limits import Limits
@@ -31,7 +31,7 @@ _SUBSCHEMA_SINGLE = ("items", "additionalProperties")
 #: Keys whose values are data, not subschemas: never walked.
 DATA_KEYS = frozenset({"enum", "const", "default", "examples"})
 #: Keys whose values map names to subschemas: the map itself is not a node.
-_NAME_MAPS = frozenset({*_SUBSCHEMA_MAPS, "dependentSchemas"})
+NAME_MAPS = frozenset({*_SUBSCHEMA_MAPS, "dependentSchemas"})
 INT_BOUND = 10**15
 
 #: Sample values for string formats: the witness builds instances with them, and the closing search
@@ -140,22 +140,19 @@ EXACT_NUMBER_BOUND = 2**53
 integer bound to 64 bits and rounds through a double (measured: ``minimum: 1e300`` generated
 9223372036854775807; ``minimum = maximum = 9007199254740993`` generated 9007199254740992)."""
 _BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
-_DATA_KEYS = frozenset({"const", "enum", "default", "examples"})
 
 
 def inexact_number_bounds(schema: Any) -> str | None:
     """Why the token mask cannot hold the schema's numeric bounds exactly, or None."""
-    if isinstance(schema, list):
-        return next((why for why in map(inexact_number_bounds, schema) if why), None)
-    if not isinstance(schema, dict):
-        return None
-    for key in _BOUND_KEYS:
-        value = schema.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) > EXACT_NUMBER_BOUND:
-            return f"{key} {value!r} is beyond the magnitude the token mask holds exactly (2**53)"
-    for key, value in schema.items():
-        if key not in _DATA_KEYS and (why := inexact_number_bounds(value)):
-            return why
+    for node in schema_nodes(schema):
+        for key in _BOUND_KEYS:
+            value = node.get(key)
+            if (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and abs(value) > EXACT_NUMBER_BOUND
+            ):
+                return f"{key} {value!r} is beyond the magnitude the token mask holds exactly (2**53)"
     return None
 
 
@@ -247,9 +244,9 @@ def count_grammar_rules(grammar: str) -> int:
     return len(_LARK_RULE.findall(grammar))
 
 
-def _schema_shape(schema: Any, limits: Limits) -> tuple[int, tuple[str, dict[str, int]] | None]:
-    """One walk over a schema, without recursion: its node count and the first limit it breaks."""
-    nodes = 0
+def schema_nodes(schema: Any) -> Iterator[dict[str, Any]]:
+    """Every (sub)schema object of ``schema``, without recursion: data (``const``, ``enum``, ...) is
+    not entered, and a name map (``properties``, ``$defs``, ...) is not a node, its values are."""
     stack: list[Any] = [schema]
     while stack:
         node = stack.pop()
@@ -258,6 +255,20 @@ def _schema_shape(schema: Any, limits: Limits) -> tuple[int, tuple[str, dict[str
             continue
         if not isinstance(node, dict):
             continue
+        yield node
+        for key, value in node.items():
+            if key in DATA_KEYS:
+                continue
+            if key in NAME_MAPS and isinstance(value, dict):
+                stack.extend(value.values())
+            elif isinstance(value, dict | list):
+                stack.append(value)
+
+
+def _schema_shape(schema: Any, limits: Limits) -> tuple[int, tuple[str, dict[str, int]] | None]:
+    """One walk over a schema (:func:`schema_nodes`): its node count and the first limit it breaks."""
+    nodes = 0
+    for node in schema_nodes(schema):
         nodes += 1
         for key in ("anyOf", "oneOf"):
             branches = node.get(key)
@@ -272,13 +283,6 @@ def _schema_shape(schema: Any, limits: Limits) -> tuple[int, tuple[str, dict[str
                 f"enum has {len(values)} values; the limit is {limits.max_enum}",
                 {"enum_values": len(values), "limit": limits.max_enum},
             )
-        for key, value in node.items():
-            if key in DATA_KEYS:
-                continue
-            if key in _NAME_MAPS and isinstance(value, dict):
-                stack.extend(value.values())
-            elif isinstance(value, dict | list):
-                stack.append(value)
     return nodes, None
 
 

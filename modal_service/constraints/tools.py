@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from langchain_ananke.protocol import ToolCall, ToolSpec
+from modal_service.constraints.schema import DATA_KEYS, NAME_MAPS
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _CALL_RE = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.DOTALL)
@@ -62,10 +63,6 @@ _SPACED: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ",
 #: Where a call schema holds the tool's parameters: the JSON pointer of its ``arguments`` property.
 ARGUMENTS_POINTER = "#/properties/arguments"
 
-#: Keywords whose value maps names to subschemas, and keywords whose value is data (never a schema).
-_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
-_DATA = frozenset({"const", "enum", "default", "examples"})
-
 
 def _rebase_refs(schema: Any) -> Any:
     """A copy of a tool's parameters with every local ``$ref`` re-pointed from the parameters' root to
@@ -84,9 +81,9 @@ def _rebase_refs(schema: Any) -> Any:
     for key, value in schema.items():
         if key == "$ref" and isinstance(value, str) and value.startswith("#"):
             out[key] = ARGUMENTS_POINTER + value[1:]
-        elif key in _DATA:
+        elif key in DATA_KEYS:
             out[key] = value
-        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+        elif key in NAME_MAPS and isinstance(value, dict):
             out[key] = {name: _rebase_refs(sub) for name, sub in value.items()}
         else:
             out[key] = _rebase_refs(value)

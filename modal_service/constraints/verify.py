@@ -21,6 +21,7 @@ import llguidance
 
 from langchain_ananke.protocol import ConstraintErrorCode, ToolCall
 from modal_service.constraints.compiled import CompiledConstraint
+from modal_service.constraints.schema import schema_nodes
 from modal_service.constraints.tools import is_call, parse_tool_calls
 
 Branch = Literal["tool_calls", "answer"]
@@ -68,14 +69,7 @@ UNCHECKED_FORMATS = STANDARD_FORMATS - set(jsonschema.Draft202012Validator.FORMA
 
 
 def _formats(schema: Any) -> set[str]:
-    if isinstance(schema, dict):
-        found = {schema["format"]} if isinstance(schema.get("format"), str) else set()
-        for value in schema.values():
-            found |= _formats(value)
-        return found
-    if isinstance(schema, list):
-        return set().union(*(_formats(v) for v in schema)) if schema else set()
-    return set()
+    return {node["format"] for node in schema_nodes(schema) if isinstance(node.get("format"), str)}
 
 
 def json_validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
