@@ -1,18 +1,18 @@
 """The independent re-check: only this decides ``constraint_satisfied``.
 
 It does not trust the engine's mask. JSON is parsed and validated with ``jsonschema`` against the
-caller's full schema (never the capped or approximated one the engine enforced); a regex is matched in
-full with Python's ``re``; grammars and choices are replayed through a fresh llguidance matcher over
-the produced tokens (the returned text's own where a stop string cut the text short of them); a token
-mask is checked by set membership. Tool calls are parsed and each call's
-arguments validated against its tool's schema; an agent turn (tools plus an answer schema) is checked
-on whichever branch it took, and the verdict says which.
+caller's full schema (never the capped or approximated one the engine enforced); regexes, grammars and
+choices are replayed through a fresh llguidance matcher over the produced tokens (the returned text's
+own where a stop string cut the text short of them). A regex is checked in the dialect it is enforced
+in (Rust's ``regex``): Python's ``re`` reads ``[[:digit:]]``, ``[a-z--aeiou]`` and ``\\w`` otherwise, and
+would call right output wrong (or wrong output right). A token mask is checked by set membership. Tool
+calls are parsed and each call's arguments validated against its tool's schema; an agent turn (tools
+plus an answer schema) is checked on whichever branch it took, and the verdict says which.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -122,9 +122,10 @@ class Verifier:
             return self._agent_turn(compiled, text, body)
         if compiled.json_schema is not None:
             return verify_json(compiled.json_schema, text)
-        if compiled.regexes:
-            return verify_regex(compiled.regexes, text) or self._matcher(compiled, body)
-        return self._matcher(compiled, body)
+        verdict = self._matcher(compiled, body)
+        if compiled.regexes and not verdict.satisfied:
+            verdict.code = "regex_mismatch"
+        return verdict
 
     def _as_returned(self, text: str, body: list[int]) -> list[int]:
         """The tokens to replay: the ones produced, or, where a stop string cut the text short of them
@@ -182,17 +183,6 @@ def verify_json(schema: dict[str, Any], text: str) -> Verdict:
         error = f"output does not validate: {first.message} at {list(first.path)}"
         return Verdict(False, error, code="schema_mismatch")
     return Verdict(True)
-
-
-def verify_regex(patterns: tuple[str, ...], text: str) -> Verdict | None:
-    """Full match with Python's ``re``; None when a pattern is not Python syntax (matcher decides)."""
-    try:
-        compiled = [re.compile(p) for p in patterns]
-    except re.error:
-        return None
-    if any(p.fullmatch(text) for p in compiled):
-        return Verdict(True)
-    return Verdict(False, "output does not fully match the regex", code="regex_mismatch")
 
 
 def check_tool_calls(text: str, tools: dict[str, dict[str, Any]]) -> Verdict:

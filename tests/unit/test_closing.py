@@ -504,3 +504,26 @@ def test_numbers_the_grammar_compiler_cannot_read_are_named(
 
     with pytest.raises(ConstraintError, match=needle):
         compiler.compile(Constraints(json_schema=schema), 40)
+
+
+@pytest.mark.parametrize(
+    ("regex", "text", "satisfied"),
+    [
+        ("[[:digit:]]{3}", "123", True),  # a POSIX class; Python's re reads "[[:digit:]" then "]"
+        ("[[:alpha:]]+ [[:alpha:]]+", "nil xt", True),
+        ("[a-c--b]", "b", False),  # a class difference; Python's re reads a range from "-" to "b"
+        (r"\w", "\u00b2", False),  # "²" is not a word character in Rust's regex; it is in Python's re
+        (r"\s", "\x1c", False),
+    ],
+)
+def test_a_regex_is_checked_in_the_dialect_it_is_enforced_in(
+    compiler: Any, hf: Any, regex: str, text: str, *, satisfied: bool
+) -> None:
+    # The engine's mask reads the regex as Rust's regex crate does; a check in another dialect
+    # called output the mask produced unsatisfied (found by generating under "[[:digit:]]{3}")
+    compiled, _ = compiler.compile(Constraints(regex=regex), 16)
+    ids = hf.encode(text, add_special_tokens=False)
+    verdict = compiler.verify(compiled, text, ids, "stop")
+    assert verdict.satisfied is satisfied, verdict.error
+    if not satisfied:
+        assert verdict.code == "regex_mismatch"
