@@ -205,6 +205,8 @@ class ConstraintCompiler:
             return self._build_json(kind, schema, c, caps)
         if c.regex is not None or c.regex_patterns is not None:
             patterns = (c.regex,) if c.regex is not None else tuple(c.regex_patterns or ())
+            if len(patterns) > 1:
+                self._check_patterns(patterns)
             joined = patterns[0] if len(patterns) == 1 else "|".join(f"(?:{p})" for p in patterns)
             ll = llguidance.LLMatcher.grammar_from_regex(joined)
             return self._finish(kind, StructuredOutputsParams(regex=joined), ll, regexes=patterns)
@@ -224,6 +226,21 @@ class ConstraintCompiler:
             return self._finish(kind, StructuredOutputsParams(choice=list(c.choice)), lark_to_ll(lark))
         assert c.token_mask is not None  # noqa: S101 - Constraints guarantees exactly one kind
         return self._token_mask(c)
+
+    def _check_patterns(self, patterns: tuple[str, ...]) -> None:
+        """Each of ``regex_patterns`` must be a regex on its own: joined as ``(?:p1)|(?:p2)``, two
+        broken ones can make a valid one (``a)|(?:b`` and ``c``), and an error about the joined
+        regex would not say which pattern is wrong."""
+        for i, pattern in enumerate(patterns):
+            is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+                llguidance.LLMatcher.grammar_from_regex(pattern), self._tokenizer, limits=self._ll_limits()
+            )
+            if is_error:
+                field = f"constraints.regex_patterns.{i}"
+                raise ConstraintError(
+                    f"{field} is not a regex llguidance accepts: {messages[0]}",
+                    {"field": field, "llguidance": messages[0]},
+                )
 
     def _build_turn(
         self,

@@ -527,3 +527,20 @@ def test_a_regex_is_checked_in_the_dialect_it_is_enforced_in(
     assert verdict.satisfied is satisfied, verdict.error
     if not satisfied:
         assert verdict.code == "regex_mismatch"
+
+
+@pytest.mark.parametrize(
+    ("patterns", "bad"),
+    [
+        (["a)|(?:b", "c"], 0),  # joined, "(?:a)|(?:b)|(?:c)" is a valid regex
+        (["(?:x", ")|(?:zz"], 0),
+        (["[0-9]+", "(?=a)a"], 1),
+    ],
+)
+def test_each_regex_pattern_must_be_a_regex_on_its_own(compiler: Any, patterns: list[str], bad: int) -> None:
+    from modal_service.constraints.compiler import ConstraintError
+
+    with pytest.raises(ConstraintError) as caught:
+        compiler.compile(Constraints(regex_patterns=patterns), 16)
+    assert caught.value.detail is not None
+    assert caught.value.detail["field"] == f"constraints.regex_patterns.{bad}"
