@@ -205,6 +205,14 @@ class GenerateRequest(_Strict):
     def _stop_as_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str] | None) -> list[str] | None:
+        # The engine refuses an empty stop string only once the request reaches it: after a stream's 200.
+        if value is not None and "" in value:
+            raise ValueError(f"stop strings must not be empty (item {value.index('')} is)")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> GenerateRequest:
         if (self.prompt is None) == (self.messages is None):

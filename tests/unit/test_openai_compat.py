@@ -283,6 +283,13 @@ def test_sampling_fields(fields: dict[str, Any], expected: dict[str, Any]) -> No
         assert {k: getattr(request, k) for k in expected} == expected
 
 
+def test_an_empty_stop_string_is_a_422_naming_stop() -> None:
+    for convert, body in ((chat_to_request, chat()), (completion_to_request, {"prompt": "x"})):
+        with pytest.raises(ApiError, match=r"^stop: ") as info:
+            convert(body | {"stop": ["\n", ""], "stream": True})
+        assert (info.value.status, info.value.code) == (422, "invalid_request")
+
+
 def test_stream_flag_is_not_forwarded() -> None:
     assert chat_to_request(chat(stream=True)).stream is False
 

@@ -187,6 +187,14 @@ def test_stop_string_becomes_a_list(stop: Any, expected: list[str] | None) -> No
     assert GenerateRequest(prompt="hi", stop=stop).stop == expected
 
 
+@pytest.mark.parametrize("stop", ["", ["a", ""]])
+def test_an_empty_stop_string_is_refused_up_front(stop: Any) -> None:
+    # vLLM refuses it only when the request reaches the engine, which a stream does after its 200
+    with pytest.raises(ValidationError, match="stop strings must not be empty") as info:
+        GenerateRequest(prompt="hi", stop=stop)
+    assert info.value.errors()[0]["loc"] == ("stop",)
+
+
 def test_tool_parameters_default_to_an_empty_object() -> None:
     request = GenerateRequest.model_validate({"messages": CHAT, "tools": [{"function": {"name": "now"}}]})
     assert request.tools is not None
