@@ -227,6 +227,9 @@ def _common(body: dict[str, Any]) -> dict[str, Any]:
             "stream_options applies to streamed answers only (stream: true)",
             {"field": "stream_options"},
         )
+    # Only include_usage is honoured: vLLM's continuous_usage_stats (usage in every chunk), say,
+    # would otherwise be dropped silently.
+    _unknown_keys(body.get("stream_options") or {}, {"include_usage"}, "stream_options")
     unsupported = [k for k, noop in _UNSUPPORTED.items() if k in body and body[k] not in noop]
     if unsupported:
         raise ApiError(

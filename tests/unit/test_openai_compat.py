@@ -147,6 +147,10 @@ def test_malformed_tool_call_arguments_are_a_422() -> None:
             r"response_format\.json_schema\.strict_mode is not supported here",
         ),
         (chat(stream_options={"include_usage": True}), "stream_options applies to streamed answers only"),
+        (
+            chat(stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}),
+            r"stream_options\.continuous_usage_stats is not supported here",
+        ),
         (chat(tools=[TOOL], tool_choice={"type": "allowed_tools"}), "unsupported tool_choice"),
         (
             chat(tools=[TOOL], tool_choice="get_time"),
