@@ -122,7 +122,8 @@ class Verifier:
             return self._agent_turn(compiled, text, body)
         if compiled.json_schema is not None:
             return verify_json(compiled.json_schema, text)
-        verdict = self._matcher(compiled, body)
+        end = token_ids[-1] if token_ids and token_ids[-1] in self._eos else None
+        verdict = self._matcher(compiled, body, end=end)
         if compiled.regexes and not verdict.satisfied:
             verdict.code = "regex_mismatch"
         return verdict
@@ -153,13 +154,18 @@ class Verifier:
         verdict.branch = "answer"
         return verdict
 
-    def _matcher(self, compiled: CompiledConstraint, tokens: list[int]) -> Verdict:
+    def _matcher(self, compiled: CompiledConstraint, tokens: list[int], *, end: int | None = None) -> Verdict:
+        """Replay ``tokens`` (end-of-sequence tokens left out); ``end``: the end-of-sequence token the
+        output ended with, which completes the match where the grammar names it (``<[2]>``,
+        ``<|im_end|>``): the engine stopped on it, and no output text stands for it."""
         assert compiled.ll_grammar is not None  # noqa: S101 - token masks are checked above
         matcher = llguidance.LLMatcher(self._tokenizer, compiled.ll_grammar)
         if not matcher.consume_tokens(tokens):
             error = f"output does not match the {compiled.kind}: {matcher.get_error()}"
             return Verdict(False, error, code="grammar_mismatch")
-        if not matcher.is_accepting():
+        if not matcher.is_accepting() and not (
+            end is not None and matcher.consume_tokens([end]) and matcher.is_accepting()
+        ):
             return Verdict(False, f"output is an incomplete {compiled.kind} match", code="incomplete")
         return Verdict(True)
 

@@ -544,3 +544,24 @@ def test_each_regex_pattern_must_be_a_regex_on_its_own(compiler: Any, patterns: 
         compiler.compile(Constraints(regex_patterns=patterns), 16)
     assert caught.value.detail is not None
     assert caught.value.detail["field"] == f"constraints.regex_patterns.{bad}"
+
+
+@pytest.mark.parametrize(
+    ("grammar", "text", "satisfied"),
+    [
+        ('start: "yes" EOS', "yes", True),  # the grammar names the token the engine stopped on
+        ('start: "yes"', "yes", True),
+        ('start: "yes" "no" EOS', "yes", False),
+        ('start: "yes" "no"', "yes", False),
+    ],
+)
+def test_a_grammar_may_end_with_the_end_of_sequence_token(
+    compiler: Any, hf: Any, grammar: str, text: str, *, satisfied: bool
+) -> None:
+    # Found on the running service: under 'start: "a" <[2]>' the output "a" + <|im_end|> was reported
+    # incomplete, the end-of-sequence token being left out of the replay
+    eos = hf.eos_token_id
+    compiled, _ = compiler.compile(Constraints(grammar=grammar.replace("EOS", f"<[{eos}]>")), 16)
+    ids = [*hf.encode(text, add_special_tokens=False), eos]
+    verdict = compiler.verify(compiled, text, ids, "stop")
+    assert verdict.satisfied is satisfied, verdict.error
