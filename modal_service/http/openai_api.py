@@ -247,8 +247,8 @@ def _common(body: dict[str, Any]) -> dict[str, Any]:
             f"{', '.join(foreign)} is not supported here; use response_format (json_schema / "
             "json_object) or tools, or POST /generate_api with constraints for regex/grammar/choice",
         )
-    if body.get("n", 1) != 1:
-        raise ApiError(422, "invalid_request", "only n=1 is supported")
+    if body.get("n") not in (None, 1):  # null, as absent, is OpenAI's default of 1
+        raise ApiError(422, "invalid_request", "only n=1 is supported", {"field": "n"})
     out = {k: body[k] for k in _PASSTHROUGH if body.get(k) is not None}
     field = max_tokens_field(body)
     if field is not None:

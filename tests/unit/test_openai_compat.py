@@ -279,6 +279,7 @@ def test_tool_choice_the_service_cannot_honour_is_refused_by_name(fields: dict[s
         ({"stop": "\n"}, {"stop": ["\n"]}),
         ({"stop": ["a", "b"]}, {"stop": ["a", "b"]}),
         ({"n": 1, "user": "u-1", "logprobs": None}, {"max_tokens": 256}),
+        ({"n": None}, {"max_tokens": 256}),
     ],
 )
 def test_sampling_fields(fields: dict[str, Any], expected: dict[str, Any]) -> None:
