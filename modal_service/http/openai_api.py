@@ -506,6 +506,21 @@ def _check_cap(lifecycle: Lifecycle, req: GenerateRequest, body: dict[str, Any])
         )
 
 
+#: Refusals about the output budget; their messages name the protocol's ``max_tokens``.
+_BUDGET_ERRORS = frozenset({"context_length_exceeded", "max_tokens_too_small"})
+
+
+def _blame_budget_field(exc: ApiError, body: dict[str, Any]) -> None:
+    """A refusal about the output budget names the field the request set (``max_completion_tokens``),
+    not the protocol's ``max_tokens`` it became; ``detail.field`` says which."""
+    field = max_tokens_field(body)
+    if field is None or exc.code not in _BUDGET_ERRORS:
+        return
+    if field != "max_tokens":
+        exc.message = exc.message.replace("max_tokens", field, 1)
+    exc.detail = (exc.detail if isinstance(exc.detail, dict) else {}) | {"field": field}
+
+
 async def _serve(lifecycle: Lifecycle, req: GenerateRequest, body: dict[str, Any], *, chat: bool) -> Any:
     _check_cap(lifecycle, req, body)
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -513,10 +528,14 @@ async def _serve(lifecycle: Lifecycle, req: GenerateRequest, body: dict[str, Any
     if body.get("user"):
         log.info("for end user %r", str(body["user"])[:128])
     echo = str(req.prompt) if body.get("echo") else ""
-    if body.get("stream"):
-        return await _stream(lifecycle, req, body, head, echo, chat=chat)
+    try:
+        if body.get("stream"):
+            return await _stream(lifecycle, req, body, head, echo, chat=chat)
+        resp = await lifecycle.answer(req)
+    except ApiError as exc:  # raised before any answer began: a stream's too
+        _blame_budget_field(exc, body)
+        raise
     obj = "chat.completion" if chat else "text_completion"
-    resp = await lifecycle.answer(req)
     assert isinstance(resp, GenerateResponse)  # noqa: S101 - prompt lists were refused above
     if chat:
         choice = {

@@ -125,3 +125,40 @@ def test_v1_completions_echo_puts_the_prompt_first(http: httpx.Client) -> None:
     r = http.post("/v1/completions", json=body | {"echo": True, "logprobs": 1})
     assert (r.status_code, r.json()["error"]["code"]) == (422, "unsupported_parameter")
     assert "echo" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("path", "body", "code"),
+    [
+        (
+            "/v1/completions",
+            {"prompt": "hello " * 3000, "max_completion_tokens": 2000},
+            "context_length_exceeded",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_completion_tokens": 2,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "a", "schema": UUID_SCHEMA},
+                },
+            },
+            "max_tokens_too_small",
+        ),
+    ],
+)
+def test_a_budget_refusal_names_the_field_the_request_set(
+    http: httpx.Client, path: str, body: dict[str, Any], code: str, *, stream: bool
+) -> None:
+    # Found by the adversarial probe: these said "max_tokens 2000" to a request that set
+    # max_completion_tokens (OpenAI's current name), which it had not written
+    r = http.post(path, json=body | {"stream": stream})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == code
+    assert "max_completion_tokens" in error["message"]
+    assert "max_tokens " not in error["message"]
+    assert error["detail"]["field"] == "max_completion_tokens"
