@@ -222,10 +222,25 @@ class ConstraintCompiler:
         if c.choice is not None:
             if any(not isinstance(x, str) or not x for x in c.choice):
                 raise ConstraintError("choice entries must be non-empty strings")
+            self._check_choices(c.choice)
             lark = "start: " + " | ".join(json.dumps(x) for x in c.choice)
             return self._finish(kind, StructuredOutputsParams(choice=list(c.choice)), lark_to_ll(lark))
         assert c.token_mask is not None  # noqa: S101 - Constraints guarantees exactly one kind
         return self._token_mask(c)
+
+    def _check_choices(self, choices: list[str]) -> None:
+        """A choice must not spell one of the model's special tokens (``<|im_end|>``): the tokenizer
+        reads that text as the special token, so the mask offers (or forces) it, and the grammar then
+        refuses it, which ends the request in the engine with nothing produced."""
+        for i, choice in enumerate(choices):
+            special = [t for t in self._tokenizer.tokenize_str(choice) if self._tokenizer.is_special_token(t)]
+            if special:
+                field = f"constraints.choice.{i}"
+                raise ConstraintError(
+                    f"{field} contains the text of the model's special token {special[0]}, which the token "
+                    "mask cannot produce as text",
+                    {"field": field, "special_token_ids": special},
+                )
 
     def _check_patterns(self, patterns: tuple[str, ...]) -> None:
         """Each of ``regex_patterns`` must be a regex on its own: joined as ``(?:p1)|(?:p2)``, two

@@ -565,3 +565,20 @@ def test_a_grammar_may_end_with_the_end_of_sequence_token(
     ids = [*hf.encode(text, add_special_tokens=False), eos]
     verdict = compiler.verify(compiled, text, ids, "stop")
     assert verdict.satisfied is satisfied, verdict.error
+
+
+@pytest.mark.parametrize(("choices", "bad"), [(["<|im_end|>"], 0), (["no", "yes<|endoftext|>"], 1)])
+def test_a_choice_spelling_a_special_token_is_refused(compiler: Any, choices: list[str], bad: int) -> None:
+    # Found on the running service: under {"choice": ["<|im_end|>"]} the mask offered only the special
+    # token <|im_end|>, the grammar then refused it, and the engine ended the request with nothing
+    from modal_service.constraints.compiler import ConstraintError
+
+    with pytest.raises(ConstraintError) as caught:
+        compiler.compile(Constraints(choice=choices), 16)
+    assert caught.value.detail is not None
+    assert caught.value.detail["field"] == f"constraints.choice.{bad}"
+
+
+def test_a_choice_with_ordinary_angle_brackets_is_accepted(compiler: Any) -> None:
+    compiled, _ = compiler.compile(Constraints(choice=["<b>", "<|x|>", "im_end"]), 16)
+    assert compiled is not None
