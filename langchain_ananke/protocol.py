@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 #: The structural constraint kinds; a request carries at most one of them.
 CONSTRAINT_KINDS: tuple[str, ...] = (
@@ -39,9 +39,10 @@ class _Strict(BaseModel):
 class TokenMask(_Strict):
     """Token-level constraint: ids the model may (or may not) emit."""
 
-    allowed_tokens: list[int] | None = None
+    # StrictInt: JSON true is not token id 1, nor "5" token 5 (lax ints would read both silently)
+    allowed_tokens: list[StrictInt] | None = None
     """Only these token ids may be generated (end-of-sequence is always allowed)."""
-    forbidden_tokens: list[int] | None = None
+    forbidden_tokens: list[StrictInt] | None = None
     """These token ids are never generated."""
 
     @model_validator(mode="after")

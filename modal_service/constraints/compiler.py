@@ -220,8 +220,12 @@ class ConstraintCompiler:
             lark = grammar_to_lark(c.grammar)
             return self._finish(kind, StructuredOutputsParams(grammar=lark), lark_to_ll(lark))
         if c.choice is not None:
-            if any(not isinstance(x, str) or not x for x in c.choice):
-                raise ConstraintError("choice entries must be non-empty strings")
+            for i, x in enumerate(c.choice):
+                if not isinstance(x, str) or not x:
+                    field = f"constraints.choice.{i}"
+                    raise ConstraintError(
+                        f"{field}: choice entries must be non-empty strings", {"field": field}
+                    )
             self._check_choices(c.choice)
             lark = "start: " + " | ".join(json.dumps(x) for x in c.choice)
             return self._finish(kind, StructuredOutputsParams(choice=list(c.choice)), lark_to_ll(lark))

@@ -582,3 +582,11 @@ def test_a_choice_spelling_a_special_token_is_refused(compiler: Any, choices: li
 def test_a_choice_with_ordinary_angle_brackets_is_accepted(compiler: Any) -> None:
     compiled, _ = compiler.compile(Constraints(choice=["<b>", "<|x|>", "im_end"]), 16)
     assert compiled is not None
+
+
+def test_an_empty_choice_entry_is_named(compiler: Any) -> None:
+    from modal_service.constraints.compiler import ConstraintError
+
+    with pytest.raises(ConstraintError, match=r"constraints\.choice\.1: choice entries") as caught:
+        compiler.compile(Constraints(choice=["a", ""]), 16)
+    assert caught.value.detail == {"field": "constraints.choice.1"}

@@ -264,3 +264,18 @@ def test_json_only_options_are_refused_elsewhere(
     # their defaults, as clients send them, are fine
     Constraints.model_validate(kind | {"whitespace": "compact", "max_attempts": 3})
     Constraints.model_validate({"json_schema": {"type": "object"}} | extra)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"allowed_tokens": [True]},
+        {"forbidden_tokens": [False]},
+        {"allowed_tokens": ["5"]},
+        {"allowed_tokens": [5.0]},
+    ],
+)
+def test_token_ids_must_be_json_integers(data: dict[str, Any]) -> None:
+    # Found by the adversarial probe: {"allowed_tokens": [true]} was read as token id 1
+    with pytest.raises(ValidationError, match="valid integer"):
+        TokenMask.model_validate(data)
