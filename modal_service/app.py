@@ -222,9 +222,10 @@ class DeployConfig:
     """``ANANKE_TARGET_INPUTS``: overrides the target derived from the KV cache (see concurrency_for)."""
     fast_forward: bool = False
     """``ANANKE_FAST_FORWARD`` (default off): tokens the grammar forces enter without a decoding step each
-    (modal_service/engine/fast_forward.py). Measured on an H100 (BENCHMARKS.md): forced tool calls
-    4.2x faster single-stream and 2.0x at c=64, but unconstrained text 0.87x at c=64, so it stays off
-    unless the traffic is mostly tool calls and structured output."""
+    (modal_service/engine/fast_forward.py). Measured on an H100 (BENCHMARKS.md section 8): forced tool
+    calls 4.0x faster single-stream and 1.65x at c=64, but unconstrained text 0.83x at c=64: vLLM 0.32
+    runs the drafts only without async scheduling, which alone costs that. So it stays off unless the
+    traffic is mostly forced tool calls."""
     snapshots: bool = True
     """``ANANKE_SNAPSHOT`` (default on): GPU memory snapshots, so a cold start restores a started, warmed
     engine instead of starting one (see ``Server`` below); ``0`` starts the engine in every container."""
