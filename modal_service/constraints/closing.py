@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import llguidance
 
+from modal_service.constraints.matchers import MatcherPool
 from modal_service.constraints.schema import FORMAT_SAMPLES
 
 #: Tokens the search tries, best first (each kept only if the vocabulary has it as one token). Two
@@ -74,9 +75,15 @@ class Closer:
     """Finds budget-respecting completions for one tokenizer. Stateless between calls; thread-safe."""
 
     def __init__(
-        self, tokenizer: llguidance.LLTokenizer, *, max_nodes: int = 3000, max_seconds: float = 2.0
+        self,
+        tokenizer: llguidance.LLTokenizer,
+        *,
+        max_nodes: int = 3000,
+        max_seconds: float = 2.0,
+        matchers: MatcherPool | None = None,
     ) -> None:
         self._tok = tokenizer
+        self._matchers = matchers or MatcherPool(tokenizer)
         # Nodes bound the work, so outcomes do not depend on the machine's load (a time budget of
         # 0.25 s turned 6 CI schemas from 422 into truncations at 2 loaded cores). The time limit
         # is only a safety net against grammars whose masks are slow.
@@ -115,7 +122,7 @@ class Closer:
         always tried last. None when nothing fits, or when the node or time budget runs out: the
         caller then reports the truncation as it is.
         """
-        matcher = llguidance.LLMatcher(self._tok, ll_grammar)
+        matcher = self._matchers.fresh(ll_grammar)
         if matcher.is_error() or not matcher.consume_tokens(tokens) or matcher.is_error():
             return None
         deadline = time.perf_counter() + self.max_seconds

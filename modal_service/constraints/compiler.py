@@ -39,6 +39,7 @@ from vllm.sampling_params import StructuredOutputsParams
 from langchain_ananke.protocol import Constraints
 from modal_service.constraints.closing import Closer, Closing
 from modal_service.constraints.compiled import CompiledConstraint, ConstraintError, ToolTurn
+from modal_service.constraints.matchers import MatcherPool
 from modal_service.constraints.schema import (
     apply_length_caps,
     count_grammar_rules,
@@ -99,8 +100,9 @@ class ConstraintCompiler:
         self._eos = eos_token_ids
         self.limits = limits or Limits()
         self._markers = markers or Markers()
-        self._closer = Closer(tokenizer)
-        self._verifier = Verifier(tokenizer, eos_token_ids)
+        matchers = MatcherPool(tokenizer, self.limits.cache_size)
+        self._closer = Closer(tokenizer, matchers=matchers)
+        self._verifier = Verifier(tokenizer, eos_token_ids, matchers)
         self._cache: OrderedDict[str, CompiledConstraint | ConstraintError] = OrderedDict()
         self._lock = threading.Lock()
         self._building: dict[str, threading.Event] = {}

@@ -21,6 +21,7 @@ import llguidance
 
 from langchain_ananke.protocol import ConstraintErrorCode, ToolCall
 from modal_service.constraints.compiled import CompiledConstraint
+from modal_service.constraints.matchers import MatcherPool
 from modal_service.constraints.schema import schema_nodes
 from modal_service.constraints.tools import is_call, parse_tool_calls
 
@@ -82,9 +83,15 @@ def json_validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
 class Verifier:
     """Re-checks outputs for one tokenizer (whose end-of-sequence tokens are not output)."""
 
-    def __init__(self, tokenizer: llguidance.LLTokenizer, eos_token_ids: frozenset[int]) -> None:
+    def __init__(
+        self,
+        tokenizer: llguidance.LLTokenizer,
+        eos_token_ids: frozenset[int],
+        matchers: MatcherPool | None = None,
+    ) -> None:
         self._tokenizer = tokenizer
         self._eos = eos_token_ids
+        self._matchers = matchers or MatcherPool(tokenizer)
 
     def verify(
         self, compiled: CompiledConstraint, text: str, token_ids: list[int], finish_reason: str
@@ -159,7 +166,7 @@ class Verifier:
         output ended with, which completes the match where the grammar names it (``<[2]>``,
         ``<|im_end|>``): the engine stopped on it, and no output text stands for it."""
         assert compiled.ll_grammar is not None  # noqa: S101 - token masks are checked above
-        matcher = llguidance.LLMatcher(self._tokenizer, compiled.ll_grammar)
+        matcher = self._matchers.fresh(compiled.ll_grammar)
         if not matcher.consume_tokens(tokens):
             error = f"output does not match the {compiled.kind}: {matcher.get_error()}"
             return Verdict(False, error, code="grammar_mismatch")
