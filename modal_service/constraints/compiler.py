@@ -83,6 +83,14 @@ def _refuse_crashing_bounds(ll_grammar: str) -> None:
             )
 
 
+def hidden_token_ids(hf_tokenizer: Any) -> frozenset[int]:
+    """The ids of ``hf_tokenizer``'s special tokens, which decoding with ``skip_special_tokens`` (vLLM's
+    default) leaves out of the text: the named ones, and every added token marked special."""
+    added = getattr(hf_tokenizer, "added_tokens_decoder", {}) or {}
+    ids = {i for i, tok in added.items() if getattr(tok, "special", False)}
+    return frozenset(ids | set(getattr(hf_tokenizer, "all_special_ids", ()) or ()))
+
+
 class ConstraintCompiler:
     """Compiles and verifies constraints for one tokenizer. Thread-safe; compile results are cached."""
 
@@ -94,8 +102,12 @@ class ConstraintCompiler:
         eos_token_ids: frozenset[int],
         limits: Limits | None = None,
         markers: Markers | None = None,
+        hidden_token_ids: frozenset[int] | None = None,
     ) -> None:
         self._tokenizer = tokenizer
+        # Tokens the detokenizer leaves out of the text (see hidden_token_ids); None: every token
+        # llguidance calls special (which includes added tokens the text keeps, e.g. Qwen's <tool_call>).
+        self._hidden = hidden_token_ids
         self._vocab_size = vocab_size
         self._eos = eos_token_ids
         self.limits = limits or Limits()
@@ -235,11 +247,18 @@ class ConstraintCompiler:
         return self._token_mask(c)
 
     def _check_choices(self, choices: list[str]) -> None:
-        """A choice must not spell one of the model's special tokens (``<|im_end|>``): the tokenizer
-        reads that text as the special token, so the mask offers (or forces) it, and the grammar then
-        refuses it, which ends the request in the engine with nothing produced."""
+        """A choice must not spell a token the output text leaves out (``<|im_end|>``,
+        ``<|endoftext|>``): the tokenizer reads that text as the token, so the mask offers (or
+        forces) it, and the request ends in the engine with nothing produced (measured on SmolLM2:
+        finish ``abort``). An added token whose text the output keeps (Qwen2.5's ``<tool_call>``)
+        works as a choice and is accepted."""
         for i, choice in enumerate(choices):
-            special = [t for t in self._tokenizer.tokenize_str(choice) if self._tokenizer.is_special_token(t)]
+            ids = self._tokenizer.tokenize_str(choice)
+            special = [
+                t
+                for t in ids
+                if (t in self._hidden if self._hidden is not None else self._tokenizer.is_special_token(t))
+            ]
             if special:
                 field = f"constraints.choice.{i}"
                 raise ConstraintError(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from langchain_ananke.protocol import ChatMessage, TokenLogprob, ToolSpec, TopLogprob
-from modal_service.constraints.compiler import CompiledConstraint, ConstraintCompiler
+from modal_service.constraints.compiler import CompiledConstraint, ConstraintCompiler, hidden_token_ids
 from modal_service.constraints.tools import CALL_CLOSE, CALL_OPEN, Markers
 from modal_service.engine import fast_forward as fast_forward_mod
 from modal_service.engine import vllm_patches
@@ -222,6 +222,7 @@ class Engine:
             eos_token_ids=self.eos_token_ids,
             limits=self.limits,
             markers=call_markers(hf_tokenizer),
+            hidden_token_ids=hidden_token_ids(hf_tokenizer),
         )
 
     async def _warm_up(self) -> None:

@@ -33,10 +33,15 @@ def hf() -> Any:
 def compiler(hf: Any) -> Any:
     import llguidance.hf
 
-    from modal_service.constraints.compiler import ConstraintCompiler
+    from modal_service.constraints.compiler import ConstraintCompiler, hidden_token_ids
 
     tok = llguidance.hf.from_tokenizer(hf)
-    return ConstraintCompiler(tok, vocab_size=len(hf), eos_token_ids=frozenset({hf.eos_token_id}))
+    return ConstraintCompiler(
+        tok,
+        vocab_size=len(hf),
+        eos_token_ids=frozenset({hf.eos_token_id}),
+        hidden_token_ids=hidden_token_ids(hf),
+    )
 
 
 PERSON = {
@@ -567,7 +572,9 @@ def test_a_grammar_may_end_with_the_end_of_sequence_token(
     assert verdict.satisfied is satisfied, verdict.error
 
 
-@pytest.mark.parametrize(("choices", "bad"), [(["<|im_end|>"], 0), (["no", "yes<|endoftext|>"], 1)])
+@pytest.mark.parametrize(
+    ("choices", "bad"), [(["<|im_end|>"], 0), (["<|endoftext|>"], 0), (["no", "a<|im_start|>b"], 1)]
+)
 def test_a_choice_spelling_a_special_token_is_refused(compiler: Any, choices: list[str], bad: int) -> None:
     # Found on the running service: under {"choice": ["<|im_end|>"]} the mask offered only the special
     # token <|im_end|>, the grammar then refused it, and the engine ended the request with nothing

@@ -22,7 +22,7 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from langchain_ananke.protocol import ChatMessage, Constraints, ToolCall, ToolSpec
-from modal_service.constraints.compiler import ConstraintCompiler, ToolTurn
+from modal_service.constraints.compiler import ConstraintCompiler, ConstraintError, ToolTurn, hidden_token_ids
 from modal_service.constraints.tools import Markers, is_call, parse_tool_calls, tool_grammar
 from modal_service.engine.engine import call_markers
 from modal_service.engine.prompts import render_chat, renders_tools
@@ -404,3 +404,34 @@ def test_a_qwen_call_cut_by_max_tokens_is_closed_in_qwens_layout(
     verdict = compiler.verify(compiled, text, tokens, "stop")
     assert verdict.satisfied, verdict.error
     assert verdict.branch == "tool_calls"
+
+
+@pytest.mark.parametrize(
+    ("choices", "refused"),
+    [
+        (["<tool_call>"], None),
+        (["a", "<tool_call> b"], None),
+        (["<|im_end|>"], 0),
+        (["no", "yes<|endoftext|>"], 1),
+    ],
+)
+def test_a_choice_may_spell_an_added_token_the_text_keeps(
+    qwen: PreTrainedTokenizerFast, ll_qwen: llguidance.LLTokenizer, choices: list[str], refused: int | None
+) -> None:
+    """Qwen's <tool_call> is an added token the output text keeps: as a choice it works (the Qwen
+    integration test generates it), while <|im_end|> and <|endoftext|> are left out of the text."""
+    compiler = ConstraintCompiler(
+        ll_qwen,
+        vocab_size=VOCAB_SIZE,
+        eos_token_ids=frozenset({IM_END_ID}),
+        markers=call_markers(qwen),
+        hidden_token_ids=hidden_token_ids(qwen),
+    )
+    if refused is None:
+        compiled, _ = compiler.compile(Constraints(choice=choices), 16)
+        assert compiled is not None
+        return
+    with pytest.raises(ConstraintError) as caught:
+        compiler.compile(Constraints(choice=choices), 16)
+    assert caught.value.detail is not None
+    assert caught.value.detail["field"] == f"constraints.choice.{refused}"
