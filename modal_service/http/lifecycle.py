@@ -72,6 +72,7 @@ class Prechecks:
                 422,
                 "invalid_request",
                 f"max_tokens {req.max_tokens} exceeds the cap {self.limits.max_tokens}",
+                {"field": "max_tokens"},
             )
 
     def check_shape(self, req: GenerateRequest) -> None:

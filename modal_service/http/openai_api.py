@@ -496,25 +496,17 @@ def openai_router(lifecycle: Lifecycle, require_key: Callable[..., Any]) -> APIR
     return router
 
 
-def _check_cap(lifecycle: Lifecycle, req: GenerateRequest, body: dict[str, Any]) -> None:
-    """The server's ``max_tokens`` cap, checked here to name the field the request set (the lifecycle's
-    own check says ``max_tokens``)."""
-    field, cap = max_tokens_field(body), lifecycle.limits.max_tokens
-    if field is not None and req.max_tokens > cap:
-        raise ApiError(
-            422, "invalid_request", f"{field} {req.max_tokens} exceeds the cap {cap}", {"field": field}
-        )
-
-
 #: Refusals about the output budget; their messages name the protocol's ``max_tokens``.
 _BUDGET_ERRORS = frozenset({"context_length_exceeded", "max_tokens_too_small"})
 
 
 def _blame_budget_field(exc: ApiError, body: dict[str, Any]) -> None:
-    """A refusal about the output budget names the field the request set (``max_completion_tokens``),
-    not the protocol's ``max_tokens`` it became; ``detail.field`` says which."""
+    """A refusal about the output budget (the codes above, or one whose ``detail.field`` is
+    ``max_tokens``, such as the server's cap) names the field the request set
+    (``max_completion_tokens``), not the protocol's ``max_tokens`` it became; ``detail.field`` says which."""
     field = max_tokens_field(body)
-    if field is None or exc.code not in _BUDGET_ERRORS:
+    blames_cap = isinstance(exc.detail, dict) and exc.detail.get("field") == "max_tokens"
+    if field is None or not (exc.code in _BUDGET_ERRORS or blames_cap):
         return
     if field != "max_tokens":
         exc.message = exc.message.replace("max_tokens", field, 1)
@@ -522,7 +514,6 @@ def _blame_budget_field(exc: ApiError, body: dict[str, Any]) -> None:
 
 
 async def _serve(lifecycle: Lifecycle, req: GenerateRequest, body: dict[str, Any], *, chat: bool) -> Any:
-    _check_cap(lifecycle, req, body)
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     head = {"id": ident, "created": int(time.time()), "model": lifecycle.generator.engine.model_name}
     if body.get("user"):

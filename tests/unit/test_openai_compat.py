@@ -472,3 +472,12 @@ def test_refusals_over_http_name_the_field(
     error = r.json()["error"]
     assert error["code"] == "invalid_request"
     assert error["message"].startswith(message), error["message"]
+
+
+@pytest.mark.parametrize("field", ["max_completion_tokens", "max_tokens"])
+def test_the_cap_refusal_names_the_field_set(client: TestClient, field: str) -> None:
+    r = client.post(
+        "/v1/chat/completions", json=chat(**{field: 100_000}), headers={"Authorization": "Bearer k"}
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["detail"] == {"field": field}
