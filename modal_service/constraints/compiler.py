@@ -234,12 +234,6 @@ class ConstraintCompiler:
             lark = grammar_to_lark(c.grammar)
             return self._finish(kind, StructuredOutputsParams(grammar=lark), lark_to_ll(lark))
         if c.choice is not None:
-            for i, x in enumerate(c.choice):
-                if not isinstance(x, str) or not x:
-                    field = f"constraints.choice.{i}"
-                    raise ConstraintError(
-                        f"{field}: choice entries must be non-empty strings", {"field": field}
-                    )
             self._check_choices(c.choice)
             lark = "start: " + " | ".join(json.dumps(x) for x in c.choice)
             return self._finish(kind, StructuredOutputsParams(choice=list(c.choice)), lark_to_ll(lark))
@@ -251,8 +245,11 @@ class ConstraintCompiler:
         ``<|endoftext|>``): the tokenizer reads that text as the token, so the mask offers (or
         forces) it, and the request ends in the engine with nothing produced (measured on SmolLM2:
         finish ``abort``). An added token whose text the output keeps (Qwen2.5's ``<tool_call>``)
-        works as a choice and is accepted."""
+        works as a choice and is accepted. Each entry is a non-empty string."""
         for i, choice in enumerate(choices):
+            field = f"constraints.choice.{i}"
+            if not isinstance(choice, str) or not choice:
+                raise ConstraintError(f"{field}: choice entries must be non-empty strings", {"field": field})
             ids = self._tokenizer.tokenize_str(choice)
             special = [
                 t
@@ -260,7 +257,6 @@ class ConstraintCompiler:
                 if (t in self._hidden if self._hidden is not None else self._tokenizer.is_special_token(t))
             ]
             if special:
-                field = f"constraints.choice.{i}"
                 raise ConstraintError(
                     f"{field} contains the text of the model's special token {special[0]}, which the token "
                     "mask cannot produce as text",

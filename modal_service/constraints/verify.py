@@ -116,8 +116,6 @@ class Verifier:
 
     def _complete(self, compiled: CompiledConstraint, text: str, token_ids: list[int]) -> Verdict:
         body = [t for t in token_ids if t not in self._eos]
-        if compiled.allowed_token_ids is None:
-            body = self._as_returned(text, body)
         if compiled.allowed_token_ids is not None:
             stray = sorted({t for t in body if t not in compiled.allowed_token_ids})
             if stray:
@@ -126,11 +124,11 @@ class Verifier:
                 )
             return Verdict(True)
         if compiled.tools is not None:
-            return self._agent_turn(compiled, text, body)
+            return self._agent_turn(compiled, text, self._as_returned(text, body))
         if compiled.json_schema is not None:
-            return verify_json(compiled.json_schema, text)
+            return verify_json(compiled.json_schema, text)  # the text decides: no replay
         end = token_ids[-1] if token_ids and token_ids[-1] in self._eos else None
-        verdict = self._matcher(compiled, body, end=end)
+        verdict = self._matcher(compiled, self._as_returned(text, body), end=end)
         if compiled.regexes and not verdict.satisfied:
             verdict.code = "regex_mismatch"
         return verdict
