@@ -38,7 +38,8 @@ def _serve_config(args: argparse.Namespace) -> tuple[EngineConfig, Limits]:
         kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)) if args.kv_cache_gib else None,
         enforce_eager=not args.compile,
         dtype=args.dtype,
-        fast_forward=args.fast_forward == "on",
+        fast_forward=args.fast_forward != "off",
+        fast_forward_async={"sync": False, "async": True}.get(args.fast_forward),
     )
     limits = Limits(**{name: getattr(args, name) for name, *_ in Limits.cli_options()})
     return config, limits
@@ -212,10 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--compile", action="store_true", help="torch.compile the model (slow start)")
     serve.add_argument(
         "--fast-forward",
-        choices=("on", "off"),
+        choices=("on", "off", "sync", "async"),
         default="on",
         help="tokens the grammar forces enter without a decoding step each (default on; a request "
-        "may still turn it off with fast_forward: false)",
+        "may still turn it off with fast_forward: false). on: under vLLM's async scheduling, the "
+        "drafts one step late, where vLLM schedules asynchronously (not on a CPU); sync: always "
+        "without async scheduling; async: always with it",
     )
     for name, flag, kind, default, help_text in Limits.cli_options():
         serve.add_argument(flag, dest=name, type=kind, default=default, help=help_text)

@@ -27,7 +27,7 @@ from langchain_ananke.protocol import ChatMessage, TokenLogprob, ToolSpec, TopLo
 from modal_service.constraints.compiler import CompiledConstraint, ConstraintCompiler, hidden_token_ids
 from modal_service.constraints.tools import CALL_CLOSE, CALL_OPEN, Markers
 from modal_service.engine import fast_forward as fast_forward_mod
-from modal_service.engine import vllm_patches
+from modal_service.engine import fast_forward_async, vllm_patches
 from modal_service.engine.prompts import render_chat
 from modal_service.limits import Limits
 
@@ -58,6 +58,11 @@ class EngineConfig:
     fast_forward: bool = False
     """Tokens the grammar forces enter without a decoding step each (:mod:`.fast_forward`); ``ananke
     serve`` turns it on (``--fast-forward``)."""
+    fast_forward_async: bool | None = None
+    """Fast-forward under vLLM's async scheduling, the drafts one step late
+    (:mod:`.fast_forward_async`): None where vLLM schedules asynchronously without fast-forward (not
+    on the CPU platform), True everywhere (tests on the CPU), False never (the drafts on time,
+    without async scheduling)."""
     sleep_mode: bool = False
     """vLLM's sleep mode (GPU only): :meth:`Engine.sleep` frees the GPU memory and :meth:`Engine.wake`
     restores it, as Modal's GPU memory snapshots need (``modal_service/app.py``)."""
@@ -173,6 +178,7 @@ class Engine:
         from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.metrics.loggers import PrometheusStatLogger
 
@@ -180,6 +186,10 @@ class Engine:
         dtype = resolve_dtype(cfg.dtype, is_cpu=current_platform.is_cpu())
         if dtype != cfg.dtype:
             log.info("dtype %s -> %s: this CPU has no bf16 instructions", cfg.dtype, dtype)
+        ff_kwargs = fast_forward_mod.engine_kwargs(cfg.fast_forward)
+        ff_async = bool(ff_kwargs) and fast_forward_async.choose(
+            cfg.fast_forward_async, current_platform.is_cpu()
+        )
         args = AsyncEngineArgs(
             model=cfg.model,
             served_model_name=[cfg.name],
@@ -195,9 +205,11 @@ class Engine:
             enable_sleep_mode=cfg.sleep_mode,
             structured_outputs_config=StructuredOutputsConfig(backend="guidance"),
             disable_log_stats=True,  # no periodic stats log lines; the Prometheus logger below still runs
-            **(fast_forward_mod.engine_kwargs(cfg.fast_forward) | cfg.extra),
+            **(ff_kwargs | cfg.extra),
         )
         self.fast_forward = fast_forward_mod.STATUS["fast_forward"]
+        if ff_async:
+            self.fast_forward += " (async scheduling)" if self.fast_forward == "on" else ", async scheduling"
         # Before AsyncLLM starts EngineCore: a forked one inherits the patches, a spawned one gets
         # them from the general plugin, which acts where this variable is set.
         os.environ[vllm_patches.ENGINE_ENV] = "1"
@@ -205,7 +217,15 @@ class Engine:
         # vLLM's own Prometheus logger as the one stat logger (``vllm:`` metrics for ``/metrics``). It
         # runs in this process, fed by the engine core's stats, and records into prometheus_client's
         # default registry.
-        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[PrometheusStatLogger])
+        if ff_async:
+            # vLLM's checks refuse async scheduling with a custom proposer: it goes on after them.
+            vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+            fast_forward_async.finish_config(vllm_config)
+            self._llm = AsyncLLM.from_vllm_config(
+                vllm_config, stat_loggers=[PrometheusStatLogger], disable_log_stats=args.disable_log_stats
+            )
+        else:
+            self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[PrometheusStatLogger])
         hf_tokenizer = self._llm.get_tokenizer()
         hf_tokenizer = getattr(hf_tokenizer, "tokenizer", hf_tokenizer)
         self.tokenizer = hf_tokenizer

@@ -102,6 +102,14 @@ class NoDraftProposer:
         self.vllm_config = vllm_config
         status = apply_no_draft_sampling()
         logging.getLogger("vllm.ananke").info("ananke fast-forward no-draft sampling: %s", status)
+        if getattr(getattr(vllm_config, "scheduler_config", None), "async_scheduling", False):
+            from modal_service.engine import fast_forward_async
+
+            status = fast_forward_async.patch_async_drafts(runner_base())
+            logging.getLogger("vllm.ananke").info("ananke fast-forward async drafts: %s", status)
+            if not status.startswith("applied"):
+                # The engine process checked the same; a runner without it would decode wrong inputs.
+                raise RuntimeError(f"fast-forward under async scheduling: {status}")
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         """No draft model."""
@@ -110,44 +118,55 @@ class NoDraftProposer:
         return [[] for _ in sampled_token_ids]
 
 
-def forced_drafts(request: Any, limit: int) -> list[int]:
-    """The tokens ``request``'s grammar forces next, at most ``limit``; ``[]`` where there are none, the
-    request opted out, or its grammar is not llguidance's.
-
-    Never more than the request's budget leaves after the next token, so every accepted draft is kept
-    (the scheduler drops tokens past ``max_tokens``, which would make the step count wrong), and never a
-    stop token or what follows it.
-    """
+def constrained_matcher(request: Any, limit: int) -> Any:
+    """``request``'s llguidance matcher where fast-forward may draft for it, else None: a positive
+    ``limit``, a grammar that is llguidance's and has not ended, and no opt-out."""
     if limit <= 0 or not getattr(request, "use_structured_output", False):
-        return []
+        return None
     params = getattr(request, "sampling_params", None)
     extra = getattr(params, "extra_args", None) or {}
     if extra.get(EXTRA_ARG) is False:
-        return []
+        return None
     structured = getattr(request, "structured_output_request", None)
     grammar = getattr(structured, "grammar", None) if structured is not None else None
     matcher = getattr(grammar, "ll_matcher", None)
     if matcher is None or getattr(grammar, "terminated", False) or matcher.is_stopped():
-        return []
+        return None
+    return matcher
+
+
+def trim_forced(request: Any, tokens: list[int], pending: int = 0) -> list[int]:
+    """``tokens`` (forced next, after ``pending`` tokens still to come) cut to what ``request``'s budget
+    leaves room for with one token after them, and before any stop token.
+
+    The budget: the scheduler drops tokens past ``max_tokens``, which would make the step count wrong.
+    A stop token: a grammar may force one with more after it (``<|im_end|>`` named in a grammar).
+    Drafted, the tokens past it would reach vLLM's mask fill after the grammar ended: a rejection
+    there leaves llguidance's matcher in its (sticky) error state and vLLM terminates the request. The
+    stop token itself comes as a step's own token."""
+    params = getattr(request, "sampling_params", None)
     max_tokens = getattr(params, "max_tokens", None)
     if max_tokens is not None:
-        limit = min(limit, max_tokens - request.num_output_tokens - 1)
-    if limit <= 0:
-        return []
-    tokens = list(matcher.compute_ff_tokens()[:limit])
+        tokens = tokens[: max(max_tokens - request.num_output_tokens - pending - 1, 0)]
     stops = getattr(params, "all_stop_token_ids", None)
     if stops:
         for i, token in enumerate(tokens):
             if token in stops:
-                # A grammar may force a stop token with more after it (``<|im_end|>`` named in a
-                # grammar). Drafted, the tokens past it would reach vLLM's mask fill after the grammar
-                # ended: a rejection there leaves llguidance's matcher in its (sticky) error state and
-                # vLLM terminates the request. The stop token itself comes as the next step's token.
                 return tokens[:i]
     return tokens
 
 
-def _runner_base() -> type:
+def forced_drafts(request: Any, limit: int) -> list[int]:
+    """The tokens ``request``'s grammar forces next, at most ``limit``; ``[]`` where there are none, the
+    request opted out, or its grammar is not llguidance's. Never more than the request's budget
+    leaves after the next token, and never a stop token or what follows it (:func:`trim_forced`)."""
+    matcher = constrained_matcher(request, limit)
+    if matcher is None:
+        return []
+    return trim_forced(request, list(matcher.compute_ff_tokens()[:limit]))
+
+
+def runner_base() -> type:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     return GPUModelRunner
@@ -160,7 +179,7 @@ def _off_status(env: str) -> str | None:
     return None
 
 
-def _release_mismatch() -> str | None:
+def release_mismatch() -> str | None:
     """Why the installed vLLM is not the release this module was built for, or None."""
     try:
         import vllm
@@ -175,12 +194,12 @@ def _release_mismatch() -> str | None:
 def no_draft_sampling_check(runner_cls: type | None = None) -> str | None:
     """Why :func:`patch_no_draft_sampling` cannot apply to the installed vLLM's model runner (or
     ``runner_cls``), or None when it can."""
-    if (why := _release_mismatch()) is not None:
+    if (why := release_mismatch()) is not None:
         return why
     try:
         from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 
-        cls = runner_cls if runner_cls is not None else _runner_base()
+        cls = runner_cls if runner_cls is not None else runner_base()
     except ImportError as exc:
         return f"vLLM internals not importable ({exc})"
     sample = getattr(cls, "_sample", None)
@@ -209,10 +228,10 @@ def patch_no_draft_sampling(runner_cls: type) -> str:
 
         return _sample
 
-    return _wrap(runner_cls, "_sample", _MARK, lambda: no_draft_sampling_check(runner_cls), wrapper)
+    return wrap_method(runner_cls, "_sample", _MARK, lambda: no_draft_sampling_check(runner_cls), wrapper)
 
 
-def _wrap(
+def wrap_method(
     cls: type,
     name: str,
     mark: str,
@@ -251,7 +270,7 @@ def apply_no_draft_sampling() -> str:
         status = off
     else:
         try:
-            status = patch_no_draft_sampling(_runner_base())
+            status = patch_no_draft_sampling(runner_base())
         except ImportError as exc:
             status = f"not applied: vLLM's model runner not importable ({exc})"
     STATUS["no_draft_sampling"] = status
@@ -268,7 +287,7 @@ def _executor_class(vllm_config: Any) -> type:
 def no_draft_rpc_check(executor_cls: type | None = None) -> str | None:
     """Why :func:`patch_no_draft_rpc` cannot apply to the installed vLLM (or to ``executor_cls``), or None
     when it can."""
-    if (why := _release_mismatch()) is not None:
+    if (why := release_mismatch()) is not None:
         return why
     try:
         from vllm.v1.core.sched.scheduler import Scheduler
@@ -305,7 +324,7 @@ def patch_no_draft_rpc(executor_cls: type) -> str:
 
         return take_draft_token_ids
 
-    return _wrap(
+    return wrap_method(
         executor_cls, "take_draft_token_ids", _RPC_MARK, lambda: no_draft_rpc_check(executor_cls), wrapper
     )
 
@@ -333,7 +352,7 @@ def _scheduler_base() -> type:
 
 def check() -> str | None:
     """Why fast-forward cannot run on the installed vLLM, or None when it can."""
-    if (why := _release_mismatch()) is not None:
+    if (why := release_mismatch()) is not None:
         return why
     try:
         from vllm.v1.core.sched.scheduler import Scheduler

@@ -78,7 +78,9 @@ NEAR_TIE = 0.25
 
 def _health_says_on(http: httpx.Client) -> None:
     state = http.get("/health").json().get("fast_forward")
-    assert state == "on", f"the service runs without fast-forward ({state}); start it with --fast-forward on"
+    assert state in {"on", "on (async scheduling)"}, (
+        f"the service runs without fast-forward ({state}); start it with --fast-forward on"
+    )
 
 
 def _post_pair(http: httpx.Client, body: dict[str, Any]) -> tuple[httpx.Response, httpx.Response]:
@@ -367,10 +369,20 @@ def test_a_seeded_sample_stays_reproducible(http: httpx.Client) -> None:
     assert forced["tool_calls"], forced  # still a valid call of the named tool
 
 
-@pytest.fixture(scope="module")
-def float32_http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    """A server of this module's own, in float32, fast-forward on (the default)."""
-    server = ServerProcess(["--dtype", "float32"], tmp_path_factory.mktemp("float32") / "serve.log")
+FLOAT32_SERVERS = {"on": "on", "async": "on (async scheduling)"}
+"""``--fast-forward`` of the float32 servers -> their ``/health`` ``fast_forward``. ``on`` runs without
+async scheduling on the CPU; ``async`` runs it anyway, as ``on`` does on the GPU, with the drafts one
+step late (modal_service/engine/fast_forward_async.py)."""
+
+
+@pytest.fixture(scope="module", params=sorted(FLOAT32_SERVERS))
+def float32_http(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[httpx.Client]:
+    """A server of this module's own, in float32, with fast-forward ``on`` (the default) or ``async``."""
+    mode = request.param
+    args = ["--dtype", "float32", "--fast-forward", mode]
+    server = ServerProcess(args, tmp_path_factory.mktemp(f"float32-{mode}") / "serve.log")
     server.start()
     try:
         server.wait_for("ok")
@@ -380,12 +392,13 @@ def float32_http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Cli
         server.stop()
 
 
-def test_float32_is_byte_identical(float32_http: httpx.Client) -> None:
+def test_float32_is_byte_identical(float32_http: httpx.Client, request: pytest.FixtureRequest) -> None:
     """No allowance: in float32 the multi-token forward pass rounds about 1e-6 away from one token at a
     time, far below any gap between two tokens here, so every answer must be byte-identical with
     fast-forward on and off: the tool calls, the sampled dev schemas, the other constraint kinds."""
     health = float32_http.get("/health").json()
-    assert (health["dtype"], health["fast_forward"]) == ("float32", "on"), health
+    mode = request.node.callspec.params["float32_http"]
+    assert (health["dtype"], health["fast_forward"]) == ("float32", FLOAT32_SERVERS[mode]), health
     bodies = [_tool_body(*case) for case in TOOL_CASES]
     bodies += [_schema_body(name, schema) for name, schema in _dev_sample()]
     bodies += [_kind_body(constraint) for constraint in OTHER_KINDS]

@@ -322,7 +322,7 @@ def test_class_paths_resolve_and_the_proposer_proposes_nothing(monkeypatch: pyte
 
 def _runner_class() -> type:
     """A copy of vLLM's model runner class to patch (the real one stays as it is)."""
-    base = fast_forward._runner_base()
+    base = fast_forward.runner_base()
     return type("Runner", (base,), {"_sample": base._sample})
 
 
@@ -336,7 +336,7 @@ def test_no_draft_sampling_sends_a_batch_without_drafts_to_the_plain_sampler() -
     assert fast_forward.patch_no_draft_sampling(runner) == "applied"
     assert fast_forward.patch_no_draft_sampling(runner) == "applied (already)"
     assert runner._sample.__wrapped__ is original  # type: ignore[attr-defined]
-    assert fast_forward._runner_base()._sample is original  # vLLM's class is untouched
+    assert fast_forward.runner_base()._sample is original  # vLLM's class is untouched
 
     # a stand-in for vLLM's _sample, with what the check reads: which sampler gets the batch?
     def _sample(self: Any, logits: Any, spec_decode_metadata: Any) -> Any:
@@ -406,7 +406,7 @@ def test_no_draft_sampling_switch_and_status(monkeypatch: pytest.MonkeyPatch) ->
     assert fast_forward.STATUS["fast_forward"] == f"on (no-draft sampling: {off})"
     monkeypatch.delenv(fast_forward.NO_DRAFT_SAMPLING_ENV)
     copy = _runner_class()
-    monkeypatch.setattr(fast_forward, "_runner_base", lambda: copy)
+    monkeypatch.setattr(fast_forward, "runner_base", lambda: copy)
     assert fast_forward.apply_no_draft_sampling() == "applied"
     monkeypatch.setattr(fast_forward, "no_draft_sampling_check", lambda runner_cls=None: "changed")
     fast_forward.engine_kwargs(True)
