@@ -300,12 +300,14 @@ PHASES["32b-ff"] = [
     *_ff(2, 2),
 ]
 # What fast-forward's engine setting costs unconstrained text at c=64 (issue 21), one engine each, all
-# with sleep mode (the production setting): the app's setting; fast-forward (its no-draft sampling
-# shortcut applied); fast-forward with vLLM's rejection sampler on every step (the shortcut off); and
-# the app's setting without async scheduling (fast-forward turns it off).
+# with sleep mode (the production setting): the app's setting; fast-forward (from commit 963566a under
+# async scheduling, the drafts one step late; before it, without); fast-forward without async
+# scheduling (--fast-forward sync); fast-forward with vLLM's rejection sampler on every step (the
+# shortcut off); and the app's setting without async scheduling.
 _AB = {
     "32b-ab-app": {},
     "32b-ab-ff": {"fast_forward": True},
+    "32b-ab-ffs": {"fast_forward": True, "fast_forward_async": False},
     "32b-ab-ffrs": {"fast_forward": True, "env": {"ANANKE_FF_NO_DRAFT_SAMPLING": "0"}},
     "32b-ab-sync": {"extra": {"async_scheduling": False}},
 }

@@ -103,6 +103,7 @@ def add_bench_routes(app: Any, engine: Any, fake: bool) -> None:
         from modal_service.engine import vllm_patches
 
         out["vllm_patches"] = dict(vllm_patches.STATUS)
+        out["fast_forward"] = getattr(engine, "fast_forward", None)
         llm = getattr(engine, "_llm", None)
         if llm is not None:
             vc = llm.vllm_config
@@ -228,6 +229,7 @@ def serve(spec: dict[str, Any]) -> None:
         load_format="dummy",
         sleep_mode=spec.get("sleep_mode", False),
         fast_forward=spec.get("fast_forward", False),
+        fast_forward_async=spec.get("fast_forward_async"),
         extra=spec.get("extra", {}),
     )
     engine = _FakeEngine.make(config) if spec.get("fake") else Engine(config)
