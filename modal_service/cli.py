@@ -39,7 +39,7 @@ def _serve_config(args: argparse.Namespace) -> tuple[EngineConfig, Limits]:
         enforce_eager=not args.compile,
         dtype=args.dtype,
         fast_forward=args.fast_forward != "off",
-        fast_forward_async={"sync": False, "async": True}.get(args.fast_forward),
+        fast_forward_async=args.fast_forward == "async",
     )
     limits = Limits(**{name: getattr(args, name) for name, *_ in Limits.cli_options()})
     return config, limits
@@ -213,12 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--compile", action="store_true", help="torch.compile the model (slow start)")
     serve.add_argument(
         "--fast-forward",
-        choices=("on", "off", "sync", "async"),
+        choices=("on", "off", "async"),
         default="on",
         help="tokens the grammar forces enter without a decoding step each (default on; a request "
-        "may still turn it off with fast_forward: false). on: under vLLM's async scheduling, the "
-        "drafts one step late, where vLLM schedules asynchronously (not on a CPU); sync: always "
-        "without async scheduling; async: always with it",
+        "may still turn it off with fast_forward: false); async: the same under vLLM's async "
+        "scheduling, the drafts one step late",
     )
     for name, flag, kind, default, help_text in Limits.cli_options():
         serve.add_argument(flag, dest=name, type=kind, default=default, help=help_text)

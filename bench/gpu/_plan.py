@@ -101,6 +101,8 @@ ENGINES += [
     # Issue 21 on the GPU: the snapshot setting (sleep mode) with fast-forward on; its phases switch it
     # off per request ("_off" modes), and its unconstrained c=64 compares with 32b-snap's.
     _e032("32b-ff", sleep_mode=True, fast_forward=True),
+    # The same under async scheduling, the drafts one step late (--fast-forward async), 32b-ff's phases.
+    _e032("32b-ffa", sleep_mode=True, fast_forward=True, fast_forward_async=True),
     # 32b-sleep's engine with the phases issue 23 still lacked after the first 0.32 run: the sleep
     # cycles (first), JSON / unconstrained at c=256, the knee, and c=64 unconstrained for 32b-ff.
     _e032("32b-snap", sleep_mode=True, sleep_cycles=2, sleep_first=True),
@@ -291,7 +293,7 @@ def _ff(block: int, prio: int) -> list[dict[str, Any]]:
     ]
 
 
-PHASES["32b-ff"] = [
+PHASES["32b-ff"] = PHASES["32b-ffa"] = [
     *_ff(1, 1),
     _p("c64_unc_ff1", "http", 64, 128, "unc", 1),
     _p("c64_unc_ff2", "http", 64, 128, "unc", 1),
@@ -300,14 +302,14 @@ PHASES["32b-ff"] = [
     *_ff(2, 2),
 ]
 # What fast-forward's engine setting costs unconstrained text at c=64 (issue 21), one engine each, all
-# with sleep mode (the production setting): the app's setting; fast-forward (from commit 963566a under
-# async scheduling, the drafts one step late; before it, without); fast-forward without async
-# scheduling (--fast-forward sync); fast-forward with vLLM's rejection sampler on every step (the
-# shortcut off); and the app's setting without async scheduling.
+# with sleep mode (the production setting): the app's setting; fast-forward (without async scheduling);
+# fast-forward under async scheduling, the drafts one step late (--fast-forward async); fast-forward
+# with vLLM's rejection sampler on every step (the shortcut off); and the app's setting without async
+# scheduling.
 _AB = {
     "32b-ab-app": {},
     "32b-ab-ff": {"fast_forward": True},
-    "32b-ab-ffs": {"fast_forward": True, "fast_forward_async": False},
+    "32b-ab-ffa": {"fast_forward": True, "fast_forward_async": True},
     "32b-ab-ffrs": {"fast_forward": True, "env": {"ANANKE_FF_NO_DRAFT_SAMPLING": "0"}},
     "32b-ab-sync": {"extra": {"async_scheduling": False}},
 }

@@ -95,6 +95,7 @@ def add_bench_routes(app: Any, engine: Any, fake: bool) -> None:
             "error": engine.error,
             "engine_start_s": engine.start_seconds,
             "pid": os.getpid(),
+            "fast_forward": getattr(engine, "fast_forward", None),
         }
         for mod in ("vllm", "torch", "llguidance", "fastapi", "uvicorn", "pydantic", "transformers"):
             with contextlib.suppress(Exception):
@@ -103,7 +104,6 @@ def add_bench_routes(app: Any, engine: Any, fake: bool) -> None:
         from modal_service.engine import vllm_patches
 
         out["vllm_patches"] = dict(vllm_patches.STATUS)
-        out["fast_forward"] = getattr(engine, "fast_forward", None)
         llm = getattr(engine, "_llm", None)
         if llm is not None:
             vc = llm.vllm_config
@@ -229,7 +229,7 @@ def serve(spec: dict[str, Any]) -> None:
         load_format="dummy",
         sleep_mode=spec.get("sleep_mode", False),
         fast_forward=spec.get("fast_forward", False),
-        fast_forward_async=spec.get("fast_forward_async"),
+        fast_forward_async=spec.get("fast_forward_async", False),
         extra=spec.get("extra", {}),
     )
     engine = _FakeEngine.make(config) if spec.get("fake") else Engine(config)

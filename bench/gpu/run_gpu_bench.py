@@ -309,7 +309,7 @@ class Bench:
             "extra": eng["extra"],
             "sleep_mode": eng.get("sleep_mode", False),
             "fast_forward": eng.get("fast_forward", False),
-            "fast_forward_async": eng.get("fast_forward_async"),
+            "fast_forward_async": eng.get("fast_forward_async", False),
             "port": port,
             "fake": self.fake,
         }

@@ -220,10 +220,7 @@ def test_the_config_keeps_async_scheduling_only_for_this_scheduler() -> None:
 
 
 def test_choose_says_why_not() -> None:
-    assert fast_forward_async.choose(False, is_cpu=False) is False
-    assert fast_forward.STATUS["async_scheduling"] == "off (--fast-forward sync)"
-    assert fast_forward_async.choose(None, is_cpu=True) is False
-    assert fast_forward.STATUS["async_scheduling"] == "off (vLLM's CPU platform schedules synchronously)"
-    assert fast_forward_async.choose(True, is_cpu=True) is True
-    assert fast_forward_async.choose(None, is_cpu=False) is True
+    assert fast_forward_async.choose(False) is False
+    assert fast_forward.STATUS["async_scheduling"] == "off"
+    assert fast_forward_async.choose(True) is True
     assert fast_forward.STATUS["async_scheduling"] == "on"
