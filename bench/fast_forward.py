@@ -4,7 +4,8 @@ Two servers run at once, both ``ananke serve`` with the same settings but ``--fa
 ``--fast-forward off``; idle, a vLLM CPU engine uses no CPU here, so each request sees the same machine
 whichever server it goes to. The arms:
 
-- ``on``: the ``on`` server, fast-forward as served;
+- ``on``: the ``on`` server, fast-forward as served (``--on-mode async``: that server runs
+  ``--fast-forward async``);
 - ``req_off``: the ``on`` server, the request's ``fast_forward: false`` (the per-request switch);
 - ``off``: the ``off`` server (the service as it was before fast-forward: no speculative-decoding path).
 
@@ -592,7 +593,10 @@ def start(name: str, logdir: Path, fast_forward: str, dtype: str) -> ServerProce
 def run_all(args: argparse.Namespace, logdir: Path, result: dict[str, Any], out_json: Path) -> None:
     """Start both servers, run every workload not skipped into ``result``, stop the servers."""
     skip = set(filter(None, args.skip.split(",")))
-    servers = {"on": start("on", logdir, "on", args.dtype), "off": start("off", logdir, "off", args.dtype)}
+    servers = {
+        "on": start("on", logdir, args.on_mode, args.dtype),
+        "off": start("off", logdir, "off", args.dtype),
+    }
     try:
         for name, server in servers.items():
             health = server.wait_for("ok")
@@ -645,6 +649,12 @@ def main(argv: list[str] | None = None) -> int:
         "--skip", default="", help="comma-separated: tool_call,extraction,dev_schema,concurrent"
     )
     parser.add_argument("--dtype", default="auto", help="both servers' --dtype")
+    parser.add_argument(
+        "--on-mode",
+        choices=("on", "async"),
+        default="on",
+        help="the on server's --fast-forward (async: vLLM's async scheduling, the drafts one step late)",
+    )
     parser.add_argument("--plot", type=Path, help="only draw the plot of this result file")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
