@@ -158,8 +158,8 @@ def _build_scheduler() -> type:
                 except Exception:  # a draft is an optimisation: never fail the step for it
                     log.exception("fast-forward: computing forced tokens failed for %s", request.request_id)
                     drafts = []
-                if drafts:
-                    request.spec_token_ids = drafts
+                # Set even when empty: drafts left from an earlier output assumed another step in flight.
+                request.spec_token_ids = drafts
             return outputs
 
         def get_grammar_bitmask(self, scheduler_output: Any) -> Any:

@@ -106,6 +106,50 @@ def test_draft_checks_pad_from_the_first_invalid_draft() -> None:
     assert scheduled["gone"] == list(b"x")  # a finished request's drafts are left alone
 
 
+def test_the_scheduler_drafts_one_step_late(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scheduler's three hooks over a stand-in request, vLLM's own parts of them stubbed."""
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+    monkeypatch.setattr(AsyncScheduler, "_update_after_schedule", lambda self, output: None)
+    monkeypatch.setattr(AsyncScheduler, "update_from_output", lambda self, output, runner_output: {})
+    monkeypatch.setattr(AsyncScheduler, "get_grammar_bitmask", lambda self, output: "mask")
+    cls = fast_forward_async.AsyncFastForwardScheduler
+    scheduler = cls.__new__(cls)
+    request = _request("")
+    request.request_id = "r"
+    request.spec_token_ids = [-1] * 4  # AsyncScheduler's placeholders
+    scheduler.requests = {"r": request}
+    scheduler.running = [request]
+    scheduler.num_spec_tokens = 16
+    scheduler.structured_output_manager = SimpleNamespace(
+        validate_tokens=lambda req, tokens: req.structured_output_request.grammar.validate_tokens(tokens)
+    )
+
+    def output(drafts: dict[str, list[int]]) -> Any:
+        return SimpleNamespace(num_scheduled_tokens={"r": 1}, scheduled_spec_decode_tokens=drafts)
+
+    # Step 1 (the prompt) is scheduled: no placeholders left for the worker's proposer.
+    scheduler._update_after_schedule(output({}))
+    assert request.spec_token_ids == []
+    # Step 0's output is in (nothing for r), step 1 in flight: it samples '{', step 2 drafts the rest.
+    request.num_output_placeholders = 1
+    scheduler.update_from_output(output({}), None)
+    assert _text(request.spec_token_ids) == '"id":'
+    step2 = output({"r": list(request.spec_token_ids)})
+    scheduler._update_after_schedule(step2)
+    # Step 1's output: '{'. Step 2 in flight with its drafts: after them the integer is free, no drafts.
+    request.structured_output_request.grammar.accept_tokens("r", [ord("{")])
+    request.num_output_placeholders = 1 + 5
+    scheduler.update_from_output(output({}), None)
+    assert request.spec_token_ids == []
+    # Step 1 sampled 'x' instead (a wrong prediction): step 2's drafts fail the check before its mask.
+    wrong = _request("")
+    scheduler.requests["r"] = wrong
+    assert scheduler.get_grammar_bitmask(step2) == "mask"
+    assert step2.scheduled_spec_decode_tokens["r"] == [-1] * 5
+    assert step2.num_invalid_spec_tokens == {"r": 5}
+
+
 class _Batch(SimpleNamespace):
     pass
 
@@ -190,8 +234,6 @@ def test_the_scheduled_drafts_reach_the_input_ids() -> None:
 
 
 def test_the_config_keeps_async_scheduling_only_for_this_scheduler() -> None:
-    from vllm.config import VllmConfig
-
     assert fast_forward_async.config_check() is None
     calls: list[bool] = []
 
@@ -216,7 +258,6 @@ def test_the_config_keeps_async_scheduling_only_for_this_scheduler() -> None:
             pass
 
     assert fast_forward_async.patch_config_checks(Changed).startswith("not applied: ")
-    assert not getattr(VllmConfig, "_ananke_async_fast_forward", False)  # vLLM's class untouched here
 
 
 def test_choose_says_why_not() -> None:
