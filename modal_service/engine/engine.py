@@ -206,8 +206,7 @@ class Engine:
             **(ff_kwargs | cfg.extra),
         )
         self.fast_forward = fast_forward_mod.STATUS["fast_forward"]
-        if ff_async:
-            self.fast_forward += " (async scheduling)" if self.fast_forward == "on" else ", async scheduling"
+        self.fast_forward = fast_forward_async.label(self.fast_forward, cfg.fast_forward_async)
         # Before AsyncLLM starts EngineCore: a forked one inherits the patches, a spawned one gets
         # them from the general plugin, which acts where this variable is set.
         os.environ[vllm_patches.ENGINE_ENV] = "1"

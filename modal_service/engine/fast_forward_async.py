@@ -365,6 +365,18 @@ def choose(requested: bool) -> bool:
     return status == "on"
 
 
+def label(status: str, requested: bool) -> str:
+    """``/health``'s ``fast_forward``: fast-forward's ``status`` with what :func:`choose` decided, where
+    fast-forward runs and async scheduling was asked for (``on (async scheduling)``, ``on (async
+    scheduling: not applied: <why>)``, each with the shortcuts' notes after a ``;``)."""
+    if not requested or not status.startswith("on"):
+        return status
+    state = ff.STATUS.get("async_scheduling", "off")
+    mine = "async scheduling" if state == "on" else f"async scheduling: {state}"
+    notes = status.removeprefix("on").strip().removeprefix("(").removesuffix(")")
+    return f"on ({mine}; {notes})" if notes else f"on ({mine})"
+
+
 def finish_config(vllm_config: Any) -> None:
     """Turn async scheduling on with :class:`AsyncFastForwardScheduler` in ``vllm_config`` (built with
     fast-forward's engine keywords and async scheduling off)."""

@@ -265,3 +265,16 @@ def test_choose_says_why_not() -> None:
     assert fast_forward.STATUS["async_scheduling"] == "off"
     assert fast_forward_async.choose(True) is True
     assert fast_forward.STATUS["async_scheduling"] == "on"
+
+
+def test_the_health_label_says_what_runs() -> None:
+    fast_forward_async.choose(True)
+    assert fast_forward_async.label("on", True) == "on (async scheduling)"
+    assert (
+        fast_forward_async.label("on (no-draft sampling: x)", True)
+        == "on (async scheduling; no-draft sampling: x)"
+    )
+    assert fast_forward_async.label("on", False) == "on"
+    assert fast_forward_async.label("off (--fast-forward off)", True) == "off (--fast-forward off)"
+    fast_forward.STATUS["async_scheduling"] = "not applied: changed"
+    assert fast_forward_async.label("on", True) == "on (async scheduling: not applied: changed)"
