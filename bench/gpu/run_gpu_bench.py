@@ -319,6 +319,7 @@ class Bench:
             "enforce_eager": eng["enforce_eager"],
             "extra": eng["extra"],
             "env": eng.get("env", {}),
+            "fast_forward": [eng.get("fast_forward", False), eng.get("fast_forward_async", False)],
             "weights": weight_bytes(eng["arch"]),
             "phases": {},
         }
