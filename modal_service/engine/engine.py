@@ -205,8 +205,8 @@ class Engine:
             disable_log_stats=True,  # no periodic stats log lines; the Prometheus logger below still runs
             **(ff_kwargs | cfg.extra),
         )
-        self.fast_forward = fast_forward_mod.STATUS["fast_forward"]
-        self.fast_forward = fast_forward_async.label(self.fast_forward, cfg.fast_forward_async)
+        ff_status = fast_forward_mod.STATUS["fast_forward"]
+        self.fast_forward = fast_forward_async.label(ff_status, cfg.fast_forward_async)
         # Before AsyncLLM starts EngineCore: a forked one inherits the patches, a spawned one gets
         # them from the general plugin, which acts where this variable is set.
         os.environ[vllm_patches.ENGINE_ENV] = "1"
@@ -217,7 +217,8 @@ class Engine:
         if ff_async:
             # vLLM's checks refuse async scheduling with a custom proposer: it goes on after them.
             vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
-            fast_forward_async.finish_config(vllm_config)
+            if not fast_forward_async.finish_config(vllm_config):
+                self.fast_forward = fast_forward_async.label(ff_status, True)
             self._llm = AsyncLLM.from_vllm_config(
                 vllm_config, stat_loggers=[PrometheusStatLogger], disable_log_stats=args.disable_log_stats
             )

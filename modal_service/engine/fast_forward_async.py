@@ -17,9 +17,11 @@ knowledge allows:
   the one it costs without async scheduling (k without fast-forward).
 - A prediction can be wrong (the model may spell forced bytes with other tokens). Before step S's
   mask is computed, once step S-1's tokens are known, every draft is checked against the grammar
-  (``validate_tokens``); from the first invalid one on they become vLLM's ``-1`` padding, which no
-  sampled token equals. As for any draft, the rejection sampler then keeps what decoding without
-  drafts gives, so a wrong prediction costs compute, never output.
+  (``validate_tokens``); from the first invalid one on the scheduler's copy becomes vLLM's ``-1``
+  padding, so the mask is filled only along the valid drafts. The worker already has step S and
+  verifies the drafts it was sent: the mask row of the first invalid one excludes it, so it is
+  rejected and the model's own token under the mask is kept. As for any draft, the output is what
+  decoding without drafts gives, and a wrong prediction costs compute, never output.
 
 What runs where:
 
@@ -91,14 +93,18 @@ def lagged_drafts(request: Any, in_flight: list[int], limit: int) -> list[int]:
         return []
     if getattr(request, "num_output_placeholders", 0) <= 0:
         return ff.forced_drafts(request, limit)
+    # vLLM pads some steps with -1 drafts (a uniform batch shape): they and what follows are not tokens.
+    if -1 in in_flight:
+        in_flight = in_flight[: in_flight.index(-1)]
     valid = list(in_flight[: matcher.validate_tokens(in_flight)]) if in_flight else []
-    if valid and not matcher.consume_tokens(valid):
-        return []
+    consumed = matcher.try_consume_tokens(valid) if valid else 0
     try:
+        if consumed != len(valid):
+            return []
         forced = list(matcher.compute_ff_tokens()[: limit + 1])
     finally:
-        if valid:
-            matcher.rollback(len(valid))
+        if consumed:
+            matcher.rollback(consumed)
     # The in-flight step yields its valid drafts and one token: the first forced one.
     forced = ff.trim_forced(request, forced, pending=len(valid))
     return forced[1:]
@@ -288,10 +294,10 @@ def patch_async_drafts(runner_cls: type) -> str:
     def _prepare_input_ids(
         self: Any, scheduler_output: Any, num_reqs: int, total_num_scheduled_tokens: int, cu_num_tokens: Any
     ) -> None:
-        if isinstance(self._draft_token_ids, list):
-            # NoDraftProposer's (empty) lists: nothing to take from the proposer.
-            self._draft_token_ids = None
-            self._draft_token_req_ids = None
+        # This proposer never has drafts of its own (its lists are empty, and vLLM puts a zeros tensor
+        # there near max_model_len): nothing to scatter from it, nor to take for penalties.
+        self._draft_token_ids = None
+        self._draft_token_req_ids = None
         prepare(self, scheduler_output, num_reqs, total_num_scheduled_tokens, cu_num_tokens)
         scheduled = scheduler_output.scheduled_spec_decode_tokens
         if not scheduled:
@@ -303,11 +309,16 @@ def patch_async_drafts(runner_cls: type) -> str:
             if drafts:
                 end = int(cu_num_tokens[index])
                 positions.extend(range(end - len(drafts), end))
-                tokens.extend(max(token, 0) for token in drafts)
+                # As they are: vLLM's -1 padding stays -1 here (its rejection sampler rejects it, and
+                # the embedding lookup clamps it later), as in the input ids vLLM builds itself.
+                tokens.extend(drafts)
         if positions:
-            where = torch.tensor(positions, dtype=torch.int64).to(self.device, non_blocking=True)
-            values = torch.tensor(tokens, dtype=self.input_ids.gpu.dtype).to(self.device, non_blocking=True)
-            self.input_ids.gpu.index_copy_(0, where, values)
+            pin = self.device.type == "cuda"
+            where = torch.tensor(positions, dtype=torch.int64, pin_memory=pin)
+            values = torch.tensor(tokens, dtype=self.input_ids.gpu.dtype, pin_memory=pin)
+            self.input_ids.gpu.index_copy_(
+                0, where.to(self.device, non_blocking=True), values.to(self.device, non_blocking=True)
+            )
 
     def _bookkeeping_sync(self: Any, scheduler_output: Any, sampler_output: Any, *rest: Any) -> Any:
         sampled = sampler_output.sampled_token_ids
@@ -377,11 +388,34 @@ def label(status: str, requested: bool) -> str:
     return f"on ({mine}; {notes})" if notes else f"on ({mine})"
 
 
-def finish_config(vllm_config: Any) -> None:
+def config_refusal(vllm_config: Any) -> str | None:
+    """What in ``vllm_config`` vLLM's async checks would refuse, of the checks :func:`patch_config_checks`
+    lets pass by (it runs them all with async scheduling off), or None."""
+    from vllm.v1.executor.abstract import Executor
+
+    parallel = vllm_config.parallel_config
+    if parallel.pipeline_parallel_size > 1:
+        return "pipeline parallelism (vLLM's V1 model runner has no async scheduling with it)"
+    if parallel.data_parallel_size > 1:
+        return "data parallelism (not checked with it)"
+    executor = Executor.get_class(vllm_config)
+    if not executor.supports_async_scheduling():
+        return f"vLLM's {executor.__name__} has no async scheduling"
+    return None
+
+
+def finish_config(vllm_config: Any) -> bool:
     """Turn async scheduling on with :class:`AsyncFastForwardScheduler` in ``vllm_config`` (built with
-    fast-forward's engine keywords and async scheduling off)."""
+    fast-forward's engine keywords and async scheduling off); False, with the reason in
+    ``fast_forward.STATUS["async_scheduling"]``, where :func:`config_refusal` finds one (the config is
+    then left as it is: fast-forward without async scheduling)."""
     import sys
 
+    if (why := config_refusal(vllm_config)) is not None:
+        ff.STATUS["async_scheduling"] = f"not applied: {why}"
+        log.warning("fast-forward under async scheduling not applied: %s", why)
+        return False
     scheduler = vllm_config.scheduler_config
     scheduler.async_scheduling = True
     scheduler.scheduler_cls = sys.modules[__name__].AsyncFastForwardScheduler
+    return True

@@ -68,6 +68,16 @@ def test_invalid_in_flight_drafts_count_up_to_the_first_invalid_one() -> None:
     assert _state(request) == before
 
 
+def test_vllms_padding_in_flight_is_not_a_token() -> None:
+    # vLLM pads some steps with -1 drafts (a uniform batch shape): the padding and what follows count
+    # for nothing.
+    request = _in_flight(_request(""), '{"')
+    before = _state(request)
+    assert _text(fast_forward_async.lagged_drafts(request, [*b'{"', -1, -1], 16)) == 'd":'
+    assert _text(fast_forward_async.lagged_drafts(request, [-1] * 16, 16)) == '"id":'
+    assert _state(request) == before
+
+
 def test_the_budget_counts_the_tokens_in_flight() -> None:
     # max_tokens 8, none out yet; in flight: '{"' and the step's own 'i'. Room after that: 8 - 3 - 1
     # (the next step's own token) = 4 drafts of 'd":'.
@@ -142,7 +152,8 @@ def test_the_scheduler_drafts_one_step_late(monkeypatch: pytest.MonkeyPatch) -> 
     request.num_output_placeholders = 1 + 5
     scheduler.update_from_output(output({}), None)
     assert request.spec_token_ids == []
-    # Step 1 sampled 'x' instead (a wrong prediction): step 2's drafts fail the check before its mask.
+    # A wrong prediction: the grammar stands where step 2's drafts do not fit (here: where step 1 had
+    # not advanced it), so they fail the check before step 2's mask.
     wrong = _request("")
     scheduler.requests["r"] = wrong
     assert scheduler.get_grammar_bitmask(step2) == "mask"
@@ -220,15 +231,16 @@ def test_the_worker_gets_each_requests_last_valid_token_and_count() -> None:
 def test_the_scheduled_drafts_reach_the_input_ids() -> None:
     seen: list[Any] = []
     runner = object.__new__(_stub_runner(seen))
-    runner._draft_token_ids = []  # the no-draft proposer's lists
+    runner._draft_token_ids = torch.zeros(3, 16, dtype=torch.int32)  # vLLM's zeros near max_model_len
     runner._draft_token_req_ids = ["a"]
     runner.device = torch.device("cpu")
     runner.input_ids = SimpleNamespace(gpu=torch.zeros(8, dtype=torch.int32))
     runner.input_batch = _Batch(req_ids=["a", "b", "c"], prev_sampled_token_ids=None)
     # a: 1 token, b: 1 + 3 drafts, c: 1 + 2 drafts (cumulative ends 1, 5, 8)
-    output = SimpleNamespace(scheduled_spec_decode_tokens={"b": [11, 12, 13], "c": [21, 22]})
+    # c's second draft is vLLM's -1 padding: it stays -1, which vLLM's rejection sampler rejects.
+    output = SimpleNamespace(scheduled_spec_decode_tokens={"b": [11, 12, 13], "c": [21, -1]})
     runner._prepare_input_ids(output, 3, 8, [1, 5, 8])
-    assert runner.input_ids.gpu.tolist() == [0, 0, 11, 12, 13, 0, 21, 22]
+    assert runner.input_ids.gpu.tolist() == [0, 0, 11, 12, 13, 0, 21, -1]
     assert (runner._draft_token_ids, runner._draft_token_req_ids) == (None, None)
     assert seen == [(None, None)]  # vLLM's method ran first, with no proposer drafts to take
 
@@ -278,3 +290,17 @@ def test_the_health_label_says_what_runs() -> None:
     assert fast_forward_async.label("off (--fast-forward off)", True) == "off (--fast-forward off)"
     fast_forward.STATUS["async_scheduling"] = "not applied: changed"
     assert fast_forward_async.label("on", True) == "on (async scheduling: not applied: changed)"
+
+
+def test_configs_that_vllms_async_checks_would_refuse_keep_it_off() -> None:
+    def config(pipeline: int, data: int) -> Any:
+        return SimpleNamespace(
+            parallel_config=SimpleNamespace(pipeline_parallel_size=pipeline, data_parallel_size=data),
+            scheduler_config=SimpleNamespace(async_scheduling=False, scheduler_cls=None),
+        )
+
+    piped = config(2, 1)
+    assert fast_forward_async.finish_config(piped) is False
+    assert fast_forward.STATUS["async_scheduling"].startswith("not applied: pipeline parallelism")
+    assert piped.scheduler_config.async_scheduling is False
+    assert fast_forward_async.config_refusal(config(1, 2)) == "data parallelism (not checked with it)"
