@@ -50,8 +50,10 @@ async scheduling pays, has not been measured yet (bench/gpu: engines ``32b-ab-ff
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from modal_service.engine import fast_forward as ff
@@ -82,7 +84,7 @@ _RUNNER_METHODS = {
 }
 
 
-def lagged_drafts(request: Any, in_flight: list[int], limit: int) -> list[int]:
+def lagged_drafts(request: Any, in_flight: Sequence[int], limit: int) -> list[int]:
     """The drafts of ``request``'s next step, scheduled while its step with drafts ``in_flight`` runs.
 
     Where no step is in flight (``request.num_output_placeholders == 0``), what the grammar forces now,
@@ -94,9 +96,10 @@ def lagged_drafts(request: Any, in_flight: list[int], limit: int) -> list[int]:
     if getattr(request, "num_output_placeholders", 0) <= 0:
         return ff.forced_drafts(request, limit)
     # vLLM pads some steps with -1 drafts (a uniform batch shape): they and what follows are not tokens.
-    if -1 in in_flight:
-        in_flight = in_flight[: in_flight.index(-1)]
-    valid = list(in_flight[: matcher.validate_tokens(in_flight)]) if in_flight else []
+    tokens = list(in_flight)
+    if -1 in tokens:
+        tokens = tokens[: tokens.index(-1)]
+    valid = tokens[: matcher.validate_tokens(tokens)] if tokens else []
     consumed = matcher.try_consume_tokens(valid) if valid else 0
     try:
         if consumed != len(valid):
@@ -158,9 +161,7 @@ def _build_scheduler() -> type:
                 if request.is_finished() or request.is_prefill_chunk:
                     continue
                 try:
-                    drafts = lagged_drafts(
-                        request, list(getattr(request, _IN_FLIGHT, ())), self.num_spec_tokens
-                    )
+                    drafts = lagged_drafts(request, getattr(request, _IN_FLIGHT, ()), self.num_spec_tokens)
                 except Exception:  # a draft is an optimisation: never fail the step for it
                     log.exception("fast-forward: computing forced tokens failed for %s", request.request_id)
                     drafts = []
@@ -186,14 +187,15 @@ def __getattr__(name: str) -> Any:
     # import vLLM's scheduler. The engine's config carries the class itself, so a spawned EngineCore
     # builds it (and patches the config's checks) when it unpickles the config, before vLLM checks it.
     if name == "AsyncFastForwardScheduler":
-        STATUS_CONFIG_CHECKS.append(patch_config_checks())
+        status = patch_config_checks()
+        ff.STATUS["config_checks"] = status
+        logging.getLogger("vllm.ananke").info("ananke fast-forward (async) config checks: %s", status)
         cls = _build_scheduler()
         globals()[name] = cls
         return cls
     raise AttributeError(name)
 
 
-STATUS_CONFIG_CHECKS: list[str] = []
 _CONFIG_MARK = "_ananke_async_fast_forward"
 
 
@@ -284,59 +286,65 @@ def patch_async_drafts(runner_cls: type) -> str:
     returns ``applied``, ``applied (already)`` or ``not applied: <why>``."""
     import torch
 
-    if getattr(runner_cls, _MARK, False):
-        return "applied (already)"
-    if (why := runner_check(runner_cls)) is not None:
-        return f"not applied: {why}"
-    prepare = runner_cls._prepare_input_ids  # type: ignore[attr-defined]
-    bookkeeping = runner_cls._bookkeeping_sync  # type: ignore[attr-defined]
+    def prepare_wrapper(prepare: Any) -> Any:
+        def _prepare_input_ids(
+            self: Any,
+            scheduler_output: Any,
+            num_reqs: int,
+            total_num_scheduled_tokens: int,
+            cu_num_tokens: Any,
+        ) -> None:
+            # This proposer never has drafts of its own (its lists are empty, and vLLM puts a zeros tensor
+            # there near max_model_len): nothing to scatter from it, nor to take for penalties.
+            self._draft_token_ids = None
+            self._draft_token_req_ids = None
+            prepare(self, scheduler_output, num_reqs, total_num_scheduled_tokens, cu_num_tokens)
+            scheduled = scheduler_output.scheduled_spec_decode_tokens
+            if not scheduled:
+                return
+            positions: list[int] = []
+            tokens: list[int] = []
+            for index, req_id in enumerate(self.input_batch.req_ids[:num_reqs]):
+                drafts = scheduled.get(req_id)
+                if drafts:
+                    end = int(cu_num_tokens[index])
+                    positions.extend(range(end - len(drafts), end))
+                    # As they are: vLLM's -1 padding stays -1 here (its rejection sampler rejects it, and
+                    # the embedding lookup clamps it later), as in the input ids vLLM builds itself.
+                    tokens.extend(drafts)
+            if positions:
+                pin = self.device.type == "cuda"
+                where = torch.tensor(positions, dtype=torch.int64, pin_memory=pin)
+                values = torch.tensor(tokens, dtype=self.input_ids.gpu.dtype, pin_memory=pin)
+                self.input_ids.gpu.index_copy_(
+                    0, where.to(self.device, non_blocking=True), values.to(self.device, non_blocking=True)
+                )
 
-    def _prepare_input_ids(
-        self: Any, scheduler_output: Any, num_reqs: int, total_num_scheduled_tokens: int, cu_num_tokens: Any
-    ) -> None:
-        # This proposer never has drafts of its own (its lists are empty, and vLLM puts a zeros tensor
-        # there near max_model_len): nothing to scatter from it, nor to take for penalties.
-        self._draft_token_ids = None
-        self._draft_token_req_ids = None
-        prepare(self, scheduler_output, num_reqs, total_num_scheduled_tokens, cu_num_tokens)
-        scheduled = scheduler_output.scheduled_spec_decode_tokens
-        if not scheduled:
-            return
-        positions: list[int] = []
-        tokens: list[int] = []
-        for index, req_id in enumerate(self.input_batch.req_ids[:num_reqs]):
-            drafts = scheduled.get(req_id)
-            if drafts:
-                end = int(cu_num_tokens[index])
-                positions.extend(range(end - len(drafts), end))
-                # As they are: vLLM's -1 padding stays -1 here (its rejection sampler rejects it, and
-                # the embedding lookup clamps it later), as in the input ids vLLM builds itself.
-                tokens.extend(drafts)
-        if positions:
-            pin = self.device.type == "cuda"
-            where = torch.tensor(positions, dtype=torch.int64, pin_memory=pin)
-            values = torch.tensor(tokens, dtype=self.input_ids.gpu.dtype, pin_memory=pin)
-            self.input_ids.gpu.index_copy_(
-                0, where.to(self.device, non_blocking=True), values.to(self.device, non_blocking=True)
-            )
+        return _prepare_input_ids
 
-    def _bookkeeping_sync(self: Any, scheduler_output: Any, sampler_output: Any, *rest: Any) -> Any:
-        sampled = sampler_output.sampled_token_ids
-        batch = self.input_batch
-        if self.use_async_scheduling and batch.prev_sampled_token_ids is None and sampled.shape[-1] > 1:
-            valid = (sampled >= 0) & (sampled < batch.vocab_size)
-            counts = valid.sum(dim=1, dtype=torch.int32)
-            last = (counts.to(torch.int64) - 1).clamp(min=0).unsqueeze(1)
-            next_tokens = sampled.gather(1, last).squeeze(1).clamp(min=0).to(torch.int32)
-            _set_valid_counts(self, next_tokens, counts)
-        return bookkeeping(self, scheduler_output, sampler_output, *rest)
+    def bookkeeping_wrapper(bookkeeping: Any) -> Any:
+        def _bookkeeping_sync(self: Any, scheduler_output: Any, sampler_output: Any, *rest: Any) -> Any:
+            sampled = sampler_output.sampled_token_ids
+            batch = self.input_batch
+            if self.use_async_scheduling and batch.prev_sampled_token_ids is None and sampled.shape[-1] > 1:
+                valid = (sampled >= 0) & (sampled < batch.vocab_size)
+                counts = valid.sum(dim=1, dtype=torch.int32)
+                last = (counts.to(torch.int64) - 1).clamp(min=0).unsqueeze(1)
+                next_tokens = sampled.gather(1, last).squeeze(1).clamp(min=0).to(torch.int32)
+                _set_valid_counts(self, next_tokens, counts)
+            return bookkeeping(self, scheduler_output, sampler_output, *rest)
 
-    wraps: dict[str, Any] = {"_prepare_input_ids": _prepare_input_ids, "_bookkeeping_sync": _bookkeeping_sync}
-    for name, wrapped in wraps.items():
-        wrapped.__wrapped__ = getattr(runner_cls, name)
-        setattr(runner_cls, name, wrapped)
-    setattr(runner_cls, _MARK, True)
-    return "applied"
+        return _bookkeeping_sync
+
+    check = functools.partial(runner_check, runner_cls)
+    statuses = [
+        ff.wrap_method(runner_cls, name, f"{_MARK}{name}", check, wrapper)
+        for name, wrapper in (
+            ("_prepare_input_ids", prepare_wrapper),
+            ("_bookkeeping_sync", bookkeeping_wrapper),
+        )
+    ]
+    return statuses[0] if len(set(statuses)) == 1 else "; ".join(statuses)
 
 
 def check() -> str | None:
